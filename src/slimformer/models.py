@@ -70,11 +70,9 @@ def resolve_model_source(name_or_path: str | os.PathLike[str]) -> tuple[str, boo
         return str(path.resolve()), True
     if path.exists():
         raise ModelLoadError(f"{path} is a file, not a model folder. Point --model at a folder with config.json.")
-    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1
+    looks_like_path = name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") > 1)
     if looks_like_path:
-        raise ModelLoadError(
-            f"Model folder {name!r} does not exist. Known aliases: {', '.join(MODEL_ALIASES)}."
-        )
+        raise ModelLoadError(f"Model folder {name!r} does not exist. Known aliases: {', '.join(MODEL_ALIASES)}.")
     return name, False
 
 
@@ -138,9 +136,17 @@ def load_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, local_files_only=local or hub_offline(), **overrides
-        )
+        if local and hasattr(config, "slimformer_layout"):
+            # unevenly pruned layers: transformers cannot build them from the config alone
+            from slimformer.prune.saving import load_pruned
+
+            for key, value in overrides.items():
+                setattr(config, key, value)
+            model = load_pruned(source, config)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, local_files_only=local or hub_offline(), **overrides
+            )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or hub_offline())
     except SlimformerError:
         raise
@@ -150,4 +156,3 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=arch, source=source)
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -24,11 +25,14 @@ class ArchSpec:
 
     Paths are dotted attribute paths. ``layers`` and ``embeddings`` are relative to ``model.base_model``;
     the projection paths are relative to one layer of ``layers``; ``classifier`` is relative to the task model.
+    ``attention`` is the module that maps hidden states to the attention output and returns ``(output,
+    weights)``; it holds q, k and v, and in some families (DistilBERT, MPNet) also the output projection.
     """
 
     family: str
     model_types: tuple[str, ...]
     layers: str
+    attention: str
     query: str
     key: str
     value: str
@@ -41,6 +45,9 @@ class ArchSpec:
     ffn_key: str = "intermediate_size"
     layers_key: str = "num_hidden_layers"
     hidden_key: str = "hidden_size"
+    # Family-specific bookkeeping after heads are physically removed: called with the attention module and the
+    # original ids of the heads it keeps (MPNet slices its shared relative-position bias per layer). Idempotent.
+    on_heads_pruned: Callable[[nn.Module, list[int]], None] | None = None
 
     def num_heads(self, config: PretrainedConfig) -> int:
         return int(getattr(config, self.heads_key))
@@ -121,6 +128,7 @@ class LayerView:
 
     index: int
     layer: nn.Module
+    attention: nn.Module
     query: nn.Linear
     key: nn.Linear
     value: nn.Linear
@@ -162,7 +170,8 @@ def layer_views(model: PreTrainedModel, spec: ArchSpec | None = None) -> list[La
                     f"{spec.family} spec: layer {index} {name} ({getattr(spec, name)!r}) is "
                     f"{type(module).__name__}, expected nn.Linear"
                 )
-        views.append(LayerView(index=index, layer=layer, head_size=head_size, **parts))
+        attention = resolve(layer, spec.attention)
+        views.append(LayerView(index=index, layer=layer, attention=attention, head_size=head_size, **parts))
     return views
 
 

@@ -6,6 +6,7 @@ SPEC = ArchSpec(
     family="bert",
     model_types=("bert",),
     layers="encoder.layer",
+    attention="attention.self",
     query="attention.self.query",
     key="attention.self.key",
     value="attention.self.value",

@@ -6,6 +6,7 @@ SPEC = ArchSpec(
     family="distilbert",
     model_types=("distilbert",),
     layers="transformer.layer",
+    attention="attention",
     query="attention.q_lin",
     key="attention.k_lin",
     value="attention.v_lin",

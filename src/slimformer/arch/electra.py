@@ -6,6 +6,7 @@ SPEC = ArchSpec(
     family="electra",
     model_types=("electra",),
     layers="encoder.layer",
+    attention="attention.self",
     query="attention.self.query",
     key="attention.self.key",
     value="attention.self.value",

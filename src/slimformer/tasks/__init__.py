@@ -1,0 +1,22 @@
+"""Tasks: the nine GLUE tasks and custom data files, their official metrics, and cached tokenization."""
+
+from slimformer.tasks.data import TaskData, custom_task_spec, load_custom_task, load_task, read_glue_file
+from slimformer.tasks.metrics import compute_metrics
+from slimformer.tasks.spec import GLUE_HUB_REPO, GLUE_TASKS, TaskSpec, get_task_spec
+from slimformer.tasks.tokenize import cache_root, tokenize_task, tokenized_cache_dir
+
+__all__ = [
+    "GLUE_HUB_REPO",
+    "GLUE_TASKS",
+    "TaskData",
+    "TaskSpec",
+    "cache_root",
+    "compute_metrics",
+    "custom_task_spec",
+    "get_task_spec",
+    "load_custom_task",
+    "load_task",
+    "read_glue_file",
+    "tokenize_task",
+    "tokenized_cache_dir",
+]

@@ -1,0 +1,334 @@
+"""Fine-tune and evaluate sequence classifiers on GLUE or custom tasks.
+
+Training runs on the Hugging Face :class:`~transformers.Trainer`, so the same call scales out with
+``accelerate launch`` (several GPUs or machines) with no code change. Evaluation is a small padded loop that
+other parts of slimformer (pruning, importance) call many times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import (
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from slimformer.errors import SlimformerError, TaskError
+from slimformer.io import atomic_directory, write_json_atomic
+from slimformer.models import LoadedModel, load_model
+from slimformer.tasks import TaskData, compute_metrics, load_task, tokenize_task
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class TrainConfig:
+    """CPU-friendly fine-tuning defaults (about 8 minutes for 20,000 SST-2 sentences on 2 cores)."""
+
+    max_length: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 0
+    save_steps: int = 200
+    logging_steps: int = 50
+
+
+@dataclass
+class FinetuneResult:
+    """Where the fine-tuned model went and what it scored."""
+
+    out_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float:
+        return float(self.metrics["score"])
+
+
+def _task_data(task: str | TaskData, data_dir: str | os.PathLike[str] | None, config: TrainConfig) -> TaskData:
+    if isinstance(task, TaskData):
+        return task
+    return load_task(
+        task,
+        data_dir,
+        max_train_samples=config.max_train_samples,
+        max_eval_samples=config.max_eval_samples,
+        seed=config.seed,
+    )
+
+
+def _is_complete_checkpoint(path: Path) -> bool:
+    """The Trainer writes ``trainer_state.json`` last, so a checkpoint without a readable one is partial."""
+    state = path / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(work_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` folder; partial ones (from an interrupted save) are deleted."""
+    if not work_dir.is_dir():
+        return None
+    checkpoints = sorted(
+        (p for p in work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        if _is_complete_checkpoint(checkpoint):
+            return checkpoint
+        logger.warning("Removing partial checkpoint %s (interrupted while saving)", checkpoint)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def finetune(
+    model: str | os.PathLike[str] = "minilm-l6",
+    task: str | TaskData = "sst2",
+    out_dir: str | os.PathLike[str] = "runs/finetuned",
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    config: TrainConfig | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on ``task``, evaluate it on every dev split and save it to ``out_dir``.
+
+    The output is an ordinary Hugging Face model folder (safetensors, config, tokenizer) plus ``metrics.json``.
+    It appears only when the run has finished (written to a staging folder, then renamed). Checkpoints go to
+    ``<out_dir>.work/``; when a run is interrupted, calling again with the same arguments resumes from the last
+    complete checkpoint. ``callbacks`` are passed to the :class:`~transformers.Trainer`.
+    """
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise SlimformerError(
+            f"Output folder {out_dir} already exists. Choose another --out or pass --overwrite to replace it."
+        )
+    work_dir = out_dir.with_name(out_dir.name + ".work")
+    run_signature = {"model": str(model), "task": _task_name(task), "config": asdict(config)}
+    checkpoint = _prepare_work_dir(work_dir, run_signature, resume)
+
+    data = _task_data(task, data_dir, config)
+    if "train" not in data.splits:
+        raise TaskError(f"Task {data.spec.name!r} from {data.source} has no train split to fine-tune on.")
+    set_seed(config.seed)
+    loaded = load_model(model, data.spec)
+    tokenized = tokenize_task(data, loaded.tokenizer, max_length=config.max_length)
+
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        seed=config.seed,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        logging_steps=config.logging_steps,
+        eval_strategy="no",
+        report_to="none",
+    )
+    trainer = Trainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=tokenized["train"],
+        processing_class=loaded.tokenizer,
+        data_collator=DataCollatorWithPadding(loaded.tokenizer),
+        callbacks=callbacks,
+    )
+    started = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - started
+
+    if not trainer.is_world_process_zero():
+        return FinetuneResult(out_dir=out_dir)
+    model_obj = trainer.model
+    model_obj.eval()
+    eval_started = time.perf_counter()
+    evaluation = evaluate_model(
+        model_obj,
+        loaded.tokenizer,
+        data,
+        max_length=config.max_length,
+        batch_size=config.eval_batch_size,
+        tokenized=tokenized,
+    )
+    metrics = {
+        "task": data.spec.name,
+        "data_source": data.source,
+        "base_model": str(model),
+        "primary_metric": data.spec.primary_metric,
+        "score": _headline_score(evaluation, data.spec.primary_metric),
+        "eval": evaluation,
+        "train": {
+            "samples": len(tokenized["train"]),
+            "steps": train_output.global_step,
+            "loss": float(train_output.training_loss),
+            "seconds": round(train_seconds, 2),
+            "resumed_from": str(checkpoint) if checkpoint else None,
+        },
+        "eval_seconds": round(time.perf_counter() - eval_started, 2),
+        "config": asdict(config),
+    }
+    with atomic_directory(out_dir, overwrite=True) as staging:
+        model_obj.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / METRICS_FILE, metrics)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return FinetuneResult(out_dir=out_dir, metrics=metrics)
+
+
+def _task_name(task: str | TaskData) -> str:
+    return task.spec.name if isinstance(task, TaskData) else str(task)
+
+
+def _prepare_work_dir(work_dir: Path, signature: dict[str, Any], resume: bool) -> Path | None:
+    """Return the checkpoint to resume from, if any; refuse to mix checkpoints of a different run."""
+    signature_file = work_dir / "run.json"
+    if work_dir.exists() and not resume:
+        shutil.rmtree(work_dir)
+    if work_dir.exists() and signature_file.is_file():
+        previous = json.loads(signature_file.read_text())
+        if previous != json.loads(json.dumps(signature)):
+            raise SlimformerError(
+                f"{work_dir} holds checkpoints of a different run ({previous}). Use the same arguments to "
+                "resume it, or pass --no-resume to start over."
+            )
+    checkpoint = last_complete_checkpoint(work_dir)
+    write_json_atomic(signature_file, signature)
+    return checkpoint
+
+
+def _headline_score(evaluation: dict[str, dict[str, float]], metric: str) -> float:
+    """The primary metric averaged over the dev splits (MNLI has two)."""
+    values = [split_metrics[metric] for split_metrics in evaluation.values()]
+    return float(np.mean(values))
+
+
+def predict(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    description: str = "predict",
+) -> np.ndarray:
+    """Logits for every row of a tokenized dataset, in the dataset's order.
+
+    Rows are batched by length (then put back in order) so that little time goes into padding.
+    """
+    collator = DataCollatorWithPadding(tokenizer)
+    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
+    features = dataset.select_columns(columns)
+    order = np.argsort([len(ids) for ids in features["input_ids"]], kind="stable")
+    device = next(model.parameters()).device
+    outputs: list[np.ndarray] = []
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=description, disable=not progress, leave=False):
+            rows = features.select(order[start : start + batch_size].tolist())
+            batch = collator([dict(row) for row in rows])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            outputs.append(model(**batch).logits.float().cpu().numpy())
+    model.train(was_training)
+    logits = np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), dtype=np.float32)
+    restored = np.empty_like(logits)
+    restored[order] = logits
+    return restored
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: TaskData,
+    *,
+    max_length: int = 128,
+    batch_size: int = 64,
+    tokenized: dict[str, Dataset] | None = None,
+    splits: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """The task's official metrics on each dev split (or the ``splits`` named)."""
+    tokenized = tokenized or tokenize_task(data, tokenizer, max_length=max_length)
+    names = splits or [s for s in data.spec.dev_splits if s in tokenized]
+    if not names:
+        raise TaskError(f"Task {data.spec.name!r} from {data.source} has no dev split to evaluate on.")
+    results = {}
+    for name in names:
+        logits = predict(
+            model,
+            tokenizer,
+            tokenized[name],
+            batch_size=batch_size,
+            progress=progress,
+            description=f"eval {name}",
+        )
+        labels = np.asarray(tokenized[name]["labels"])
+        results[name] = {k: float(v) for k, v in compute_metrics(data.spec, logits, labels).items()}
+    return results
+
+
+def evaluate(
+    model: str | os.PathLike[str] | LoadedModel,
+    task: str | TaskData = "sst2",
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    max_length: int = 128,
+    batch_size: int = 64,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate a model folder (or a loaded model) on a task's dev splits; returns metrics like ``finetune``."""
+    data = (
+        task if isinstance(task, TaskData) else load_task(task, data_dir, max_eval_samples=max_eval_samples, seed=seed)
+    )
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, data.spec)
+    started = time.perf_counter()
+    evaluation = evaluate_model(loaded.model, loaded.tokenizer, data, max_length=max_length, batch_size=batch_size)
+    return {
+        "task": data.spec.name,
+        "data_source": data.source,
+        "model": loaded.source,
+        "primary_metric": data.spec.primary_metric,
+        "score": _headline_score(evaluation, data.spec.primary_metric),
+        "eval": evaluation,
+        "eval_seconds": round(time.perf_counter() - started, 2),
+    }
