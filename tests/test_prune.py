@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import transformers as hf
-from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
 
+from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
 from slimformer.arch import layer_views
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
@@ -295,6 +295,7 @@ def test_real_minilm_mask_equals_remove_and_reloads(tokenizer, tmp_path):
     save_pruned(model, loaded.tokenizer, tmp_path / "minilm-pruned", plan=plan)
     reloaded = load_model(tmp_path / "minilm-pruned")
     torch.testing.assert_close(logits(reloaded.model, batch), expected, atol=1e-5, rtol=0)
-    assert count_parameters(reloaded.model).total == plan.summary(load_model("minilm-l6", num_labels=2).model)[
-        "params"
-    ]["after"]
+    assert (
+        count_parameters(reloaded.model).total
+        == plan.summary(load_model("minilm-l6", num_labels=2).model)["params"]["after"]
+    )

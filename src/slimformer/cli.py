@@ -223,6 +223,146 @@ def measure(
         stdout.print(measurements_table(result))
 
 
+MethodOpt = Annotated[str, typer.Option(help="Importance: gradient (Michel et al. 2019), fisher, magnitude or random.")]
+ExamplesOpt = Annotated[int, typer.Option(help="Training examples to score importance on.")]
+LabelFreeOpt = Annotated[bool, typer.Option(help="Score with the model's own predictions instead of labels.")]
+
+
+@app.command()
+def importance(
+    model: ModelOpt = "minilm-l6",
+    task: TaskOpt = "sst2",
+    data_dir: DataDirOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for scores JSON and heatmap PNG.")] = Path(
+        "runs/importance"
+    ),
+    method: MethodOpt = "gradient",
+    n_examples: ExamplesOpt = 256,
+    batch_size: Annotated[int, typer.Option(help="Batch size for scoring.")] = 32,
+    max_length: MaxLengthOpt = 128,
+    label_free: LabelFreeOpt = False,
+    seed: SeedOpt = 0,
+    cache_dir: Annotated[Path | None, typer.Option(help="Reuse scores computed before (keyed by a hash).")] = None,
+) -> None:
+    """Head and FFN-neuron importance scores: JSON plus a layers x heads heatmap."""
+    from slimformer.importance import score_model
+    from slimformer.models import load_model
+    from slimformer.plots import plot_head_importance
+    from slimformer.tasks import load_task
+
+    data = load_task(task, data_dir, seed=seed)
+    loaded = load_model(model, data.spec)
+    scores = score_model(
+        loaded.model,
+        loaded.tokenizer,
+        data,
+        method=method,
+        n_examples=n_examples,
+        batch_size=batch_size,
+        max_length=max_length,
+        label_free=label_free,
+        seed=seed,
+        cache_dir=cache_dir,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    scores.save(out / "importance.json")
+    plot_head_importance(
+        scores.head_matrix(), out / "head_importance.png", title=f"Head importance ({method}) on {data.spec.name}"
+    )
+    matrix = scores.head_matrix()
+    table = Table(title=f"head importance ({method}), rows = layers")
+    table.add_column("layer")
+    for head in range(matrix.shape[1]):
+        table.add_column(str(head), justify="right")
+    for layer, row in enumerate(matrix):
+        table.add_row(str(layer), *("" if value != value else f"{value:.2f}" for value in row))
+    stdout.print(table)
+    stdout.print(f"Scores: {out / 'importance.json'}  heatmap: {out / 'head_importance.png'}")
+
+
+@app.command()
+def prune(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned model.")],
+    model: ModelOpt = "minilm-l6",
+    task: TaskOpt = "sst2",
+    data_dir: DataDirOpt = None,
+    heads: Annotated[float, typer.Option(help="Fraction of attention heads to remove (0.5 = half).")] = 0.0,
+    ffn: Annotated[float, typer.Option(help="Fraction of FFN neurons to remove.")] = 0.0,
+    plan: Annotated[Path | None, typer.Option(help="Apply this plan.json instead of scoring.")] = None,
+    iterative: Annotated[bool, typer.Option(help="Prune heads and MLPs iteratively until the score drops.")] = False,
+    keep_score: Annotated[float, typer.Option(help="Iterative: stop below this fraction of the dense score.")] = 0.9,
+    step: Annotated[float, typer.Option(help="Iterative: fraction of remaining heads pruned per step.")] = 0.1,
+    method: MethodOpt = "gradient",
+    scope: Annotated[str, typer.Option(help="global (rank across layers) or layer (same fraction each).")] = "global",
+    min_heads_per_layer: Annotated[int, typer.Option(help="Keep at least this many heads per layer.")] = 0,
+    ffn_multiple: Annotated[int, typer.Option(help="Round kept FFN widths to a multiple of 8/16/32/64.")] = 1,
+    n_examples: ExamplesOpt = 256,
+    max_length: MaxLengthOpt = 128,
+    max_eval_samples: Annotated[int | None, typer.Option(help="Random subset of each dev split.")] = None,
+    label_free: LabelFreeOpt = False,
+    seed: SeedOpt = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Remove attention heads and FFN neurons for real (smaller, faster), evaluate and save the model."""
+    from slimformer.prune.pipeline import prune_model
+
+    result = prune_model(
+        model,
+        task,
+        out,
+        data_dir=data_dir,
+        heads=heads,
+        ffn=ffn,
+        plan=plan,
+        iterative=iterative,
+        keep_score=keep_score,
+        step=step,
+        method=method,
+        scope=scope,
+        min_heads_per_layer=min_heads_per_layer,
+        ffn_multiple=ffn_multiple,
+        n_examples=n_examples,
+        max_length=max_length,
+        max_eval_samples=max_eval_samples,
+        label_free=label_free,
+        seed=seed,
+        overwrite=overwrite,
+    )
+    report = result.report
+    summary = report["summary"]
+    table = Table(title=f"pruned {model} for {report['task']}")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    if "score" in report:
+        table.add_row(report["primary_metric"], f"{report['score']['dense']:.4f}", f"{report['score']['pruned']:.4f}")
+    for key in ("layers", "heads", "neurons"):
+        table.add_row(key, str(summary[key]["before"]), str(summary[key]["after"]))
+    table.add_row("parameters", f"{summary['params']['before'] / 1e6:.2f}M", f"{summary['params']['after'] / 1e6:.2f}M")
+    fl = summary["encoder_flops"]
+    table.add_row(f"encoder GFLOPs (seq {fl['seq_len']})", f"{fl['before'] / 1e9:.3f}", f"{fl['after'] / 1e9:.3f}")
+    stdout.print(table)
+    stdout.print(f"heads kept per layer: {summary['heads_per_layer']}")
+    stdout.print(f"-> {out} (model, plan.json, metrics.json)")
+
+
+@app.command()
+def export(
+    onnx: Annotated[Path, typer.Option("--onnx", help="Path of the .onnx file to write.")],
+    model: ModelOpt = "minilm-l6",
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+    check: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch outputs.")] = True,
+) -> None:
+    """Export a (pruned) model to ONNX and check it against PyTorch with onnxruntime."""
+    from slimformer.export import export_onnx
+    from slimformer.models import load_model
+
+    loaded = load_model(model)
+    result = export_onnx(loaded.model, onnx, opset=opset, check=check)
+    diff = "" if result.max_abs_diff is None else f", max |onnx - torch| = {result.max_abs_diff:.2e}"
+    stdout.print(f"{onnx}: {result.size_bytes / 2**20:.1f} MiB, opset {result.opset}{diff}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("runs/demo"),
@@ -231,9 +371,11 @@ def demo(
     data_dir: DataDirOpt = None,
     max_train_samples: Annotated[int, typer.Option(help="Training subset size.")] = 4000,
     max_length: MaxLengthOpt = 64,
+    heads: Annotated[float, typer.Option(help="Fraction of heads to prune in every layer.")] = 0.5,
+    ffn: Annotated[float, typer.Option(help="Fraction of FFN neurons to prune in every layer.")] = 0.5,
     seed: SeedOpt = 0,
 ) -> None:
-    """The main job on the embedded default: fine-tune, evaluate on dev, measure, summarise."""
+    """The main job on the embedded default: fine-tune, prune, evaluate and measure both, summarise."""
     from slimformer.demo import run_demo
 
     run_demo(
@@ -243,6 +385,8 @@ def demo(
         data_dir=data_dir,
         max_train_samples=max_train_samples,
         max_length=max_length,
+        heads=heads,
+        ffn=ffn,
         seed=seed,
         console=stdout,
     )

@@ -36,9 +36,11 @@ def save_pruned(
     *,
     plan: PruningPlan | None = None,
     extra: dict[str, Any] | None = None,
+    json_files: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (pruned or not), its tokenizer and a manifest to ``out_dir`` atomically."""
+    """Write ``model`` (pruned or not), its tokenizer, a manifest and any ``json_files`` (name -> data) to
+    ``out_dir`` atomically: the folder appears complete or not at all."""
     views = layer_views(model)
     manifest = {
         "slimformer_version": slimformer.__version__,
@@ -55,6 +57,8 @@ def save_pruned(
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             write_json_atomic(staging / MANIFEST, manifest)
+            for name, data in (json_files or {}).items():
+                write_json_atomic(staging / name, data)
     except FileExistsError:
         raise ModelLoadError(f"{out_dir} already exists; choose another output folder or overwrite it.") from None
     return out_dir

@@ -1,0 +1,112 @@
+"""The command line end to end on a tiny model and tiny GLUE-format files: finetune -> importance -> prune ->
+evaluate -> measure -> export, plus the exit status and message of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from slimformer.cli import app
+from test_train import write_sst2
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_pipeline_through_the_cli(tiny_model_dir, tmp_path):
+    glue = write_sst2(tmp_path / "glue")
+    tuned = tmp_path / "tuned"
+    common = ["--task", "sst2", "--data-dir", glue, "--max-length", "16"]
+    invoke("finetune", "--model", tiny_model_dir, "--out", tuned, *common, "--max-steps", "3", "--batch-size", "8")
+    assert json.loads((tuned / "metrics.json").read_text())["train"]["steps"] == 3
+
+    invoke("importance", "--model", tuned, *common, "--out", tmp_path / "imp", "--n-examples", "16")
+    scores = json.loads((tmp_path / "imp" / "importance.json").read_text())
+    assert scores["method"] == "gradient"
+    assert (tmp_path / "imp" / "head_importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    pruned = tmp_path / "pruned"
+    out = invoke(
+        "prune", "--model", tuned, *common, "--out", pruned, "--heads", "0.5", "--ffn", "0.5", "--n-examples", "16"
+    ).output
+    assert "heads" in out
+    metrics = json.loads((pruned / "metrics.json").read_text())
+    assert metrics["summary"]["heads"] == {"before": 8, "after": 4}
+    # masked and physically pruned models score the same
+    assert metrics["eval"]["masked"] == metrics["eval"]["pruned"]
+    plan = json.loads((pruned / "plan.json").read_text())
+    assert sum(len(h) for h in plan["kept_heads"]) == 4
+
+    evaluated = invoke("evaluate", "--model", pruned, *common, "--json").stdout
+    assert json.loads(evaluated)["eval"]["dev"] == pytest.approx(metrics["eval"]["pruned"]["dev"])
+
+    measured = json.loads(
+        invoke(
+            "measure",
+            "--model",
+            pruned,
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+        ).stdout
+    )
+    assert measured["params"]["total"] == metrics["summary"]["params"]["after"]
+    assert sum(measured["config"]["heads"]) == 4
+
+    # re-applying the saved plan to the fine-tuned model gives the same model
+    again = tmp_path / "again"
+    invoke("prune", "--model", tuned, *common, "--out", again, "--plan", pruned / "plan.json")
+    assert json.loads((again / "metrics.json").read_text())["eval"]["pruned"] == metrics["eval"]["pruned"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "slimformer.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_bad_input_exits_2_with_a_message(tiny_model_dir, tmp_path):
+    glue = write_sst2(tmp_path / "glue")
+    result = run_cli("evaluate", "--model", tiny_model_dir, "--task", "nonsense", "--data-dir", glue)
+    assert result.returncode == 2
+    assert "Unknown task 'nonsense'" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli(
+        "prune",
+        "--model",
+        tiny_model_dir,
+        "--task",
+        "sst2",
+        "--data-dir",
+        glue,
+        "--out",
+        tmp_path / "p",
+        "--heads",
+        "1.2",
+    )
+    assert result.returncode == 2
+    assert "--heads 1.2 is impossible" in result.stderr
+    assert not (tmp_path / "p").exists()  # nothing half-written
+    result = run_cli("prune", "--model", tiny_model_dir, "--task", "sst2", "--data-dir", glue, "--out", tmp_path / "p")
+    assert result.returncode == 2 and "exactly one way" in result.stderr
