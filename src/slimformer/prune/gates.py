@@ -25,7 +25,9 @@ from slimformer.arch import layer_views
 class Gates:
     """Per-layer gate vectors: ``heads[l]`` has one entry per head present in layer ``l``, ``neurons[l]`` one per
     FFN neuron; ``layers`` (optional) has one entry per layer (1 keeps the layer, 0 skips it: the layer's output
-    is replaced by its input). Any entry may be fractional, e.g. for learned or soft gates."""
+    is replaced by its input). Any entry may be fractional, e.g. for learned or soft gates. A gate may also carry
+    a leading batch dimension (``[batch, units]``): one gate per example, whose gradients are then per-example
+    gradients (used for the empirical Fisher of Kwon et al. 2022)."""
 
     heads: list[torch.Tensor]
     neurons: list[torch.Tensor]
@@ -74,7 +76,9 @@ def _head_gate_hook(gate: torch.Tensor, head_size: int):
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...]):
         (context,) = args[:1]
         # each head's context occupies a contiguous head_size slice of the projection's input
-        scale = gate.to(context.dtype).repeat_interleave(head_size)
+        scale = gate.to(context.dtype).repeat_interleave(head_size, dim=-1)
+        if scale.dim() == 2:  # per-example gates: [batch, width] -> [batch, 1, width]
+            scale = scale[:, None, :]
         return (context * scale, *args[1:])
 
     return hook
@@ -82,7 +86,10 @@ def _head_gate_hook(gate: torch.Tensor, head_size: int):
 
 def _neuron_gate_hook(gate: torch.Tensor):
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...]):
-        return (args[0] * gate.to(args[0].dtype), *args[1:])
+        scale = gate.to(args[0].dtype)
+        if scale.dim() == 2:  # per-example gates
+            scale = scale[:, None, :]
+        return (args[0] * scale, *args[1:])
 
     return hook
 
@@ -109,9 +116,9 @@ def gated(model: PreTrainedModel, gates: Gates) -> Iterator[Gates]:
     handles = []
     try:
         for view, head_gate, neuron_gate in zip(views, gates.heads, gates.neurons, strict=True):
-            if head_gate.numel() != view.num_heads or neuron_gate.numel() != view.ffn_size:
+            if head_gate.shape[-1] != view.num_heads or neuron_gate.shape[-1] != view.ffn_size:
                 raise ValueError(
-                    f"layer {view.index}: gates for {head_gate.numel()} heads / {neuron_gate.numel()} neurons, "
+                    f"layer {view.index}: gates for {head_gate.shape[-1]} heads / {neuron_gate.shape[-1]} neurons, "
                     f"the layer has {view.num_heads} / {view.ffn_size}"
                 )
             handles.append(view.attn_out.register_forward_pre_hook(_head_gate_hook(head_gate, view.head_size)))
