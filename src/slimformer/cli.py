@@ -290,6 +290,15 @@ def prune(
     ffn: Annotated[float, typer.Option(help="Fraction of FFN neurons to remove.")] = 0.0,
     plan: Annotated[Path | None, typer.Option(help="Apply this plan.json instead of scoring.")] = None,
     iterative: Annotated[bool, typer.Option(help="Prune heads and MLPs iteratively until the score drops.")] = False,
+    budget_flops: Annotated[
+        float | None, typer.Option(help="Retraining-free (Kwon et al. 2022): keep this fraction of encoder FLOPs.")
+    ] = None,
+    budget_latency: Annotated[
+        float | None, typer.Option(help="Retraining-free: keep this fraction of measured latency (lookup table).")
+    ] = None,
+    calibration_examples: Annotated[int, typer.Option(help="Budget pruning: calibration examples.")] = 2048,
+    rearrange: Annotated[bool, typer.Option(help="Budget pruning: rearrange masks by the layer Fisher.")] = True,
+    tune: Annotated[bool, typer.Option(help="Budget pruning: least-squares mask tuning.")] = True,
     keep_score: Annotated[float, typer.Option(help="Iterative: stop below this fraction of the dense score.")] = 0.9,
     step: Annotated[float, typer.Option(help="Iterative: fraction of remaining heads pruned per step.")] = 0.1,
     method: MethodOpt = "gradient",
@@ -304,6 +313,25 @@ def prune(
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Remove attention heads and FFN neurons for real (smaller, faster), evaluate and save the model."""
+    if budget_flops is not None or budget_latency is not None:
+        if heads or ffn or plan or iterative:
+            raise SlimformerError("A --budget-* choice cannot be combined with --heads/--ffn, --plan or --iterative.")
+        _budget_prune(
+            out,
+            model,
+            task,
+            data_dir,
+            budget_flops,
+            budget_latency,
+            calibration_examples,
+            rearrange,
+            tune,
+            max_length,
+            label_free,
+            seed,
+            overwrite,
+        )
+        return
     from slimformer.prune.pipeline import prune_model
 
     result = prune_model(
@@ -343,6 +371,58 @@ def prune(
     table.add_row(f"encoder GFLOPs (seq {fl['seq_len']})", f"{fl['before'] / 1e9:.3f}", f"{fl['after'] / 1e9:.3f}")
     stdout.print(table)
     stdout.print(f"heads kept per layer: {summary['heads_per_layer']}")
+    stdout.print(f"-> {out} (model, plan.json, metrics.json)")
+
+
+def _budget_prune(
+    out,
+    model,
+    task,
+    data_dir,
+    budget_flops,
+    budget_latency,
+    calibration_examples,
+    rearrange,
+    tune,
+    max_length,
+    label_free,
+    seed,
+    overwrite,
+) -> None:
+    from slimformer.budget.pipeline import budget_prune
+
+    result = budget_prune(
+        model,
+        task,
+        out,
+        data_dir=data_dir,
+        budget_flops=budget_flops,
+        budget_latency=budget_latency,
+        n_calibration=calibration_examples,
+        rearrange_masks=rearrange,
+        tune=tune,
+        max_length=max_length,
+        label_free=label_free,
+        seed=seed,
+        overwrite=overwrite,
+    )
+    report = result.report
+    table = Table(title=f"{report['method']} for {report['task']}")
+    table.add_column("")
+    table.add_column("dense", justify="right")
+    table.add_column("pruned", justify="right")
+    score = report["score"]
+    table.add_row(score["metric"], f"{score['dense']:.4f}", f"{score['pruned']:.4f}")
+    fl = report["encoder_flops"]
+    table.add_row("encoder GFLOPs", f"{fl['dense'] / 1e9:.3f}", f"{fl['pruned'] / 1e9:.3f}")
+    summary = report["summary"]
+    table.add_row("parameters", f"{summary['params']['before'] / 1e6:.2f}M", f"{summary['params']['after'] / 1e6:.2f}M")
+    latency = report["latency"]
+    table.add_row("latency (ms)", f"{latency['dense']['median_ms']:.0f}", f"{latency['pruned']['median_ms']:.0f}")
+    stdout.print(table)
+    stdout.print(f"heads per layer {summary['heads_per_layer']}, neurons per layer {summary['neurons_per_layer']}")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["phases_seconds"].items())
+    stdout.print(f"speedup {latency['speedup']:.2f}x; pruning took {report['pruning_seconds']:.0f} s ({phases})")
     stdout.print(f"-> {out} (model, plan.json, metrics.json)")
 
 

@@ -251,6 +251,7 @@ def importance_sample(
     max_length: int = 128,
     seed: int = 0,
     split: str | None = None,
+    length_grouped: bool = False,
 ) -> ImportanceSample:
     """A seeded random sample of ``n_examples`` rows (all rows if None or more than there are), tokenized and
     padded into batches of ``batch_size``.
@@ -290,6 +291,9 @@ def importance_sample(
         ]
         features = [{("labels" if k == "label" else k): v for k, v in row.items()} for row in rows.select_columns(keep)]
         description["max_length"] = None
+    if length_grouped:
+        # similar lengths share a batch: far less padding; only for per-example quantities, where it changes nothing
+        features = sorted(features, key=lambda row: len(row["input_ids"]))
     collator = DataCollatorWithPadding(tokenizer)
     batches = [collator(features[start : start + batch_size]) for start in range(0, len(features), batch_size)]
     batches = [dict(batch) for batch in batches]
@@ -298,6 +302,7 @@ def importance_sample(
         batch_size=batch_size,
         max_length=description.get("max_length", max_length),
         seed=seed,
+        length_grouped=length_grouped,
         hash=_sample_hash(features),
     )
     return ImportanceSample(batches=batches, description=description)
@@ -364,7 +369,7 @@ def _check_base(model: PreTrainedModel, base: Gates | None) -> None:
         )
 
 
-def _model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {
         k: v.to(device)
         for k, v in batch.items()
@@ -372,13 +377,13 @@ def _model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> di
     }
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
-    """The batch-mean task loss (what the model's own head computes)."""
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, reduction: str = "mean") -> torch.Tensor:
+    """The task loss the model's own head computes (batch mean; ``reduction="sum"`` for per-example gradients)."""
     if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision losses lose the small gradients
         logits = logits.float()
     if regression:
-        return F.mse_loss(logits.squeeze(-1), labels.to(logits.device, logits.dtype))
-    return F.cross_entropy(logits, labels.to(logits.device).long())
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.device, logits.dtype), reduction=reduction)
+    return F.cross_entropy(logits, labels.to(logits.device).long(), reduction=reduction)
 
 
 def _gate_gradients(
@@ -418,7 +423,7 @@ def _gate_gradients(
             p.requires_grad_(False)
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in tqdm(batches, total=total, desc=description, disable=not progress, leave=False):
-            inputs = _model_inputs(batch, device)
+            inputs = model_inputs(batch, device)
             if not label_free and "labels" not in batch:
                 raise ImportanceError("A batch has no labels; pass labelled data or use label_free=True.")
             # fixed masks multiply the learnable gates, so a masked unit stays masked and its gradient is 0
@@ -433,7 +438,7 @@ def _gate_gradients(
             with torch.enable_grad(), gated(model, effective):
                 logits = model(**inputs).logits
                 labels = logits.detach().argmax(dim=-1) if label_free else batch["labels"]
-                loss = _loss(logits, labels, regression)
+                loss = task_loss(logits, labels, regression)
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
             for running, grad in zip(totals, grads, strict=True):
                 if grad is not None:

@@ -1,0 +1,147 @@
+"""Mask search under a FLOPs constraint (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for
+Transformers", §4.1, Algorithm 1) and mask rearrangement within each layer (§4.2).
+
+Search: with the diagonal Fisher as each unit's importance, for every possible number of kept heads take the most
+important heads, spend the FLOPs left on the most important neurons, and keep the combination that retains the
+most importance. Rearrangement: with the number of heads and neurons per layer fixed, re-choose which ones by the
+layer's full (block-diagonal) Fisher, since units of a layer interact: minimise 1_P^T I 1_P over the pruned set P.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from slimformer.errors import SlimformerError
+from slimformer.prune.plan import Layout, PruningPlan
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """FLOPs of one attention head and of one FFN neuron in one layer, for one sequence of ``seq_len`` tokens."""
+
+    head: float
+    neuron: float
+    seq_len: int
+
+    @classmethod
+    def flops(cls, layout: Layout, seq_len: int = 128) -> UnitCosts:
+        hidden, size, s = layout.hidden, layout.head_size, seq_len
+        # q, k, v and o projections (8 s d dh) plus attention scores and weighted values (4 s^2 dh), as in measure
+        head = 2 * s * (4 * hidden * size) + 2 * 2 * s * s * size
+        neuron = 2 * s * 2 * hidden
+        return cls(head=float(head), neuron=float(neuron), seq_len=seq_len)
+
+    def total(self, heads: int, neurons: int) -> float:
+        return heads * self.head + neurons * self.neuron
+
+
+def search_masks(
+    layout: Layout,
+    head_importance: list[np.ndarray],
+    neuron_importance: list[np.ndarray],
+    budget: float,
+    costs: UnitCosts,
+    *,
+    model_type: str | None = None,
+) -> PruningPlan:
+    """The plan that keeps the most Fisher importance within ``budget`` (a fraction of the dense encoder FLOPs)."""
+    if not 0.0 < budget <= 1.0:
+        raise SlimformerError(
+            f"A FLOPs budget of {budget:g} is impossible: it is the fraction of the dense FLOPs to keep, in (0, 1]."
+        )
+    dense = costs.total(sum(layout.heads), sum(layout.ffn))
+    allowed = budget * dense
+    head_units = [(float(v), layer, i) for layer, row in enumerate(head_importance) for i, v in enumerate(row)]
+    neuron_units = [(float(v), layer, i) for layer, row in enumerate(neuron_importance) for i, v in enumerate(row)]
+    head_units.sort(key=lambda u: -u[0])
+    neuron_units.sort(key=lambda u: -u[0])
+    head_cumsum = np.concatenate([[0.0], np.cumsum([u[0] for u in head_units])])
+    neuron_cumsum = np.concatenate([[0.0], np.cumsum([u[0] for u in neuron_units])])
+    best = (-np.inf, 0, 0)
+    for n_heads in range(len(head_units) + 1):
+        left = allowed - n_heads * costs.head
+        if left < 0:
+            break
+        n_neurons = min(int(left // costs.neuron), len(neuron_units))
+        retained = head_cumsum[n_heads] + neuron_cumsum[n_neurons]
+        if retained > best[0]:
+            best = (retained, n_heads, n_neurons)
+    _, n_heads, n_neurons = best
+    kept_heads: list[list[int]] = [[] for _ in layout.heads]
+    kept_neurons: list[list[int]] = [[] for _ in layout.ffn]
+    for _, layer, i in head_units[:n_heads]:
+        kept_heads[layer].append(i)
+    for _, layer, i in neuron_units[:n_neurons]:
+        kept_neurons[layer].append(i)
+    return PruningPlan(
+        layout=layout,
+        kept_heads=kept_heads,
+        kept_neurons=kept_neurons,
+        model_type=model_type,
+        meta={"method": "fisher-search (Kwon et al. 2022)", "budget_flops": budget, "seq_len": costs.seq_len},
+    )
+
+
+def rearrange_layer(fisher_block: torch.Tensor, kept: list[int], max_swaps: int = 1000) -> tuple[list[int], int]:
+    """Re-choose which units of one layer to keep (same count) to minimise the pruned units' joint Fisher.
+
+    Local search with pairwise swaps: each step swaps the pruned/kept pair that lowers J(P) = 1_P^T I 1_P most,
+    until no swap helps. Returns the kept indices and the number of swaps made.
+    """
+    n = fisher_block.shape[0]
+    if not kept or len(kept) == n:
+        return sorted(kept), 0
+    fisher = fisher_block.double()
+    pruned_mask = torch.ones(n, dtype=torch.bool)
+    pruned_mask[kept] = False
+    diagonal = fisher.diagonal()
+    swaps = 0
+    for swaps in range(max_swaps):  # noqa: B007 - the count is returned
+        pruned = pruned_mask.nonzero().squeeze(1)
+        keep = (~pruned_mask).nonzero().squeeze(1)
+        s = fisher[:, pruned].sum(dim=1)  # s_k = sum_{j in P} I_kj
+        # J(P - i + j) - J(P) = -2 s_i + I_ii + 2 s_j - 2 I_ij + I_jj, for i pruned and j kept
+        delta = (
+            (-2 * s[pruned] + diagonal[pruned])[:, None]
+            + (2 * s[keep] + diagonal[keep])[None, :]
+            - 2 * fisher[pruned][:, keep]
+        )
+        flat = int(torch.argmin(delta))
+        if delta.reshape(-1)[flat] >= -1e-12 * max(float(diagonal.abs().max()), 1e-30):
+            break
+        i, j = pruned[flat // keep.numel()], keep[flat % keep.numel()]
+        pruned_mask[i], pruned_mask[j] = False, True
+    else:
+        swaps = max_swaps
+    return sorted((~pruned_mask).nonzero().squeeze(1).tolist()), swaps
+
+
+def pruned_fisher(fisher_block: torch.Tensor, kept: list[int]) -> float:
+    """J(P) = 1_P^T I 1_P: the second-order loss increase (up to 1/2) of pruning everything not in ``kept``."""
+    mask = torch.ones(fisher_block.shape[0], dtype=torch.float64)
+    mask[kept] = 0
+    return float(mask @ fisher_block.double() @ mask)
+
+
+def rearrange(plan: PruningPlan, head_grads: list[torch.Tensor], neuron_grads: list[torch.Tensor]) -> PruningPlan:
+    """Apply :func:`rearrange_layer` to the heads and the neurons of every layer; counts per layer are kept."""
+    from slimformer.budget.fisher import MaskGradients
+
+    kept_heads, kept_neurons, swaps = [], [], 0
+    for layer in range(plan.layout.num_layers):
+        heads, n1 = rearrange_layer(MaskGradients.block(head_grads[layer]), plan.kept_heads[layer])
+        neurons, n2 = rearrange_layer(MaskGradients.block(neuron_grads[layer]), plan.kept_neurons[layer])
+        kept_heads.append(heads)
+        kept_neurons.append(neurons)
+        swaps += n1 + n2
+    return PruningPlan(
+        layout=plan.layout,
+        kept_heads=kept_heads,
+        kept_neurons=kept_neurons,
+        dropped_layers=plan.dropped_layers,
+        model_type=plan.model_type,
+        meta={**plan.meta, "rearranged": True, "rearrange_swaps": swaps},
+    )

@@ -1,0 +1,224 @@
+"""Mask tuning: layer-wise least-squares reconstruction (Kwon et al. 2022, "A Fast Post-Training Pruning
+Framework for Transformers", §4.3), folded into the weights.
+
+After the search, each kept head and neuron gets a real-valued scale m instead of 1, chosen so that each pruned
+sub-layer reproduces the dense model's output on the calibration set. All supported families are post-LN, so a
+sub-layer's output before its LayerNorm is ``x + b + sum_u m_u A_u(x)``: the residual input, the projection's bias
+and one term per kept unit (a head's context through its slice of the output projection, or a neuron's activation
+times its column of the down projection). That is linear in m, so the best m solves a least-squares problem,
+accumulated here as normal equations (A^T A) m = A^T r, with r = dense output - x - b, and solved with
+``torch.linalg.lstsq``. The target is the dense model's own sub-layer output (on its own hidden states), so the
+tuning also corrects errors that earlier pruned layers pass on. Layers are tuned in order, attention before FFN,
+each on inputs that already include the tuned earlier parts. Finally the scales are multiplied into the output and
+down projections' columns, and the pruned model is an ordinary one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from slimformer.arch import LayerView, layer_views
+from slimformer.importance import model_inputs
+from slimformer.prune.apply import plan_gates
+from slimformer.prune.gates import Gates, gated
+from slimformer.prune.plan import PruningPlan
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer being tuned has been seen."""
+
+
+@dataclass
+class TuningReport:
+    """Per sub-layer: relative reconstruction error with all-ones masks and with the tuned masks."""
+
+    layers: list[dict] = field(default_factory=list)
+
+
+def _capture(module: nn.Module, store: dict, key: str, *, output: bool = False, stop: bool = False):
+    """Register a hook that stores the module's first input (or its output) in ``store[key]``."""
+    if output:
+
+        def hook(mod, args, result):
+            store[key] = result[0] if isinstance(result, tuple) else result
+            if stop:
+                raise _Stop
+
+        return module.register_forward_hook(hook)
+
+    def pre_hook(mod, args, kwargs):
+        store[key] = args[0] if args else kwargs["hidden_states"]
+
+    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def _run(model: PreTrainedModel, inputs: dict) -> None:
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except _Stop:
+        pass
+
+
+def _select_tokens(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Real (unpadded) tokens only, as [tokens, width] on the CPU."""
+    t = t[valid] if valid is not None else t.reshape(-1, t.shape[-1])
+    return t.detach().cpu()
+
+
+def dense_targets(
+    model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]], device: torch.device
+) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """What every sub-layer of the dense model outputs before its LayerNorm (its residual input plus its
+    projection's output), for the real tokens of each batch: ``{(layer, "attention" | "ffn"): [per batch]}``.
+    One dense pass serves the tuning of every sub-layer."""
+    targets: dict[tuple[int, str], list[torch.Tensor]] = {}
+    for batch in batches:
+        inputs = model_inputs(batch, device)
+        valid = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
+        seen: dict = {}
+        handles = []
+        for view in layer_views(model):
+            handles += [
+                _capture(view.layer, seen, (view.index, "attention", "x")),
+                _capture(view.attn_out, seen, (view.index, "attention", "out"), output=True),
+                _capture(view.ffn_up, seen, (view.index, "ffn", "x")),
+                _capture(view.ffn_down, seen, (view.index, "ffn", "out"), output=True),
+            ]
+        try:
+            _run(model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for view in layer_views(model):
+            for part in ("attention", "ffn"):
+                total = seen[(view.index, part, "x")] + seen[(view.index, part, "out")]
+                targets.setdefault((view.index, part), []).append(_select_tokens(total.float(), valid))
+    return targets
+
+
+def tune_masks(
+    model: PreTrainedModel,
+    plan: PruningPlan,
+    batches: Sequence[dict[str, torch.Tensor]],
+    *,
+    damping: float = 1e-4,
+    clamp: float = 10.0,
+    progress: bool = True,
+) -> tuple[Gates, TuningReport]:
+    """Real-valued gates for ``plan`` (kept units scaled, pruned units 0) that best reconstruct each sub-layer."""
+    views = layer_views(model)
+    device = next(model.parameters()).device
+    gates = plan_gates(model, plan)
+    gates = Gates(heads=[g.to(device) for g in gates.heads], neurons=[g.to(device) for g in gates.neurons])
+    report = TuningReport()
+    was_training = model.training
+    model.eval()
+    steps = [(view, part) for view in views for part in ("attention", "ffn")]
+    try:
+        targets = dense_targets(model, batches, device)
+        for view, part in tqdm(steps, desc="mask tuning (least squares)", disable=not progress, leave=False):
+            kept = plan.kept_heads[view.index] if part == "attention" else plan.kept_neurons[view.index]
+            if not kept:
+                continue
+            gram, rhs, residual_sq, signal_sq = _normal_equations(
+                model, view, part, kept, gates, batches, targets[(view.index, part)], device
+            )
+            ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
+            system = gram + ridge * torch.eye(len(kept), dtype=gram.dtype)
+            scales = torch.linalg.lstsq(system, rhs.unsqueeze(1)).solution.squeeze(1)
+            scales = scales.clamp(-clamp, clamp)
+            ones = torch.ones(len(kept), dtype=gram.dtype)
+            error_ones = float(ones @ gram @ ones - 2 * ones @ rhs + residual_sq)
+            error_tuned = float(scales @ gram @ scales - 2 * scales @ rhs + residual_sq)
+            if error_tuned >= error_ones:  # never make a sub-layer worse on the calibration set
+                scales = ones
+                error_tuned = error_ones
+            target = gates.heads[view.index] if part == "attention" else gates.neurons[view.index]
+            target[kept] = scales.to(target.dtype).to(device)
+            report.layers.append(
+                {
+                    "layer": view.index,
+                    "part": part,
+                    "units": len(kept),
+                    "relative_error_ones": error_ones / max(signal_sq, 1e-30),
+                    "relative_error_tuned": error_tuned / max(signal_sq, 1e-30),
+                    "scale_min": float(scales.min()),
+                    "scale_max": float(scales.max()),
+                }
+            )
+    finally:
+        model.train(was_training)
+    return gates, report
+
+
+def _normal_equations(
+    model: PreTrainedModel,
+    view: LayerView,
+    part: str,
+    kept: list[int],
+    gates: Gates,
+    batches: Sequence[dict[str, torch.Tensor]],
+    targets: list[torch.Tensor],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """A^T A, A^T r, r^T r (float64) and the squared norm of the targets (for a relative error), accumulated
+    over the batches; the pruned model runs with ``gates`` only up to the sub-layer being tuned."""
+    n = len(kept)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    rhs = torch.zeros(n, dtype=torch.float64)
+    residual_sq = signal_sq = 0.0
+    index = torch.tensor(kept, dtype=torch.long)
+    if part == "attention":
+        entry, proj = view.layer, view.attn_out  # sub-layer input = the layer's input; output = o(context)
+    else:
+        entry, proj = view.ffn_up, view.ffn_down  # sub-layer input = the FFN input; output = down(activation)
+    weight = proj.weight.detach().float().cpu()  # [hidden, width]
+    bias = proj.bias.detach().float().cpu() if proj.bias is not None else 0.0
+    for batch, target in zip(batches, targets, strict=True):
+        inputs = model_inputs(batch, device)
+        valid = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
+        student: dict = {}
+        # capture hooks are registered before the gates, so they see the un-gated context / activation
+        handles = [_capture(entry, student, "x"), _capture(proj, student, "units")]
+        handles.append(_capture(proj, student, "stop", output=True, stop=True))
+        try:
+            with gated(model, gates):
+                _run(model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        x, units = _select_tokens(student["x"].float(), valid), _select_tokens(student["units"].float(), valid)
+        residual = target - x - bias  # [tokens, hidden]
+        if part == "attention":
+            size = view.head_size
+            context = units.reshape(units.shape[0], -1, size)[:, index]  # [tokens, n, size]
+            w = weight.reshape(weight.shape[0], -1, size)[:, index]  # [hidden, n, size]
+            terms = torch.einsum("tns,dns->tnd", context, w)  # each kept head's output, [tokens, n, hidden]
+            gram += torch.einsum("tnd,tmd->nm", terms, terms).double()
+            rhs += torch.einsum("tnd,td->n", terms, residual).double()
+        else:
+            act = units[:, index]  # [tokens, n]
+            w = weight[:, index]  # [hidden, n]
+            gram += ((act.T @ act) * (w.T @ w)).double()
+            rhs += (act * (residual @ w)).sum(0).double()
+        residual_sq += float(residual.double().pow(2).sum())
+        signal_sq += float(target.double().pow(2).sum())
+    return gram, rhs, residual_sq, signal_sq
+
+
+def fold_scales(model: PreTrainedModel, gates: Gates) -> None:
+    """Multiply each head's output-projection columns and each neuron's down-projection column by its scale."""
+    with torch.no_grad():
+        for view, head_scale, neuron_scale in zip(layer_views(model), gates.heads, gates.neurons, strict=True):
+            if view.num_heads:
+                columns = head_scale.to(view.attn_out.weight.dtype).repeat_interleave(view.head_size)
+                view.attn_out.weight.mul_(columns.to(view.attn_out.weight.device)[None, :])
+            if view.ffn_size:
+                view.ffn_down.weight.mul_(neuron_scale.to(view.ffn_down.weight.dtype).to(view.ffn_down.weight.device))

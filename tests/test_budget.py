@@ -1,0 +1,237 @@
+"""Retraining-free budget pruning (Kwon et al. 2022): Fisher, search, rearrangement, mask tuning, pipeline."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
+from slimformer.arch import layer_views
+from slimformer.budget.fisher import collect_mask_gradients
+from slimformer.budget.latency_table import LatencyTable
+from slimformer.budget.pipeline import budget_prune, plan_for_budget
+from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, rearrange_layer, search_masks
+from slimformer.budget.tune import _normal_equations, dense_targets, fold_scales, tune_masks
+from slimformer.errors import SlimformerError
+from slimformer.measure import flops
+from slimformer.models import load_model
+from slimformer.prune import Layout, PruningPlan, gated, plan_gates, remove
+from test_train import write_sst2
+
+
+def batches(n: int = 3, size: int = 4, seq: int = 9, classes: int = 3):
+    return [{**tiny_inputs(batch=size, seq=seq, seed=s), "labels": torch.arange(size) % classes} for s in range(n)]
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet"])
+def test_per_example_gradients_match_one_example_at_a_time(family):
+    model = tiny_model(family)
+    data = batches(n=1, size=3)
+    grads = collect_mask_gradients(model, data, progress=False)
+    assert grads.n_examples == 3 and grads.heads[0].shape == (3, 4) and grads.neurons[1].shape == (3, 64)
+    for row in range(3):
+        single = [{k: v[row : row + 1] for k, v in data[0].items()}]
+        one = collect_mask_gradients(model, single, progress=False)
+        for layer in range(2):
+            torch.testing.assert_close(one.heads[layer][0], grads.heads[layer][row], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(one.neurons[layer][0], grads.neurons[layer][row], rtol=1e-4, atol=1e-6)
+    fisher = grads.head_fisher()[0]
+    np.testing.assert_allclose(fisher, (grads.heads[0].double() ** 2).sum(0).numpy())
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_label_free_needs_classification():
+    model = tiny_model("bert", num_labels=1)
+    model.config.problem_type = "regression"
+    with pytest.raises(SlimformerError, match="classification"):
+        collect_mask_gradients(model, batches(1), label_free=True, progress=False)
+
+
+def brute_force_search(layout, heads_imp, neurons_imp, allowed, costs):
+    """Best retained importance over every subset (tiny sizes only)."""
+    units = [("h", layer, i, v) for layer, row in enumerate(heads_imp) for i, v in enumerate(row)]
+    units += [("n", layer, i, v) for layer, row in enumerate(neurons_imp) for i, v in enumerate(row)]
+    best = -1.0
+    for r in range(len(units) + 1):
+        for subset in itertools.combinations(units, r):
+            cost = sum(costs.head if u[0] == "h" else costs.neuron for u in subset)
+            if cost <= allowed:
+                best = max(best, sum(u[3] for u in subset))
+    return best
+
+
+def test_search_respects_budget_and_is_optimal_on_a_small_case():
+    layout = Layout(heads=(2, 2), ffn=(3, 3), head_size=4, hidden=8)
+    costs = UnitCosts(head=5.0, neuron=2.0, seq_len=1)
+    rng = np.random.default_rng(0)
+    heads_imp = [rng.random(2) for _ in range(2)]
+    neurons_imp = [rng.random(3) for _ in range(2)]
+    dense = costs.total(4, 6)
+    for budget in (0.2, 0.35, 0.5, 0.8, 1.0):
+        plan = search_masks(layout, heads_imp, neurons_imp, budget, costs)
+        kept_h = sum(len(k) for k in plan.kept_heads)
+        kept_n = sum(len(k) for k in plan.kept_neurons)
+        assert costs.total(kept_h, kept_n) <= budget * dense + 1e-9
+        retained = sum(
+            heads_imp[i][plan.kept_heads[i]].sum() + neurons_imp[i][plan.kept_neurons[i]].sum() for i in range(2)
+        )
+        # Kwon et al.'s search keeps the top heads and top neurons: optimal when each kind is taken greedily
+        assert retained == pytest.approx(brute_force_search(layout, heads_imp, neurons_imp, budget * dense, costs))
+    with pytest.raises(SlimformerError, match="impossible"):
+        search_masks(layout, heads_imp, neurons_imp, 1.2, costs)
+    with pytest.raises(SlimformerError, match="impossible"):
+        search_masks(layout, heads_imp, neurons_imp, 0.0, costs)
+
+
+def test_unit_costs_match_measured_flops():
+    model = tiny_model("bert")
+    layout = Layout.of(model)
+    costs = UnitCosts.flops(layout, seq_len=16)
+    assert costs.total(sum(layout.heads), sum(layout.ffn)) == flops(model, seq_len=16).encoder
+
+
+def test_rearrangement_lowers_the_joint_fisher_to_a_local_optimum():
+    rng = np.random.default_rng(1)
+    grads = torch.tensor(rng.normal(size=(50, 8)) * rng.random(8) * 3)
+    block = grads.T @ grads
+    start = [0, 1, 2, 3]
+    kept, swaps = rearrange_layer(block, start)
+    assert len(kept) == 4 and swaps >= 0
+    assert pruned_fisher(block, kept) <= pruned_fisher(block, start)
+    for out_unit, in_unit in itertools.product(kept, [i for i in range(8) if i not in kept]):
+        swapped = sorted([*(k for k in kept if k != out_unit), in_unit])
+        assert pruned_fisher(block, swapped) >= pruned_fisher(block, kept) - 1e-9
+    assert rearrange_layer(block, [])[0] == [] and rearrange_layer(block, list(range(8)))[0] == list(range(8))
+
+
+def test_rearrange_keeps_counts_per_layer():
+    model = tiny_model("bert")
+    grads = collect_mask_gradients(model, batches(2), progress=False)
+    layout = Layout.of(model)
+    plan = search_masks(layout, grads.head_fisher(), grads.neuron_fisher(), 0.5, UnitCosts.flops(layout, 9))
+    again = rearrange(plan, grads.heads, grads.neurons)
+    assert [len(k) for k in again.kept_heads] == [len(k) for k in plan.kept_heads]
+    assert [len(k) for k in again.kept_neurons] == [len(k) for k in plan.kept_neurons]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_tuned_masks_fold_into_an_ordinary_pruned_model(family):
+    model = tiny_model(family)
+    data = batches(3)
+    grads = collect_mask_gradients(model, data, progress=False)
+    layout = Layout.of(model)
+    plan = search_masks(
+        layout,
+        grads.head_fisher(),
+        grads.neuron_fisher(),
+        0.5,
+        UnitCosts.flops(layout, 9),
+        model_type=model.config.model_type,
+    )
+    gates, report = tune_masks(model, plan, data, progress=False)
+    for entry in report.layers:
+        assert entry["relative_error_tuned"] <= entry["relative_error_ones"] + 1e-12
+    inputs = tiny_inputs(seed=5)
+    with torch.no_grad(), gated(model, gates):
+        expected = model(**inputs).logits
+    pruned = copy.deepcopy(model)
+    fold_scales(pruned, gates)
+    remove(pruned, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_normal_equations_equal_the_measured_reconstruction_error():
+    # The error predicted from A^T A, A^T r and r^T r must equal ||sub-layer output - dense output||^2 measured
+    # directly with the gates in place, for the masks being tuned.
+    model = tiny_model("bert")
+    data = batches(2)
+    layout = Layout.of(model)
+    plan = PruningPlan(
+        layout=layout,
+        kept_heads=[[0, 2], [1, 2, 3]],
+        kept_neurons=[list(range(0, 64, 3)), list(range(40))],
+        model_type="bert",
+    )
+    gates = plan_gates(model, plan)
+    view = layer_views(model)[0]
+    kept = plan.kept_heads[0]
+    targets = dense_targets(model, data, torch.device("cpu"))[(0, "attention")]
+    gram, rhs, residual_sq, _ = _normal_equations(model, view, "attention", kept, gates, data, targets, "cpu")
+    scales = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    predicted = float(scales @ gram @ scales - 2 * scales @ rhs + residual_sq)
+    gates.heads[0][kept] = scales.float()
+    measured = 0.0
+    seen: dict = {}
+    hook = view.layer.attention.output.LayerNorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("s", a[0]))
+    for batch in data:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad(), gated(model, gates):
+            model(**inputs)
+        student = seen["s"]
+        with torch.no_grad():
+            model(**inputs)
+        dense = seen["s"]
+        valid = batch["attention_mask"].bool()
+        measured += float(((student - dense)[valid].double() ** 2).sum())
+    hook.remove()
+    assert predicted == pytest.approx(measured, rel=1e-4)
+
+
+def fake_table(layout: Layout) -> LatencyTable:
+    heads, ffn = max(layout.heads), max(layout.ffn)
+    return LatencyTable(
+        head_counts=list(range(heads + 1)),
+        attn_ms=[10.0 + 3.0 * h + (2.0 if h else 0.0) for h in range(heads + 1)],
+        neuron_counts=[0, ffn // 2, ffn],
+        ffn_ms=[10.0, 20.0, 30.0],
+        fixed_ms=10.0,
+        rest_ms=5.0,
+        key={"hidden": layout.hidden, "head_size": layout.head_size},
+    )
+
+
+def test_latency_budget_search_meets_the_predicted_budget():
+    model = tiny_model("bert")
+    grads = collect_mask_gradients(model, batches(2), progress=False)
+    table = fake_table(Layout.of(model))
+    plan, info = plan_for_budget(model, grads, budget_latency=0.6, seq_len=9, latency_table=table)
+    assert info["predicted_pruned_ms"] <= 0.6 * info["predicted_dense_ms"] + 1e-9
+    assert table.model_ms(plan.result_layout()) == pytest.approx(info["predicted_pruned_ms"])
+    with pytest.raises(SlimformerError, match="cannot be met"):
+        plan_for_budget(model, grads, budget_latency=0.01, seq_len=9, latency_table=table)
+
+
+def test_budget_prune_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    glue = write_sst2(tmp_path / "glue")
+    out = tmp_path / "pruned"
+    result = budget_prune(
+        tiny_model_dir,
+        "sst2",
+        out,
+        data_dir=glue,
+        budget_flops=0.5,
+        n_calibration=32,
+        max_length=16,
+        seq_len=16,
+        latency_batch_size=2,
+        progress=False,
+    )
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["encoder_flops"]["pruned"] <= 0.5 * report["encoder_flops"]["dense"]
+    assert set(report["phases_seconds"]) >= {"fisher", "search", "rearrange", "tune", "remove", "evaluate"}
+    assert report["fisher_loss_estimate"]["rearranged"] <= report["fisher_loss_estimate"]["searched"] + 1e-9
+    assert report["latency"]["speedup"] > 0 and report["score"]["metric"] == "accuracy"
+    assert result.plan == PruningPlan.load(out / "plan.json")
+    reloaded = load_model(out)
+    assert flops(reloaded.model, seq_len=16).encoder == report["encoder_flops"]["pruned"]
+    with pytest.raises(SlimformerError, match="exactly one"):
+        budget_prune(tiny_model_dir, "sst2", None, data_dir=glue, budget_flops=0.5, budget_latency=0.5)
+    with pytest.raises(SlimformerError, match=r"--budget-flops 1\.5 is impossible"):
+        budget_prune(tiny_model_dir, "sst2", None, data_dir=glue, budget_flops=1.5)
