@@ -235,3 +235,25 @@ def test_budget_prune_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
         budget_prune(tiny_model_dir, "sst2", None, data_dir=glue, budget_flops=0.5, budget_latency=0.5)
     with pytest.raises(SlimformerError, match=r"--budget-flops 1\.5 is impossible"):
         budget_prune(tiny_model_dir, "sst2", None, data_dir=glue, budget_flops=1.5)
+
+
+def test_local_target_tuning_also_folds_exactly():
+    model = tiny_model("roberta")
+    data = batches(3)
+    layout = Layout.of(model)
+    plan = PruningPlan(
+        layout=layout,
+        kept_heads=[[0, 3], [1]],
+        kept_neurons=[list(range(0, 64, 2)), list(range(9))],
+        model_type="roberta",
+    )
+    gates, report = tune_masks(model, plan, data, target="local", progress=False)
+    assert all(e["relative_error_tuned"] <= e["relative_error_ones"] + 1e-12 for e in report.layers)
+    inputs = tiny_inputs(seed=3)
+    with torch.no_grad(), gated(model, gates):
+        expected = model(**inputs).logits
+    pruned = copy.deepcopy(model)
+    fold_scales(pruned, gates)
+    remove(pruned, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**inputs).logits, expected, atol=1e-5, rtol=0)

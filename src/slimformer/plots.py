@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 ANNOTATE_MAX = 16
 
 
-def _save_png_atomic(figure: Figure, path: str | os.PathLike[str]) -> Path:
+def save_png_atomic(figure: Figure, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)  # attach the Agg canvas: savefig renders through it
@@ -80,7 +80,7 @@ def plot_head_importance(
                     # dark text on the bright end of the colormap, light text on the dark end
                     color = "black" if value > middle else "white"
                     axes.text(head, layer, f"{value:.2g}", ha="center", va="center", fontsize=7, color=color)
-    return _save_png_atomic(figure, path)
+    return save_png_atomic(figure, path)
 
 
 def _colormap(name: str) -> Colormap:
@@ -122,7 +122,7 @@ def plot_curve(
         axes.set_title(title)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="best", fontsize=8)
-    return _save_png_atomic(figure, path)
+    return save_png_atomic(figure, path)
 
 
 __all__ = ["plot_curve", "plot_head_importance"]

@@ -29,9 +29,12 @@ from slimformer.train import evaluate_model
 
 @dataclass
 class BudgetResult:
+    """The pruned model (in memory), where it was saved, its plan and the report written as metrics.json."""
+
     out_dir: Path | None
     plan: PruningPlan
     report: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
 
 
 def _check_budget(name: str, value: float | None) -> None:
@@ -246,4 +249,4 @@ def budget_prune(
             overwrite=overwrite,
             json_files={"plan.json": plan.to_dict(), "metrics.json": report},
         )
-    return BudgetResult(out_dir=out_dir, plan=plan, report=report)
+    return BudgetResult(out_dir=out_dir, plan=plan, report=report, model=net)

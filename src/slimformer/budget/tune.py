@@ -108,8 +108,9 @@ def tune_masks(
     plan: PruningPlan,
     batches: Sequence[dict[str, torch.Tensor]],
     *,
-    damping: float = 1e-4,
+    damping: float = 1e-2,
     clamp: float = 10.0,
+    target: str = "global",
     progress: bool = True,
 ) -> tuple[Gates, TuningReport]:
     """Real-valued gates for ``plan`` (kept units scaled, pruned units 0) that best reconstruct each sub-layer."""
@@ -122,17 +123,25 @@ def tune_masks(
     model.eval()
     steps = [(view, part) for view in views for part in ("attention", "ffn")]
     try:
-        targets = dense_targets(model, batches, device)
+        targets = dense_targets(model, batches, device) if target == "global" else None
         for view, part in tqdm(steps, desc="mask tuning (least squares)", disable=not progress, leave=False):
             kept = plan.kept_heads[view.index] if part == "attention" else plan.kept_neurons[view.index]
             if not kept:
                 continue
             gram, rhs, residual_sq, signal_sq = _normal_equations(
-                model, view, part, kept, gates, batches, targets[(view.index, part)], device
+                model,
+                view,
+                part,
+                kept,
+                gates,
+                batches,
+                targets[(view.index, part)] if targets else [None] * len(batches),
+                device,
             )
             ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
+            # ridge towards the untuned masks (all ones), not towards zero
             system = gram + ridge * torch.eye(len(kept), dtype=gram.dtype)
-            scales = torch.linalg.lstsq(system, rhs.unsqueeze(1)).solution.squeeze(1)
+            scales = torch.linalg.lstsq(system, (rhs + ridge).unsqueeze(1)).solution.squeeze(1)
             scales = scales.clamp(-clamp, clamp)
             ones = torch.ones(len(kept), dtype=gram.dtype)
             error_ones = float(ones @ gram @ ones - 2 * ones @ rhs + residual_sq)
@@ -165,7 +174,7 @@ def _normal_equations(
     kept: list[int],
     gates: Gates,
     batches: Sequence[dict[str, torch.Tensor]],
-    targets: list[torch.Tensor],
+    targets: list[torch.Tensor] | list[None],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """A^T A, A^T r, r^T r (float64) and the squared norm of the targets (for a relative error), accumulated
@@ -195,7 +204,9 @@ def _normal_equations(
             for handle in handles:
                 handle.remove()
         x, units = _select_tokens(student["x"].float(), valid), _select_tokens(student["units"].float(), valid)
-        residual = target - x - bias  # [tokens, hidden]
+        # global: the dense model's own sub-layer output, which also corrects earlier layers' drift;
+        # local: the dense sub-layer applied to the pruned model's own input (every unit at 1)
+        residual = units @ weight.T if target is None else target - x - bias  # [tokens, hidden]
         if part == "attention":
             size = view.head_size
             context = units.reshape(units.shape[0], -1, size)[:, index]  # [tokens, n, size]
@@ -209,7 +220,7 @@ def _normal_equations(
             gram += ((act.T @ act) * (w.T @ w)).double()
             rhs += (act * (residual @ w)).sum(0).double()
         residual_sq += float(residual.double().pow(2).sum())
-        signal_sq += float(target.double().pow(2).sum())
+        signal_sq += float((target if target is not None else residual).double().pow(2).sum())
     return gram, rhs, residual_sq, signal_sq
 
 
