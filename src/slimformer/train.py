@@ -193,7 +193,7 @@ def finetune(
         "data_source": data.source,
         "base_model": str(model),
         "primary_metric": data.spec.primary_metric,
-        "score": _headline_score(evaluation, data.spec.primary_metric),
+        "score": headline_score(evaluation, data.spec.primary_metric),
         "eval": evaluation,
         "train": {
             "samples": len(tokenized["train"]),
@@ -234,7 +234,7 @@ def _prepare_work_dir(work_dir: Path, signature: dict[str, Any], resume: bool) -
     return checkpoint
 
 
-def _headline_score(evaluation: dict[str, dict[str, float]], metric: str) -> float:
+def headline_score(evaluation: dict[str, dict[str, float]], metric: str) -> float:
     """The primary metric averaged over the dev splits (MNLI has two)."""
     values = [split_metrics[metric] for split_metrics in evaluation.values()]
     return float(np.mean(values))
@@ -328,7 +328,7 @@ def evaluate(
         "data_source": data.source,
         "model": loaded.source,
         "primary_metric": data.spec.primary_metric,
-        "score": _headline_score(evaluation, data.spec.primary_metric),
+        "score": headline_score(evaluation, data.spec.primary_metric),
         "eval": evaluation,
         "eval_seconds": round(time.perf_counter() - started, 2),
     }

@@ -1,16 +1,7 @@
 """RoBERTa and XLM-RoBERTa: BERT's module layout; the classifier head is a two-layer block."""
 
-from slimformer.arch import ArchSpec
+from dataclasses import replace
 
-SPEC = ArchSpec(
-    family="roberta",
-    model_types=("roberta", "xlm-roberta"),
-    layers="encoder.layer",
-    attention="attention.self",
-    query="attention.self.query",
-    key="attention.self.key",
-    value="attention.self.value",
-    attn_out="attention.output.dense",
-    ffn_up="intermediate.dense",
-    ffn_down="output.dense",
-)
+from slimformer.arch.bert import SPEC as BERT
+
+SPEC = replace(BERT, family="roberta", model_types=("roberta", "xlm-roberta"))

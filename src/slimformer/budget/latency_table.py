@@ -41,7 +41,7 @@ from slimformer.arch import ArchSpec, LayerView, get_spec, layer_list, layer_vie
 from slimformer.io import write_json_atomic
 from slimformer.measure.base import MeasureError, require_positive
 from slimformer.measure.latency import measure_latency
-from slimformer.prune.apply import _prune_heads, _prune_neurons, current_head_ids
+from slimformer.prune.apply import current_head_ids, prune_layer_heads, prune_layer_neurons
 from slimformer.prune.plan import Layout, PruningPlan
 
 TABLE_FORMAT = 1
@@ -252,9 +252,9 @@ def _pruned_layer_copy(view: LayerView, spec: ArchSpec, head_ids: list[int], hea
     layer = copy.deepcopy(view.layer).to("cpu").eval()
     copied = _view_of(layer, spec, view.head_size)
     if heads != copied.num_heads:
-        _prune_heads(copied, spec, list(range(heads)), head_ids)
+        prune_layer_heads(copied, spec, list(range(heads)), head_ids)
     if neurons != copied.ffn_size:
-        _prune_neurons(copied, spec, list(range(neurons)))
+        prune_layer_neurons(copied, spec, list(range(neurons)))
     return layer
 
 

@@ -24,7 +24,7 @@ from slimformer.prune.apply import masked, remove
 from slimformer.prune.plan import Layout, PruningPlan
 from slimformer.prune.saving import save_pruned
 from slimformer.tasks import TaskData, load_task
-from slimformer.train import evaluate_model
+from slimformer.train import evaluate_model, headline_score
 
 
 @dataclass
@@ -218,8 +218,8 @@ def budget_prune(
         report["eval"] = {"dense": dense_eval, "pruned": pruned_eval}
         report["score"] = {
             "metric": metric,
-            "dense": sum(s[metric] for s in dense_eval.values()) / len(dense_eval),
-            "pruned": sum(s[metric] for s in pruned_eval.values()) / len(pruned_eval),
+            "dense": headline_score(dense_eval, metric),
+            "pruned": headline_score(pruned_eval, metric),
         }
         if not tune:
             with masked(dense, plan):

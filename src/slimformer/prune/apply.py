@@ -101,7 +101,7 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def _prune_heads(view: LayerView, spec: ArchSpec, keep: list[int], head_ids: list[int]) -> list[int]:
+def prune_layer_heads(view: LayerView, spec: ArchSpec, keep: list[int], head_ids: list[int]) -> list[int]:
     """Slice one layer's heads to ``keep``; return the original ids of the heads that remain."""
     size = view.head_size
     rows = torch.tensor([h * size + i for h in keep for i in range(size)], dtype=torch.long)
@@ -131,7 +131,7 @@ def _prune_heads(view: LayerView, spec: ArchSpec, keep: list[int], head_ids: lis
     return kept_ids
 
 
-def _prune_neurons(view: LayerView, spec: ArchSpec, keep: list[int]) -> None:
+def prune_layer_neurons(view: LayerView, spec: ArchSpec, keep: list[int]) -> None:
     index = torch.tensor(keep, dtype=torch.long)
     _set(view.layer, spec.ffn_up, _sliced_linear(view.ffn_up, rows=index))
     _set(view.layer, spec.ffn_down, _sliced_linear(view.ffn_down, cols=index))
@@ -155,11 +155,11 @@ def remove(model: PreTrainedModel, plan: PruningPlan) -> PreTrainedModel:
     for view in views:
         index = view.index
         if plan.kept_heads[index] != list(range(view.num_heads)):
-            new_head_ids.append(_prune_heads(view, spec, plan.kept_heads[index], head_ids[index]))
+            new_head_ids.append(prune_layer_heads(view, spec, plan.kept_heads[index], head_ids[index]))
         else:
             new_head_ids.append(head_ids[index])
         if plan.kept_neurons[index] != list(range(view.ffn_size)):
-            _prune_neurons(view, spec, plan.kept_neurons[index])
+            prune_layer_neurons(view, spec, plan.kept_neurons[index])
     if plan.dropped_layers:
         layers = layer_list(model, spec)
         kept = [layers[i] for i in plan.kept_layers]

@@ -34,7 +34,7 @@ from slimformer.plots import plot_curve
 from slimformer.prune.apply import masked, plan_gates
 from slimformer.prune.plan import PlanError, PruningPlan
 from slimformer.tasks import TaskData, tokenize_task
-from slimformer.train import _headline_score, evaluate_model
+from slimformer.train import evaluate_model, headline_score
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _evaluate(
 ) -> float:
     """The primary metric averaged over the dev splits, for the model as it is (masks included)."""
     results = evaluate_model(model, tokenizer, data, tokenized=tokenized, batch_size=batch_size, progress=False)
-    return _headline_score(results, data.spec.primary_metric)
+    return headline_score(results, data.spec.primary_metric)
 
 
 def _remaining_heads(plan: PruningPlan) -> list[tuple[int, int]]:

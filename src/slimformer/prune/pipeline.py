@@ -15,10 +15,10 @@ from slimformer.errors import SlimformerError
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
 from slimformer.prune.apply import masked, remove
-from slimformer.prune.plan import PlanError, PruningPlan, plan_from_scores
+from slimformer.prune.plan import PruningPlan, plan_from_scores
 from slimformer.prune.saving import save_pruned
 from slimformer.tasks import TaskData, load_task
-from slimformer.train import evaluate_model
+from slimformer.train import evaluate_model, headline_score
 
 
 @dataclass
@@ -148,8 +148,8 @@ def prune_model(
         metric = data.spec.primary_metric
         report["eval"] = {"dense": dense, "masked": masked_eval, "pruned": pruned_eval}
         report["score"] = {
-            "dense": _mean(dense, metric),
-            "pruned": _mean(pruned_eval, metric),
+            "dense": headline_score(dense, metric),
+            "pruned": headline_score(pruned_eval, metric),
         }
     report["params"] = count_parameters(net).as_dict()
     report["encoder_flops"] = flops(net, seq_len=max_length).encoder
@@ -165,10 +165,3 @@ def prune_model(
         json_files={"plan.json": chosen.to_dict(), "metrics.json": report},
     )
     return PruneResult(out_dir=out_dir, plan=chosen, report=report)
-
-
-def _mean(evaluation: dict[str, dict[str, float]], metric: str) -> float:
-    values = [split[metric] for split in evaluation.values()]
-    if not values:
-        raise PlanError("no dev split was evaluated")
-    return float(sum(values) / len(values))
