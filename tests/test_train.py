@@ -126,3 +126,20 @@ def test_real_minilm_evaluates_on_real_sst2_dev():
     metrics = evaluate("minilm-l6", "sst2", data_dir=root, max_length=64, max_eval_samples=128)
     # an untrained head on a real encoder: a valid accuracy on exactly the 128 sampled sentences
     assert metrics["task"] == "sst2" and 0.0 <= metrics["score"] <= 1.0
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from slimformer.io import atomic_directory, write_json_atomic
+
+    mask = os.umask(0o022)
+    try:
+        path = write_json_atomic(tmp_path / "m.json", {"a": 1})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0600
+        with atomic_directory(tmp_path / "folder") as staging:
+            (staging / "x").write_text("1")
+        assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+    finally:
+        os.umask(mask)

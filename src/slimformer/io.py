@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """Give a temp file (0600) or folder (0700) the permissions a plain open() / mkdir() would have."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename."""
     path = Path(path)
@@ -21,6 +32,7 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=False, default=_json_default)
             handle.write("\n")
+        normal_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -47,6 +59,7 @@ def atomic_directory(final: str | os.PathLike[str], *, overwrite: bool = False) 
         raise FileExistsError(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    normal_permissions(staging, directory=True)
     try:
         yield staging
         if final.exists():

@@ -19,6 +19,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
 from slimformer.errors import SlimformerError
+from slimformer.io import normal_permissions
 
 if TYPE_CHECKING:
     from slimformer.importance import ImportanceScores
@@ -35,6 +36,7 @@ def save_png_atomic(figure: Figure, path: str | os.PathLike[str]) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             figure.savefig(handle, format="png", dpi=120, bbox_inches="tight")
+        normal_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
