@@ -162,6 +162,7 @@ def finetune(
         logging_steps=config.logging_steps,
         eval_strategy="no",
         report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is pointless (and warns) on CPU
     )
     trainer = Trainer(
         model=loaded.model,
