@@ -110,3 +110,58 @@ def test_bad_input_exits_2_with_a_message(tiny_model_dir, tmp_path):
     assert not (tmp_path / "p").exists()  # nothing half-written
     result = run_cli("prune", "--model", tiny_model_dir, "--task", "sst2", "--data-dir", glue, "--out", tmp_path / "p")
     assert result.returncode == 2 and "exactly one way" in result.stderr
+
+
+def test_budget_pruning_through_the_cli(tiny_model_dir, tmp_path):
+    glue = write_sst2(tmp_path / "glue")
+    common = ["--task", "sst2", "--data-dir", glue, "--max-length", "16"]
+    out = tmp_path / "budget"
+    printed = invoke(
+        "prune",
+        "--model",
+        tiny_model_dir,
+        *common,
+        "--out",
+        out,
+        "--budget-flops",
+        "0.5",
+        "--calibration-examples",
+        "16",
+    ).stdout
+    assert "speedup" in printed and "pruning took" in printed
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["budget"]["flops"] == 0.5
+    # FLOPs are budgeted at 128 tokens, as measured by `slimformer measure --seq-len 128`
+    measured = json.loads(
+        invoke(
+            "measure",
+            "--model",
+            out,
+            "--seq-len",
+            "128",
+            "--batch-size",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+        ).stdout
+    )
+    assert measured["flops"]["encoder"] <= 0.5 * report["encoder_flops"]["dense"]
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            tiny_model_dir,
+            *map(str, common),
+            "--out",
+            str(tmp_path / "x"),
+            "--budget-flops",
+            "0.5",
+            "--heads",
+            "0.5",
+        ],
+    )
+    assert result.exit_code != 0 and "cannot be combined" in str(result.exception)

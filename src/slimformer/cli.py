@@ -316,21 +316,24 @@ def prune(
     if budget_flops is not None or budget_latency is not None:
         if heads or ffn or plan or iterative:
             raise SlimformerError("A --budget-* choice cannot be combined with --heads/--ffn, --plan or --iterative.")
-        _budget_prune(
-            out,
+        from slimformer.budget.pipeline import budget_prune
+
+        result = budget_prune(
             model,
             task,
-            data_dir,
-            budget_flops,
-            budget_latency,
-            calibration_examples,
-            rearrange,
-            tune,
-            max_length,
-            label_free,
-            seed,
-            overwrite,
+            out,
+            data_dir=data_dir,
+            budget_flops=budget_flops,
+            budget_latency=budget_latency,
+            n_calibration=calibration_examples,
+            rearrange_masks=rearrange,
+            tune=tune,
+            max_length=max_length,
+            label_free=label_free,
+            seed=seed,
+            overwrite=overwrite,
         )
+        _print_budget_report(result.report, out)
         return
     from slimformer.prune.pipeline import prune_model
 
@@ -374,39 +377,7 @@ def prune(
     stdout.print(f"-> {out} (model, plan.json, metrics.json)")
 
 
-def _budget_prune(
-    out,
-    model,
-    task,
-    data_dir,
-    budget_flops,
-    budget_latency,
-    calibration_examples,
-    rearrange,
-    tune,
-    max_length,
-    label_free,
-    seed,
-    overwrite,
-) -> None:
-    from slimformer.budget.pipeline import budget_prune
-
-    result = budget_prune(
-        model,
-        task,
-        out,
-        data_dir=data_dir,
-        budget_flops=budget_flops,
-        budget_latency=budget_latency,
-        n_calibration=calibration_examples,
-        rearrange_masks=rearrange,
-        tune=tune,
-        max_length=max_length,
-        label_free=label_free,
-        seed=seed,
-        overwrite=overwrite,
-    )
-    report = result.report
+def _print_budget_report(report: dict, out: Path) -> None:
     table = Table(title=f"{report['method']} for {report['task']}")
     table.add_column("")
     table.add_column("dense", justify="right")
