@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +50,22 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     spec: ArchSpec
     source: str
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' warnings and its per-call progress bars (loading / writing weights); our own
+    progress bars say what is happening."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def hub_offline() -> bool:
@@ -133,26 +151,23 @@ def load_model(
             overrides["id2label"] = dict(enumerate(label_names))
             overrides["label2id"] = {label: i for i, label in enumerate(label_names)}
     # Re-initialising a fresh head on a pre-trained encoder is expected; hide transformers' warning about it.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        if local and hasattr(config, "slimformer_layout"):
-            # unevenly pruned layers: transformers cannot build them from the config alone
-            from slimformer.prune.saving import load_pruned
+    with quiet_transformers():
+        try:
+            if local and hasattr(config, "slimformer_layout"):
+                # unevenly pruned layers: transformers cannot build them from the config alone
+                from slimformer.prune.saving import load_pruned
 
-            for key, value in overrides.items():
-                setattr(config, key, value)
-            model = load_pruned(source, config)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, local_files_only=local or hub_offline(), **overrides
-            )
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or hub_offline())
-    except SlimformerError:
-        raise
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"Could not load the model or tokenizer from {source}: {error}") from error
-    finally:
-        hf_logging.set_verbosity(verbosity)
+                for key, value in overrides.items():
+                    setattr(config, key, value)
+                model = load_pruned(source, config)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    source, local_files_only=local or hub_offline(), **overrides
+                )
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or hub_offline())
+        except SlimformerError:
+            raise
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"Could not load the model or tokenizer from {source}: {error}") from error
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=arch, source=source)

@@ -33,7 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from slimformer.errors import SlimformerError, TaskError
 from slimformer.io import atomic_directory, write_json_atomic
-from slimformer.models import LoadedModel, load_model
+from slimformer.models import LoadedModel, load_model, quiet_transformers
 from slimformer.tasks import TaskData, compute_metrics, load_task, tokenize_task
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def finetune(
         "eval_seconds": round(time.perf_counter() - eval_started, 2),
         "config": asdict(config),
     }
-    with atomic_directory(out_dir, overwrite=True) as staging:
+    with atomic_directory(out_dir, overwrite=True) as staging, quiet_transformers():
         model_obj.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
         write_json_atomic(staging / METRICS_FILE, metrics)

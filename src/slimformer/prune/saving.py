@@ -17,12 +17,12 @@ from typing import Any
 
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 import slimformer
 from slimformer.arch import layer_views
 from slimformer.errors import ModelLoadError
 from slimformer.io import atomic_directory, write_json_atomic
+from slimformer.models import quiet_transformers
 from slimformer.prune.apply import LAYOUT_KEY, rebuild_layout
 from slimformer.prune.plan import PruningPlan
 
@@ -52,7 +52,7 @@ def save_pruned(
     }
     out_dir = Path(out_dir)
     try:
-        with atomic_directory(out_dir, overwrite=overwrite) as staging:
+        with atomic_directory(out_dir, overwrite=overwrite) as staging, quiet_transformers():
             model.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
@@ -86,12 +86,8 @@ def load_pruned(model_dir: str | os.PathLike[str], config: PretrainedConfig) -> 
     """Build the model described by ``config`` (with its ``slimformer_layout``) and load its weights strictly."""
     model_dir = Path(model_dir)
     layout = getattr(config, LAYOUT_KEY)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         model = AutoModelForSequenceClassification.from_config(config)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     rebuild_layout(model, layout)
     state = _load_weights(model_dir)
     result = model.load_state_dict(state, strict=False)
