@@ -290,6 +290,10 @@ def prune(
     ffn: Annotated[float, typer.Option(help="Fraction of FFN neurons to remove.")] = 0.0,
     plan: Annotated[Path | None, typer.Option(help="Apply this plan.json instead of scoring.")] = None,
     iterative: Annotated[bool, typer.Option(help="Prune heads and MLPs iteratively until the score drops.")] = False,
+    drop_layers: Annotated[
+        str | None,
+        typer.Option(help="Drop whole layers (Sajjad et al. 2020): top|bottom|alternate|symmetric|contribution:K."),
+    ] = None,
     budget_flops: Annotated[
         float | None, typer.Option(help="Retraining-free (Kwon et al. 2022): keep this fraction of encoder FLOPs.")
     ] = None,
@@ -314,7 +318,7 @@ def prune(
 ) -> None:
     """Remove attention heads and FFN neurons for real (smaller, faster), evaluate and save the model."""
     if budget_flops is not None or budget_latency is not None:
-        if heads or ffn or plan or iterative:
+        if heads or ffn or plan or iterative or drop_layers:
             raise SlimformerError("A --budget-* choice cannot be combined with --heads/--ffn, --plan or --iterative.")
         from slimformer.budget.pipeline import budget_prune
 
@@ -356,6 +360,7 @@ def prune(
         max_length=max_length,
         max_eval_samples=max_eval_samples,
         label_free=label_free,
+        drop_layers=drop_layers,
         seed=seed,
         overwrite=overwrite,
     )

@@ -15,6 +15,7 @@ from slimformer.errors import SlimformerError
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
 from slimformer.prune.apply import masked, remove
+from slimformer.prune.layers import layer_contributions, layers_to_drop, parse_drop_layers
 from slimformer.prune.plan import PruningPlan, plan_from_scores
 from slimformer.prune.saving import save_pruned
 from slimformer.tasks import TaskData, load_task
@@ -52,6 +53,7 @@ def prune_model(
     max_length: int = 128,
     max_eval_samples: int | None = None,
     label_free: bool = False,
+    drop_layers: str | None = None,
     evaluate: bool = True,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -65,11 +67,13 @@ def prune_model(
     down to ``keep_score`` x the dense dev score. The output folder holds the model, ``plan.json`` and
     ``metrics.json`` (dev score before and after, parameters, FLOPs).
     """
-    ways = sum([plan is not None, iterative, heads > 0 or ffn > 0])
+    ways = sum([plan is not None, iterative, heads > 0 or ffn > 0 or drop_layers is not None])
     if ways != 1:
         raise SlimformerError(
-            "Say what to prune in exactly one way: --heads/--ffn fractions, --plan plan.json, or --iterative."
+            "Say what to prune in exactly one way: --heads/--ffn fractions (and/or --drop-layers), --plan plan.json, "
+            "or --iterative."
         )
+    drop_strategy = parse_drop_layers(drop_layers) if drop_layers is not None else None
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise SlimformerError(f"Output folder {out_dir} already exists. Choose another --out or pass --overwrite.")
@@ -106,35 +110,57 @@ def prune_model(
         timings["iterative_seconds"] = round(time.perf_counter() - phase, 2)
         chosen, curve = result.plan, result.curve
     else:
-        from slimformer.importance import score_model
+        from slimformer.importance import importance_sample, score_model
 
-        phase = time.perf_counter()
-        scores = score_model(
-            net,
-            tokenizer,
-            data,
-            method=method,
-            n_examples=n_examples,
-            batch_size=batch_size,
-            max_length=max_length,
-            label_free=label_free,
-            seed=seed,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
-        timings["importance_seconds"] = round(time.perf_counter() - phase, 2)
-        chosen = plan_from_scores(
-            net,
-            scores.heads,
-            scores.neurons,
-            heads=heads,
-            ffn=ffn,
-            scope=scope,
-            min_heads_per_layer=min_heads_per_layer,
-            min_neurons_per_layer=min_neurons_per_layer,
-            ffn_multiple=ffn_multiple,
-            meta={"method": method, "n_examples": n_examples, "label_free": label_free},
-        )
+        dropped: list[int] = []
+        if drop_strategy is not None:
+            strategy, count = drop_strategy
+            contributions = None
+            if strategy == "contribution":
+                sample = importance_sample(
+                    tokenizer, data, n_examples=n_examples, batch_size=batch_size, max_length=max_length, seed=seed
+                )
+                contributions = layer_contributions(net, sample.batches)
+            dropped = layers_to_drop(strategy, len(PruningPlan.keep_all(net).layout.heads), count, contributions)
+        if heads > 0 or ffn > 0:
+            phase = time.perf_counter()
+            scores = score_model(
+                net,
+                tokenizer,
+                data,
+                method=method,
+                n_examples=n_examples,
+                batch_size=batch_size,
+                max_length=max_length,
+                label_free=label_free,
+                seed=seed,
+                cache_dir=cache_dir,
+                progress=progress,
+            )
+            timings["importance_seconds"] = round(time.perf_counter() - phase, 2)
+            chosen = plan_from_scores(
+                net,
+                scores.heads,
+                scores.neurons,
+                heads=heads,
+                ffn=ffn,
+                scope=scope,
+                min_heads_per_layer=min_heads_per_layer,
+                min_neurons_per_layer=min_neurons_per_layer,
+                ffn_multiple=ffn_multiple,
+                drop_layers=dropped,
+                meta={"method": method, "n_examples": n_examples, "label_free": label_free},
+            )
+        else:
+            base = PruningPlan.keep_all(net)
+            chosen = PruningPlan(
+                layout=base.layout,
+                kept_heads=base.kept_heads,
+                kept_neurons=base.kept_neurons,
+                dropped_layers=dropped,
+                model_type=base.model_type,
+                meta={"drop_layers": drop_layers},
+            )
 
     report: dict[str, Any] = {"task": data.spec.name, "model": str(model), "primary_metric": data.spec.primary_metric}
     report["summary"] = chosen.summary(net, seq_len=max_length)
