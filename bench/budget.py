@@ -91,7 +91,7 @@ def run_task(task: str, budgets: list[float], latency_budget: float | None, seed
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
-    for budget in budgets:
+    def ours(budget: float, **options) -> tuple:
         started = time.perf_counter()
         result = budget_prune(
             RUNS / task,
@@ -103,29 +103,21 @@ def run_task(task: str, budgets: list[float], latency_budget: float | None, seed
             evaluate=False,
             measure=False,
             progress=False,
+            **options,
         )
+        return result, time.perf_counter() - started
+
+    for budget in budgets:
+        result, seconds = ours(budget)
         add(
             "slimformer budget (search+rearrange+tune)",
             budget,
             result.model,
-            time.perf_counter() - started,
+            seconds,
             {"phases_seconds": result.report["phases_seconds"]},
         )
-        started = time.perf_counter()
-        result = budget_prune(
-            RUNS / task,
-            data,
-            None,
-            budget_flops=budget,
-            max_length=MAX_LENGTH[task],
-            n_calibration=CALIBRATION,
-            rearrange_masks=False,
-            tune=False,
-            evaluate=False,
-            measure=False,
-            progress=False,
-        )
-        add("Fisher mask search only", budget, result.model, time.perf_counter() - started)
+        result, seconds = ours(budget, rearrange_masks=False, tune=False)
+        add("Fisher mask search only", budget, result.model, seconds)
         fraction = 1 - budget
         started = time.perf_counter()
         plan = michel_iterative(dense, tokenizer, data, task, fraction)

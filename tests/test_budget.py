@@ -119,6 +119,17 @@ def test_rearrange_keeps_counts_per_layer():
     assert [len(k) for k in again.kept_neurons] == [len(k) for k in plan.kept_neurons]
 
 
+def assert_folding_is_exact(model, plan, gates, inputs) -> None:
+    """Scales folded into the weights, then physical removal, must equal the gated model."""
+    with torch.no_grad(), gated(model, gates):
+        expected = model(**inputs).logits
+    pruned = copy.deepcopy(model)
+    fold_scales(pruned, gates)
+    remove(pruned, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_tuned_masks_fold_into_an_ordinary_pruned_model(family):
     model = tiny_model(family)
@@ -137,13 +148,7 @@ def test_tuned_masks_fold_into_an_ordinary_pruned_model(family):
     for entry in report.layers:
         assert entry["relative_error_tuned"] <= entry["relative_error_ones"] + 1e-12
     inputs = tiny_inputs(seed=5)
-    with torch.no_grad(), gated(model, gates):
-        expected = model(**inputs).logits
-    pruned = copy.deepcopy(model)
-    fold_scales(pruned, gates)
-    remove(pruned, plan)
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(**inputs).logits, expected, atol=1e-5, rtol=0)
+    assert_folding_is_exact(model, plan, gates, inputs)
 
 
 def test_normal_equations_equal_the_measured_reconstruction_error():
@@ -250,10 +255,4 @@ def test_local_target_tuning_also_folds_exactly():
     gates, report = tune_masks(model, plan, data, target="local", progress=False)
     assert all(e["relative_error_tuned"] <= e["relative_error_ones"] + 1e-12 for e in report.layers)
     inputs = tiny_inputs(seed=3)
-    with torch.no_grad(), gated(model, gates):
-        expected = model(**inputs).logits
-    pruned = copy.deepcopy(model)
-    fold_scales(pruned, gates)
-    remove(pruned, plan)
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(**inputs).logits, expected, atol=1e-5, rtol=0)
+    assert_folding_is_exact(model, plan, gates, inputs)
