@@ -43,6 +43,14 @@ LabelColumnOpt = Annotated[str, typer.Option(help="Custom task: the label column
 RegressionOpt = Annotated[bool, typer.Option(help="Custom task: the label is a real number.")]
 MaxLengthOpt = Annotated[int, typer.Option(help="Maximum tokens per example.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed (subsampling, head init, data order).")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Training batch size per device.")]
+EpochsOpt = Annotated[float, typer.Option(help="Training epochs (ignored when --max-steps is set).")]
+MaxStepsOpt = Annotated[int, typer.Option(help="Stop after this many optimiser steps (-1: use epochs).")]
+LearningRateOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
+WarmupOpt = Annotated[int, typer.Option(help="Linear warm-up steps.")]
+MaxTrainOpt = Annotated[int | None, typer.Option(help="Random subset of the train split.")]
+SaveStepsOpt = Annotated[int, typer.Option(help="Checkpoint every N steps (for resuming).")]
+ResumeOpt = Annotated[bool, typer.Option(help="Resume from the last complete checkpoint if there is one.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 
 
@@ -77,6 +85,28 @@ def _task_data(
     return load_task(task, data_dir, max_train_samples=max_train, max_eval_samples=max_eval, seed=seed)
 
 
+def _training_inputs(options: dict) -> tuple:
+    """The TrainConfig and task data of a training command, from its options (``locals()`` of the command)."""
+    from slimformer.train import TrainConfig
+
+    names = ("max_length", "batch_size", "epochs", "max_steps", "learning_rate", "warmup_steps")
+    names += ("max_train_samples", "max_eval_samples", "seed", "save_steps")
+    config = TrainConfig(**{name: options[name] for name in names})
+    data = _task_data(
+        options["task"],
+        options["data_dir"],
+        options["train_file"],
+        options["dev_file"],
+        options["text_columns"],
+        options["label_column"],
+        options["regression"],
+        options["max_train_samples"],
+        options["max_eval_samples"],
+        options["seed"],
+    )
+    return config, data
+
+
 def _print_eval(metrics: dict) -> None:
     table = Table(title=f"{metrics['task']} ({metrics['data_source']})")
     table.add_column("split")
@@ -100,49 +130,25 @@ def finetune(
     label_column: LabelColumnOpt = "label",
     regression: RegressionOpt = False,
     max_length: MaxLengthOpt = 128,
-    batch_size: Annotated[int, typer.Option(help="Training batch size per device.")] = 32,
-    epochs: Annotated[float, typer.Option(help="Training epochs (ignored when --max-steps is set).")] = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Stop after this many optimiser steps (-1: use epochs).")] = -1,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 5e-5,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
-    max_train_samples: Annotated[int | None, typer.Option(help="Random subset of the train split.")] = None,
+    batch_size: BatchSizeOpt = 32,
+    epochs: EpochsOpt = 1.0,
+    max_steps: MaxStepsOpt = -1,
+    learning_rate: LearningRateOpt = 5e-5,
+    warmup_steps: WarmupOpt = 0,
+    max_train_samples: MaxTrainOpt = None,
     max_eval_samples: Annotated[int | None, typer.Option(help="Random subset of each dev split.")] = None,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (for resuming).")] = 200,
+    save_steps: SaveStepsOpt = 200,
     seed: SeedOpt = 0,
-    resume: Annotated[bool, typer.Option(help="Resume from the last complete checkpoint if there is one.")] = True,
+    resume: ResumeOpt = True,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Fine-tune a model on a task, evaluate it on dev and save it with metrics.json.
 
     Runs on several GPUs unchanged under `accelerate launch -m slimformer.cli finetune ...`.
     """
-    from slimformer.train import TrainConfig
     from slimformer.train import finetune as run_finetune
 
-    config = TrainConfig(
-        max_length=max_length,
-        batch_size=batch_size,
-        epochs=epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        max_train_samples=max_train_samples,
-        max_eval_samples=max_eval_samples,
-        seed=seed,
-        save_steps=save_steps,
-    )
-    data = _task_data(
-        task,
-        data_dir,
-        train_file,
-        dev_file,
-        text_columns,
-        label_column,
-        regression,
-        max_train_samples,
-        max_eval_samples,
-        seed,
-    )
+    config, data = _training_inputs(locals())
     result = run_finetune(model, data, out, config=config, resume=resume, overwrite=overwrite)
     if result.metrics:
         _print_eval(result.metrics)
@@ -150,6 +156,81 @@ def finetune(
         stdout.print(
             f"{result.metrics['primary_metric']}: [bold]{result.score:.4f}[/bold]  "
             f"({train['samples']} examples, {train['steps']} steps, {train['seconds']:.0f} s)  -> {out}"
+        )
+
+
+@app.command()
+def distill(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output student folder (written when finished).")],
+    teacher: Annotated[str, typer.Option(help="The fine-tuned teacher: a model folder or hub id.")],
+    student: Annotated[
+        str,
+        typer.Option(
+            help="A model folder (e.g. from `slimformer prune`), or made from the teacher: 'drop:STRATEGY:K' "
+            "(Sajjad et al. 2020: top, bottom, alternate, symmetric, contribution), 'every:K' (DistilBERT-style: "
+            "every K-th teacher layer) or 'layers:0,2,4'."
+        ),
+    ],
+    task: TaskOpt = "sst2",
+    data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    regression: RegressionOpt = False,
+    alpha: Annotated[
+        float, typer.Option(help="Weight of the logit distillation loss; the task loss gets 1-alpha.")
+    ] = 0.5,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the logit distillation loss.")] = 2.0,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of TinyBERT-style hidden-state MSE (0: off).")] = 0.0,
+    attention_weight: Annotated[float, typer.Option(help="Weight of attention-distribution KL (0: off).")] = 0.0,
+    layer_map: Annotated[
+        str, typer.Option(help="'auto' or student:teacher layer pairs such as 0:1,1:3,2:5 (0-based).")
+    ] = "auto",
+    cache_teacher: Annotated[
+        bool, typer.Option(help="Cache the teacher's logits on the training set on disk (logit-only runs).")
+    ] = True,
+    max_length: MaxLengthOpt = 128,
+    batch_size: BatchSizeOpt = 32,
+    epochs: EpochsOpt = 1.0,
+    max_steps: MaxStepsOpt = -1,
+    learning_rate: LearningRateOpt = 5e-5,
+    warmup_steps: WarmupOpt = 0,
+    max_train_samples: MaxTrainOpt = None,
+    max_eval_samples: Annotated[int | None, typer.Option(help="Random subset of each dev split.")] = None,
+    save_steps: SaveStepsOpt = 200,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Distill a fine-tuned teacher into a smaller student (logit KD, optionally TinyBERT-style layer KD).
+
+    Runs on several GPUs unchanged under `accelerate launch -m slimformer.cli distill ...`.
+    """
+    from slimformer.distill import DistillConfig
+    from slimformer.distill import distill as run_distill
+
+    config, data = _training_inputs(locals())
+    settings = DistillConfig(
+        alpha=alpha,
+        temperature=temperature,
+        hidden_weight=hidden_weight,
+        attention_weight=attention_weight,
+        layer_map=layer_map,
+        cache_teacher=cache_teacher,
+    )
+    result = run_distill(
+        teacher, student, data, out, config=config, distill_config=settings, resume=resume, overwrite=overwrite
+    )
+    if result.metrics:
+        _print_eval(result.metrics)
+        m = result.metrics
+        nan = float("nan")
+        before = f"teacher {m.get('teacher_score', nan):.4f}  student before {m.get('student_score_before', nan):.4f}"
+        train = m["train"]
+        stdout.print(
+            f"{before}  after [bold]{m['score']:.4f}[/bold]  ({train['steps']} steps, {train['seconds']:.0f} s)"
+            f"  -> {out}"
         )
 
 
@@ -446,6 +527,11 @@ def demo(
         seed=seed,
         console=stdout,
     )
+
+
+from slimformer.analyze.cli import analyze_app  # noqa: E402
+
+app.add_typer(analyze_app, name="analyze")
 
 
 def main() -> None:

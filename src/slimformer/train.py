@@ -137,15 +137,48 @@ def finetune(
         )
     work_dir = out_dir.with_name(out_dir.name + ".work")
     run_signature = {"model": str(model), "task": _task_name(task), "config": asdict(config)}
-    checkpoint = _prepare_work_dir(work_dir, run_signature, resume)
+    checkpoint = prepare_work_dir(work_dir, run_signature, resume)
 
     data = _task_data(task, data_dir, config)
-    if "train" not in data.splits:
-        raise TaskError(f"Task {data.spec.name!r} from {data.source} has no train split to fine-tune on.")
+    require_train_split(data)
     set_seed(config.seed)
     loaded = load_model(model, data.spec)
     tokenized = tokenize_task(data, loaded.tokenizer, max_length=config.max_length)
+    trainer, train_output, train_seconds = run_trainer(
+        loaded.model, loaded.tokenizer, tokenized["train"], work_dir, config, checkpoint, callbacks=callbacks
+    )
+    if not trainer.is_world_process_zero():
+        return FinetuneResult(out_dir=out_dir)
+    metrics = evaluate_trained(
+        trainer.model, loaded.tokenizer, data, tokenized, config, train_output, train_seconds, checkpoint
+    )
+    metrics["base_model"] = str(model)
+    with atomic_directory(out_dir, overwrite=True) as staging, quiet_transformers():
+        trainer.model.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / METRICS_FILE, metrics)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return FinetuneResult(out_dir=out_dir, metrics=metrics)
 
+
+def require_train_split(data: TaskData) -> None:
+    if "train" not in data.splits:
+        raise TaskError(f"Task {data.spec.name!r} from {data.source} has no train split to train on.")
+
+
+def run_trainer(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Dataset,
+    work_dir: Path,
+    config: TrainConfig,
+    checkpoint: Path | None,
+    *,
+    callbacks: list[TrainerCallback] | None = None,
+    remove_unused_columns: bool = True,
+) -> tuple[Trainer, Any, float]:
+    """Train ``model`` with the Hugging Face Trainer (so ``accelerate launch`` scales it out), checkpointing to
+    ``work_dir`` and resuming from ``checkpoint``. Returns the trainer, its output and the training seconds."""
     args = TrainingArguments(
         output_dir=str(work_dir),
         per_device_train_batch_size=config.batch_size,
@@ -162,37 +195,41 @@ def finetune(
         logging_steps=config.logging_steps,
         eval_strategy="no",
         report_to="none",
+        remove_unused_columns=remove_unused_columns,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning is pointless (and warns) on CPU
     )
     trainer = Trainer(
-        model=loaded.model,
+        model=model,
         args=args,
-        train_dataset=tokenized["train"],
-        processing_class=loaded.tokenizer,
-        data_collator=DataCollatorWithPadding(loaded.tokenizer),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=callbacks,
     )
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - started
+    return trainer, train_output, time.perf_counter() - started
 
-    if not trainer.is_world_process_zero():
-        return FinetuneResult(out_dir=out_dir)
-    model_obj = trainer.model
-    model_obj.eval()
+
+def evaluate_trained(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: TaskData,
+    tokenized: dict[str, Dataset],
+    config: TrainConfig,
+    train_output: Any,
+    train_seconds: float,
+    checkpoint: Path | None,
+) -> dict[str, Any]:
+    """Dev metrics of a freshly trained model plus how the training went, as written to ``metrics.json``."""
+    model.eval()
     eval_started = time.perf_counter()
     evaluation = evaluate_model(
-        model_obj,
-        loaded.tokenizer,
-        data,
-        max_length=config.max_length,
-        batch_size=config.eval_batch_size,
-        tokenized=tokenized,
+        model, tokenizer, data, max_length=config.max_length, batch_size=config.eval_batch_size, tokenized=tokenized
     )
-    metrics = {
+    return {
         "task": data.spec.name,
         "data_source": data.source,
-        "base_model": str(model),
         "primary_metric": data.spec.primary_metric,
         "score": headline_score(evaluation, data.spec.primary_metric),
         "eval": evaluation,
@@ -206,19 +243,13 @@ def finetune(
         "eval_seconds": round(time.perf_counter() - eval_started, 2),
         "config": asdict(config),
     }
-    with atomic_directory(out_dir, overwrite=True) as staging, quiet_transformers():
-        model_obj.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
-        write_json_atomic(staging / METRICS_FILE, metrics)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return FinetuneResult(out_dir=out_dir, metrics=metrics)
 
 
 def _task_name(task: str | TaskData) -> str:
     return task.spec.name if isinstance(task, TaskData) else str(task)
 
 
-def _prepare_work_dir(work_dir: Path, signature: dict[str, Any], resume: bool) -> Path | None:
+def prepare_work_dir(work_dir: Path, signature: dict[str, Any], resume: bool) -> Path | None:
     """Return the checkpoint to resume from, if any; refuse to mix checkpoints of a different run."""
     signature_file = work_dir / "run.json"
     if work_dir.exists() and not resume:

@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimformer.arch import layer_views
 from slimformer.errors import SlimformerError
-from slimformer.importance import model_inputs
+from slimformer.importance import importance_sample, model_inputs
+from slimformer.tasks import TaskData
 
 STRATEGIES = ("top", "bottom", "alternate", "symmetric", "contribution")
 
@@ -86,3 +87,26 @@ def layer_contributions(model: PreTrainedModel, batches: Sequence[dict[str, torc
         for handle in handles:
             handle.remove()
     return [total / max(count, 1) for total in totals]
+
+
+def choose_layers_to_drop(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: TaskData,
+    text: str,
+    *,
+    n_examples: int = 256,
+    batch_size: int = 32,
+    max_length: int = 128,
+    seed: int = 0,
+) -> list[int]:
+    """The layer indices ``text`` (``STRATEGY:K``) drops from ``model``; the contribution strategy measures each
+    layer on ``n_examples`` training examples of ``data``."""
+    strategy, count = parse_drop_layers(text)
+    contributions = None
+    if strategy == "contribution":
+        sample = importance_sample(
+            tokenizer, data, n_examples=n_examples, batch_size=batch_size, max_length=max_length, seed=seed
+        )
+        contributions = layer_contributions(model, sample.batches)
+    return layers_to_drop(strategy, len(layer_views(model)), count, contributions)

@@ -15,7 +15,7 @@ from slimformer.errors import SlimformerError
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
 from slimformer.prune.apply import masked, remove
-from slimformer.prune.layers import layer_contributions, layers_to_drop, parse_drop_layers
+from slimformer.prune.layers import choose_layers_to_drop, parse_drop_layers
 from slimformer.prune.plan import PruningPlan, plan_from_scores
 from slimformer.prune.saving import save_pruned
 from slimformer.tasks import TaskData, load_task
@@ -73,7 +73,8 @@ def prune_model(
             "Say what to prune in exactly one way: --heads/--ffn fractions (and/or --drop-layers), --plan plan.json, "
             "or --iterative."
         )
-    drop_strategy = parse_drop_layers(drop_layers) if drop_layers is not None else None
+    if drop_layers is not None:
+        parse_drop_layers(drop_layers)  # fail on a malformed strategy before any work
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise SlimformerError(f"Output folder {out_dir} already exists. Choose another --out or pass --overwrite.")
@@ -110,18 +111,20 @@ def prune_model(
         timings["iterative_seconds"] = round(time.perf_counter() - phase, 2)
         chosen, curve = result.plan, result.curve
     else:
-        from slimformer.importance import importance_sample, score_model
+        from slimformer.importance import score_model
 
         dropped: list[int] = []
-        if drop_strategy is not None:
-            strategy, count = drop_strategy
-            contributions = None
-            if strategy == "contribution":
-                sample = importance_sample(
-                    tokenizer, data, n_examples=n_examples, batch_size=batch_size, max_length=max_length, seed=seed
-                )
-                contributions = layer_contributions(net, sample.batches)
-            dropped = layers_to_drop(strategy, len(PruningPlan.keep_all(net).layout.heads), count, contributions)
+        if drop_layers is not None:
+            dropped = choose_layers_to_drop(
+                net,
+                tokenizer,
+                data,
+                drop_layers,
+                n_examples=n_examples,
+                batch_size=batch_size,
+                max_length=max_length,
+                seed=seed,
+            )
         if heads > 0 or ffn > 0:
             phase = time.perf_counter()
             scores = score_model(

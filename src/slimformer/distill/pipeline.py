@@ -1,0 +1,437 @@
+"""Knowledge distillation from a fine-tuned teacher into a smaller student.
+
+The loss mixes (weights in :class:`DistillConfig`):
+
+- logit distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"): KL divergence between
+  temperature-softened teacher and student distributions, mixed with the task loss by ``alpha``; for regression,
+  the mean squared error to the teacher's predictions;
+- hidden-state distillation (Jiao et al. 2020, "TinyBERT"): MSE between mapped layers' hidden states (and the
+  embeddings), through a learned projection when the widths differ;
+- attention distillation: KL between the attention distributions of mapped layers' heads (TinyBERT matches
+  attention, MiniLM, Wang et al. 2020, showed KL on distributions works well). A student head pruned from the
+  teacher is paired with the teacher head it came from.
+
+Training runs on the Hugging Face Trainer like :func:`slimformer.train.finetune`: the same command runs under
+``accelerate launch`` on several GPUs, checkpoints to ``<out>.work/`` and resumes after an interruption. For
+logit-only distillation the teacher's logits on the training set can be computed once and cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback, set_seed
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from slimformer.arch import get_spec, layer_views
+from slimformer.distill.losses import attention_log_probs, attention_loss, hidden_loss, logit_loss
+from slimformer.distill.students import Student, make_student
+from slimformer.errors import SlimformerError
+from slimformer.importance import is_regression, model_fingerprint, task_loss
+from slimformer.models import load_model
+from slimformer.prune.apply import LAYOUT_KEY, current_head_ids
+from slimformer.prune.saving import save_pruned
+from slimformer.tasks import TaskData, load_task, tokenize_task
+from slimformer.tasks.tokenize import cache_root
+from slimformer.train import (
+    METRICS_FILE,
+    FinetuneResult,
+    TrainConfig,
+    evaluate_model,
+    evaluate_trained,
+    headline_score,
+    predict,
+    prepare_work_dir,
+    require_train_split,
+    run_trainer,
+)
+
+TEACHER_LOGITS = "teacher_logits"
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+@dataclass
+class DistillConfig:
+    """How the student learns from the teacher. With only ``alpha`` and ``temperature`` set this is plain logit
+    distillation; ``hidden_weight`` / ``attention_weight`` > 0 add TinyBERT-style layer distillation."""
+
+    alpha: float = 0.5
+    """Weight of the distillation loss on the logits; the task loss gets 1 - alpha."""
+    temperature: float = 2.0
+    hidden_weight: float = 0.0
+    attention_weight: float = 0.0
+    layer_map: str = "auto"
+    """'auto' (each student layer to the teacher layer it was copied from, else the uniform mapping of TinyBERT,
+    student layer m of M to teacher layer m*N/M), or explicit pairs 'S:T,S:T' of 0-based layer indices."""
+    cache_teacher: bool = True
+    """Compute the teacher's logits on the training set once and cache them on disk (logit-only distillation)."""
+
+    def check(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise SlimformerError(f"alpha must be in [0, 1] (weight of the distillation loss), not {self.alpha}.")
+        if self.temperature <= 0:
+            raise SlimformerError(f"temperature must be > 0, not {self.temperature}.")
+        if self.hidden_weight < 0 or self.attention_weight < 0:
+            raise SlimformerError("hidden_weight and attention_weight must be >= 0.")
+
+    @property
+    def needs_layers(self) -> bool:
+        return self.hidden_weight > 0 or self.attention_weight > 0
+
+
+class DistillResult(FinetuneResult):
+    """Where the student went and what it scored (also in ``metrics.json`` there)."""
+
+
+def layer_mapping(
+    num_student: int, num_teacher: int, origin: list[int] | None = None, text: str = "auto"
+) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs, 0-based. See :attr:`DistillConfig.layer_map`."""
+    if text == "auto":
+        if origin is not None and len(origin) == num_student and all(0 <= t < num_teacher for t in origin):
+            return list(enumerate(origin))
+        return [(m, (m + 1) * num_teacher // num_student - 1) for m in range(num_student)]
+    pairs = []
+    for part in text.split(","):
+        s, sep, t = part.strip().partition(":")
+        if not sep or not s.strip().isdigit() or not t.strip().isdigit():
+            raise SlimformerError(
+                f"--layer-map {text!r} is not understood: write 'auto' or pairs STUDENT:TEACHER, e.g. 0:1,1:3,2:5."
+            )
+        pairs.append((int(s), int(t)))
+    bad = [(s, t) for s, t in pairs if not (0 <= s < num_student and 0 <= t < num_teacher)]
+    if bad:
+        raise SlimformerError(
+            f"--layer-map pairs {bad} are out of range: the student has layers 0..{num_student - 1}, the teacher "
+            f"0..{num_teacher - 1}."
+        )
+    return pairs
+
+
+def head_pairing(student: PreTrainedModel, teacher: PreTrainedModel, pairs: list[tuple[int, int]]):
+    """For each layer pair, the teacher head index of each student head, or None to compare head-averaged
+    attention (when the heads cannot be matched one to one)."""
+    student_ids, teacher_ids = current_head_ids(student), current_head_ids(teacher)
+    # head ids mean "the same head" only in a student pruned from the teacher (it records them) or when the
+    # layers have as many heads; an unrelated smaller student is compared on head-averaged attention
+    recorded = hasattr(student.config, LAYOUT_KEY)
+    result: list[list[int] | None] = []
+    for s, t in pairs:
+        ids = student_ids[s]
+        position = {head: k for k, head in enumerate(teacher_ids[t])}
+        matchable = recorded or len(ids) == len(teacher_ids[t])
+        result.append([position[h] for h in ids] if matchable and all(h in position for h in ids) else None)
+    return result
+
+
+@contextmanager
+def capture_queries_keys(model: PreTrainedModel, layers: set[int]) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
+    """Record the query and key projection outputs of ``layers`` during the forward passes in this block."""
+    store: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+
+    def recorder(index: int, name: str):
+        def record(module, args, output):
+            store.setdefault(index, {})[name] = output
+
+        return record
+
+    for view in layer_views(model):
+        if view.index in layers and view.num_heads > 0:
+            handles.append(view.query.register_forward_hook(recorder(view.index, "query")))
+            handles.append(view.key.register_forward_hook(recorder(view.index, "key")))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class DistillationModel(nn.Module):
+    """What the Trainer trains: the student (and any hidden-state projections) with the loss of
+    :class:`DistillConfig`. The teacher is held outside the module tree, so it is neither trained nor written
+    into checkpoints."""
+
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel | None,
+        config: DistillConfig,
+        pairs: list[tuple[int, int]],
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.settings = config
+        self.pairs = pairs
+        self.regression = is_regression(student)
+        object.__setattr__(self, "teacher", teacher)
+        self.projections: nn.ModuleList | None = None
+        self.heads: list[list[int] | None] = []
+        self.student_heads = [v.num_heads for v in layer_views(student)]
+        if teacher is not None and config.needs_layers:
+            widths = get_spec(student).hidden_size(student.config), get_spec(teacher).hidden_size(teacher.config)
+            if widths[0] != widths[1]:
+                # one projection for the embeddings and one per mapped layer (TinyBERT's W_h)
+                self.projections = nn.ModuleList(nn.Linear(*widths) for _ in range(len(pairs) + 1))
+            self.heads = head_pairing(student, teacher, pairs)
+
+    def _teacher_outputs(self, inputs: dict[str, torch.Tensor], layers: set[int]):
+        teacher = self.teacher
+        device = inputs["input_ids"].device
+        if next(teacher.parameters()).device != device:
+            teacher.to(device)
+        teacher.eval()
+        with torch.no_grad(), capture_queries_keys(teacher, layers) as qk:
+            outputs = teacher(**inputs, output_hidden_states=self.settings.hidden_weight > 0)
+        return outputs, qk
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        settings = self.settings
+        want_hidden = settings.hidden_weight > 0
+        student_layers = {s for s, _ in self.pairs} if settings.attention_weight > 0 else set()
+        teacher_layers = {t for _, t in self.pairs} if settings.attention_weight > 0 else set()
+        with capture_queries_keys(self.student, student_layers) as student_qk:
+            outputs = self.student(**inputs, output_hidden_states=want_hidden)
+        logits = outputs.logits
+        if labels is None:
+            return SequenceClassifierOutput(logits=logits)
+
+        teacher_outputs, teacher_qk = None, {}
+        if (teacher_logits is None and settings.alpha > 0) or settings.needs_layers:
+            if self.teacher is None:
+                raise SlimformerError("No teacher and no cached teacher logits: cannot compute the distillation loss.")
+            teacher_outputs, teacher_qk = self._teacher_outputs(inputs, teacher_layers)
+            teacher_logits = teacher_outputs.logits
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if settings.alpha > 0:
+            loss = loss + settings.alpha * logit_loss(
+                logits, teacher_logits.to(logits.dtype), temperature=settings.temperature, regression=self.regression
+            )
+        if settings.alpha < 1:
+            loss = loss + (1 - settings.alpha) * task_loss(logits, labels, self.regression)
+        if want_hidden:
+            hidden_pairs = [(0, 0)] + [(s + 1, t + 1) for s, t in self.pairs]
+            loss = loss + settings.hidden_weight * hidden_loss(
+                outputs.hidden_states, teacher_outputs.hidden_states, hidden_pairs, attention_mask, self.projections
+            )
+        if settings.attention_weight > 0:
+            loss = loss + settings.attention_weight * self._attention_loss(student_qk, teacher_qk, attention_mask)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def _attention_loss(self, student_qk, teacher_qk, attention_mask: torch.Tensor) -> torch.Tensor:
+        total = attention_mask.new_zeros((), dtype=torch.float32)
+        teacher_heads = {v.index: v.num_heads for v in layer_views(self.teacher)}
+        for (s, t), heads in zip(self.pairs, self.heads, strict=True):
+            if s not in student_qk or t not in teacher_qk:
+                continue  # a layer with no heads left has no attention to match
+            student = attention_log_probs(
+                student_qk[s]["query"], student_qk[s]["key"], self.student_heads[s], attention_mask
+            )
+            teacher = attention_log_probs(
+                teacher_qk[t]["query"], teacher_qk[t]["key"], teacher_heads[t], attention_mask
+            )
+            if heads is not None:
+                teacher = teacher[:, heads]
+            else:
+                student = student.exp().mean(1, keepdim=True).clamp_min(1e-12).log()
+                teacher = teacher.exp().mean(1, keepdim=True).clamp_min(1e-12).log()
+            total = total + attention_loss(student, teacher, attention_mask)
+        return total
+
+
+# ------------------------------------------------------------------------------------------------ teacher cache
+
+
+def _dataset_digest(dataset: Dataset) -> str:
+    digest = hashlib.sha256()
+    for column in ("input_ids", "token_type_ids"):
+        if column in dataset.column_names:
+            for row in dataset[column]:
+                digest.update(np.asarray(row, dtype=np.int32).tobytes())
+                digest.update(b"|")
+    return digest.hexdigest()
+
+
+def teacher_logits(
+    teacher: PreTrainedModel,
+    tokenizer: Any,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    cache: bool = True,
+    progress: bool = True,
+) -> np.ndarray:
+    """The teacher's logits for every row of ``dataset``, read from / written to
+    ``<cache root>/teacher_logits/<sha256 of teacher weights and token ids>.npy`` when ``cache``."""
+    path = None
+    if cache:
+        key = hashlib.sha256((model_fingerprint(teacher) + _dataset_digest(dataset)).encode()).hexdigest()[:32]
+        path = cache_root() / "teacher_logits" / f"{key}.npy"
+        if path.is_file():
+            try:
+                cached = np.load(path)
+                if cached.shape[0] == len(dataset):
+                    return cached
+            except (OSError, ValueError):
+                pass  # a damaged cache file is recomputed below
+    logits = predict(teacher, tokenizer, dataset, batch_size=batch_size, progress=progress, description="teacher")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.stem}.{os.getpid()}.npy")
+        np.save(partial, logits)
+        partial.replace(path)
+    return logits
+
+
+# ------------------------------------------------------------------------------------------------ the whole run
+
+
+def _check_compatible(student: Student, teacher: PreTrainedModel, teacher_tokenizer: Any) -> None:
+    if student.model.config.num_labels != teacher.config.num_labels:
+        raise SlimformerError(
+            f"The student predicts {student.model.config.num_labels} labels, the teacher "
+            f"{teacher.config.num_labels}: they must be made for the same task."
+        )
+    probe = "Distillation needs teacher and student to read the same tokens."
+    if student.tokenizer(probe)["input_ids"] != teacher_tokenizer(probe)["input_ids"]:
+        raise SlimformerError(
+            "The student's tokenizer differs from the teacher's; distillation here feeds both the same tokens. "
+            "Use a student of the same model family and vocabulary."
+        )
+
+
+def distill(
+    teacher: str | os.PathLike[str],
+    student: str | os.PathLike[str],
+    task: str | TaskData,
+    out_dir: str | os.PathLike[str],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    config: TrainConfig | None = None,
+    distill_config: DistillConfig | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    evaluate_before: bool = True,
+    progress: bool = True,
+    callbacks: list[TrainerCallback] | None = None,
+) -> DistillResult:
+    """Train ``student`` (a folder, or a spec such as ``drop:top:4`` / ``every:2``, see
+    :func:`slimformer.distill.make_student`) to imitate the fine-tuned ``teacher`` on ``task``; save it to
+    ``out_dir`` with ``metrics.json`` (student score before and after, teacher score, losses, timings).
+
+    Like :func:`slimformer.train.finetune`, the output folder appears only when the run has finished and an
+    interrupted run resumes from its last complete checkpoint in ``<out_dir>.work/``.
+    """
+    config = config or TrainConfig()
+    settings = distill_config or DistillConfig()
+    settings.check()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise SlimformerError(f"Output folder {out_dir} already exists. Choose another --out or pass --overwrite.")
+    started = time.perf_counter()
+    data = (
+        task
+        if isinstance(task, TaskData)
+        else load_task(
+            task,
+            data_dir,
+            max_train_samples=config.max_train_samples,
+            max_eval_samples=config.max_eval_samples,
+            seed=config.seed,
+        )
+    )
+    require_train_split(data)
+    work_dir = out_dir.with_name(out_dir.name + ".work")
+    signature = {
+        "teacher": str(teacher),
+        "student": str(student),
+        "task": data.spec.name,
+        "config": asdict(config),
+        "distill": asdict(settings),
+    }
+    checkpoint = prepare_work_dir(work_dir, signature, resume)
+
+    set_seed(config.seed)
+    teacher_loaded = load_model(teacher, data.spec)
+    student_made = make_student(student, teacher, data, max_length=config.max_length, seed=config.seed)
+    _check_compatible(student_made, teacher_loaded.model, teacher_loaded.tokenizer)
+    tokenizer = student_made.tokenizer
+    tokenized = tokenize_task(data, tokenizer, max_length=config.max_length)
+    metric = data.spec.primary_metric
+    report: dict[str, Any] = {"teacher": str(teacher), "student": student_made.description}
+
+    if evaluate_before:
+        teacher_eval = evaluate_model(teacher_loaded.model, tokenizer, data, tokenized=tokenized, progress=progress)
+        student_eval = evaluate_model(student_made.model, tokenizer, data, tokenized=tokenized, progress=progress)
+        report["teacher_score"] = headline_score(teacher_eval, metric)
+        report["student_score_before"] = headline_score(student_eval, metric)
+
+    train_set = tokenized["train"].select_columns([c for c in MODEL_INPUTS if c in tokenized["train"].column_names])
+    use_cache = settings.cache_teacher and not settings.needs_layers and settings.alpha > 0
+    phase = time.perf_counter()
+    if use_cache:
+        logits = teacher_logits(teacher_loaded.model, tokenizer, train_set, cache=True, progress=progress)
+        train_set = train_set.add_column(TEACHER_LOGITS, [row.tolist() for row in logits])
+    report["teacher_logits_seconds"] = round(time.perf_counter() - phase, 2)
+
+    views_student = len(layer_views(student_made.model))
+    views_teacher = len(layer_views(teacher_loaded.model))
+    pairs = layer_mapping(views_student, views_teacher, student_made.origin_layers, settings.layer_map)
+    needs_teacher = settings.needs_layers or (settings.alpha > 0 and not use_cache)
+    wrapper = DistillationModel(student_made.model, teacher_loaded.model if needs_teacher else None, settings, pairs)
+    if not needs_teacher:
+        del teacher_loaded  # free its memory for training
+    trainer, train_output, train_seconds = run_trainer(
+        wrapper, tokenizer, train_set, work_dir, config, checkpoint, callbacks=callbacks, remove_unused_columns=False
+    )
+    if not trainer.is_world_process_zero():
+        return DistillResult(out_dir=out_dir)
+
+    model = student_made.model
+    metrics = evaluate_trained(model, tokenizer, data, tokenized, config, train_output, train_seconds, checkpoint)
+    metrics.update(report)
+    metrics["distill"] = {**asdict(settings), "layer_pairs": pairs, "teacher_logits_cached": use_cache}
+    metrics["total_seconds"] = round(time.perf_counter() - started, 2)
+    save_pruned(
+        model,
+        tokenizer,
+        out_dir,
+        plan=student_made.plan,
+        overwrite=True,
+        json_files={METRICS_FILE: metrics, **({"plan.json": student_made.plan.to_dict()} if student_made.plan else {})},
+    )
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return DistillResult(out_dir=out_dir, metrics=metrics)
+
+
+__all__ = [
+    "DistillConfig",
+    "DistillResult",
+    "DistillationModel",
+    "distill",
+    "head_pairing",
+    "layer_mapping",
+    "teacher_logits",
+]
