@@ -42,3 +42,17 @@ def write_results(name: str, data: dict, markdown: str) -> None:
     tmp = RESULTS / f".{name}.md.tmp"
     tmp.write_text(markdown)
     tmp.replace(RESULTS / f"{name}.md")
+
+
+def interleaved_latency(models: dict, *, rounds: int = 3, repeats: int = 5) -> dict[str, list[float]]:
+    """Latency samples (ms; batch 32 x 128 tokens, 2 threads) per model, measured in ``rounds`` that each visit
+    every model once, so that drift in machine load spreads evenly over the models compared."""
+    from slimformer.measure import measure_latency
+
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(rounds):
+        for name, net in models.items():
+            stats = measure_latency(net, batch_size=32, seq_len=128, threads=2, warmup=2, repeats=repeats)
+            samples[name].extend(stats.samples_ms)
+        print(f"latency round {round_index + 1}/{rounds} done", flush=True)
+    return samples

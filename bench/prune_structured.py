@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
+from common import RESULTS, RUNS, glue_dir, interleaved_latency, machine, markdown_table, write_results
 from slimformer.importance import score_model
-from slimformer.measure import count_parameters, flops, measure_latency
+from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
 from slimformer.plots import plot_curve
 from slimformer.prune import masked, plan_from_scores, remove
@@ -102,12 +102,7 @@ def main() -> None:
         plan = plan_from_scores(model, scores.heads, scores.neurons, heads=fraction, ffn=fraction, scope="layer")
         plans[f"prune {fraction:.0%}"] = plan
         models[f"prune {fraction:.0%}"] = remove(copy.deepcopy(model), plan)
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for round_index in range(args.rounds):
-        for name, net in models.items():
-            stats = measure_latency(net, batch_size=32, seq_len=128, threads=2, warmup=2, repeats=args.repeats)
-            samples[name].extend(stats.samples_ms)
-        print(f"latency round {round_index + 1}/{args.rounds} done", flush=True)
+    samples = interleaved_latency(models, rounds=args.rounds, repeats=args.repeats)
     rows, table = [], []
     dense_flops = flops(model, seq_len=128).encoder
     dense_ms = statistics.median(samples["dense"])
