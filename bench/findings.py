@@ -515,7 +515,10 @@ def main() -> None:
         parser.error(f"no settings for {unknown}; known: {', '.join(SETTINGS)}")
 
     started = time.perf_counter()
-    timings: dict[str, float] = {}
+    # seconds per step, kept across invocations (a resumed run only times the steps it ran)
+    timings_file = args.runs_dir / "timings.json"
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    timings.pop("total (this invocation)", None)
     outs = {}
     for task in tasks:
         outs[task] = run_task(task, effective_settings(task, args), args.runs_dir, args, timings)
@@ -538,7 +541,7 @@ def main() -> None:
         with output_folder(stability_out, overwrite=True) as staging:
             result.save(staging)
     timings["total (this invocation)"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(args.runs_dir / "timings.json", timings)
+    write_json_atomic(timings_file, timings)
 
     docs = args.docs_dir
     left_out = copy_docs(outs, stability_out if done(stability_out) else None, docs)
