@@ -433,7 +433,9 @@ def copy_docs(outs: dict[str, dict[str, Path]], stability_out: Path | None, docs
     for relative, out in pairs:
         target = docs / relative
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(out / "report.md", target / "report.md")
+        # paths relative to the repository, so the committed reports do not name this machine's folders
+        report = (out / "report.md").read_text().replace(f"{ROOT}/", "")
+        (target / "report.md").write_text(report)
         for png in sorted(out.glob("*.png")):
             if png.stat().st_size < PNG_LIMIT:
                 shutil.copy2(png, target / png.name)
