@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from slimformer.analyze.common import (
     REPORT_FILE,
-    RESULTS_FILE,
     AnalyzeError,
     Evaluator,
     fmt,
@@ -41,13 +40,13 @@ from slimformer.analyze.common import (
     nan_to_none,
     padded,
     parse_layers,
+    results_folder,
     seed_list,
     stat,
     task_spec_of,
 )
 from slimformer.analyze.plots import heatmap
 from slimformer.arch import layer_views
-from slimformer.io import write_json_atomic
 from slimformer.models import LoadedModel
 from slimformer.prune.gates import Gates, gated
 from slimformer.tasks import TaskData
@@ -104,9 +103,7 @@ class AblateResult:
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write results.json, the heatmaps and report.md into ``out_dir`` (which must exist or is created)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / RESULTS_FILE, self.to_dict())
+        out_dir = results_folder(out_dir, self.to_dict())
         suffix = f" (mean of {len(self.seeds)} seeds)" if len(self.seeds) > 1 else ""
         heatmap(
             self.single_head_delta,

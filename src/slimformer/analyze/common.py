@@ -17,9 +17,10 @@ from datasets import Dataset
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
 from slimformer.errors import SlimformerError
-from slimformer.io import atomic_directory
+from slimformer.io import atomic_directory, write_json_atomic
 from slimformer.models import LoadedModel, load_model
 from slimformer.tasks import TaskData, TaskSpec, compute_metrics, get_task_spec, load_task, tokenize_task
+from slimformer.train import headline_score
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -177,11 +178,7 @@ class Evaluator:
 
     def score(self, model: PreTrainedModel) -> float:
         """The primary metric averaged over the dev splits (MNLI has two)."""
-        return headline(self.evaluate(model), self.spec.primary_metric)
-
-
-def headline(evaluation: dict[str, dict[str, float]], metric: str) -> float:
-    return float(np.mean([split[metric] for split in evaluation.values()]))
+        return headline_score(self.evaluate(model), self.spec.primary_metric)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -312,6 +309,14 @@ def output_folder(out: str | os.PathLike[str], *, overwrite: bool) -> Iterator[P
         raise AnalyzeError(f"Output folder {out} already exists. Choose another --out or pass --overwrite.")
     with atomic_directory(out, overwrite=True) as staging:
         yield staging
+
+
+def results_folder(out_dir: str | os.PathLike[str], results: dict[str, Any]) -> Path:
+    """Create ``out_dir`` if needed and write ``results.json`` into it; the start of every result's ``save``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / RESULTS_FILE, results)
+    return out_dir
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

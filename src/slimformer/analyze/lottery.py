@@ -46,7 +46,6 @@ from transformers import set_seed
 
 from slimformer.analyze.common import (
     REPORT_FILE,
-    RESULTS_FILE,
     AnalyzeError,
     Evaluator,
     fmt,
@@ -58,6 +57,7 @@ from slimformer.analyze.common import (
     nan_to_none,
     padded,
     parse_choices,
+    results_folder,
     seed_list,
     stat,
     task_spec_of,
@@ -128,9 +128,7 @@ class LotteryResult:
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """results.json, survivors.json, m-pruning masks (``m_masks_seed<N>.npz``), plots and report.md."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / RESULTS_FILE, self.to_dict())
+        out_dir = results_folder(out_dir, self.to_dict())
         write_json_atomic(out_dir / SURVIVORS_FILE, self.survivors)
         for current, masks in self.masks.items():
             masks.save(out_dir / f"m_masks_seed{current}.npz")

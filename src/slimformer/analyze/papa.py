@@ -36,7 +36,6 @@ from transformers import PreTrainedModel, set_seed
 
 from slimformer.analyze.common import (
     REPORT_FILE,
-    RESULTS_FILE,
     AnalyzeError,
     Evaluator,
     fmt_stat,
@@ -48,6 +47,7 @@ from slimformer.analyze.common import (
     parse_choices,
     parse_heads,
     parse_layers,
+    results_folder,
     seed_list,
     stat,
     task_spec_of,
@@ -56,7 +56,6 @@ from slimformer.analyze.plots import bar_chart, pattern_grid
 from slimformer.analyze.training import RetrainConfig, train, training_device
 from slimformer.arch import layer_views
 from slimformer.importance import importance_sample, model_inputs
-from slimformer.io import write_json_atomic
 from slimformer.models import LoadedModel, load_model
 from slimformer.tasks import TaskData, tokenize_task
 
@@ -294,9 +293,7 @@ class PapaResult:
         )
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / RESULTS_FILE, self.to_dict())
+        out_dir = results_folder(out_dir, self.to_dict())
         groups = {c["name"]: {"score": (c["score"]["mean"], c["score"]["std"])} for c in self.configs}
         suffix = f", {len(self.seeds)} seeds" if len(self.seeds) > 1 else ""
         bar_chart(

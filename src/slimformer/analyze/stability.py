@@ -24,15 +24,14 @@ import numpy as np
 
 from slimformer.analyze.common import (
     REPORT_FILE,
-    RESULTS_FILE,
     AnalyzeError,
     fmt_stat,
     markdown_table,
     nan_to_none,
+    results_folder,
     stat,
 )
 from slimformer.analyze.plots import heatmap
-from slimformer.io import write_json_atomic
 
 UNITS = ("heads", "mlps")
 SURVIVORS_FILE = "survivors.json"
@@ -111,30 +110,19 @@ class StabilityResult:
         )
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / RESULTS_FILE, self.to_dict())
+        out_dir = results_folder(out_dir, self.to_dict())
         for unit in UNITS:
-            heatmap(
-                self.runs[unit],
-                out_dir / f"jaccard_runs_{unit}.png",
-                title=f"Jaccard overlap of surviving {unit} (s-pruning)",
-                xlabels=self.labels,
-                ylabels=self.labels,
-                xlabel="",
-                ylabel="",
-                colorbar_label="Jaccard",
-                vmin=0.0,
-                vmax=1.0,
-                digits=2,
-            )
+            matrices = [(self.runs[unit], "runs", self.labels, f"Jaccard overlap of surviving {unit} (s-pruning)")]
             if len(self.tasks) > 1:
+                title = f"Mean Jaccard of surviving {unit} between tasks"
+                matrices.append((self.by_task[unit], "tasks", self.tasks, title))
+            for matrix, kind, labels, title in matrices:
                 heatmap(
-                    self.by_task[unit],
-                    out_dir / f"jaccard_tasks_{unit}.png",
-                    title=f"Mean Jaccard of surviving {unit} between tasks",
-                    xlabels=self.tasks,
-                    ylabels=self.tasks,
+                    matrix,
+                    out_dir / f"jaccard_{kind}_{unit}.png",
+                    title=title,
+                    xlabels=labels,
+                    ylabels=labels,
                     xlabel="",
                     ylabel="",
                     colorbar_label="Jaccard",

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, set_seed
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from slimformer.arch import get_spec, layer_views
+from slimformer.arch import LayerView, get_spec, layer_views
 from slimformer.distill.losses import attention_log_probs, attention_loss, hidden_loss, logit_loss
 from slimformer.distill.students import Student, make_student
 from slimformer.errors import SlimformerError
@@ -137,8 +137,11 @@ def head_pairing(student: PreTrainedModel, teacher: PreTrainedModel, pairs: list
 
 
 @contextmanager
-def capture_queries_keys(model: PreTrainedModel, layers: set[int]) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
-    """Record the query and key projection outputs of ``layers`` during the forward passes in this block."""
+def capture_queries_keys(
+    model: PreTrainedModel, layers: set[int], views: list[LayerView] | None = None
+) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
+    """Record the query and key projection outputs of ``layers`` during the forward passes in this block
+    (``views``: the model's :func:`layer_views`, when the caller already has them)."""
     store: dict[int, dict[str, torch.Tensor]] = {}
     handles = []
 
@@ -148,7 +151,7 @@ def capture_queries_keys(model: PreTrainedModel, layers: set[int]) -> Iterator[d
 
         return record
 
-    for view in layer_views(model):
+    for view in views if views is not None else layer_views(model):
         if view.index in layers and view.num_heads > 0:
             handles.append(view.query.register_forward_hook(recorder(view.index, "query")))
             handles.append(view.key.register_forward_hook(recorder(view.index, "key")))
@@ -179,7 +182,9 @@ class DistillationModel(nn.Module):
         object.__setattr__(self, "teacher", teacher)
         self.projections: nn.ModuleList | None = None
         self.heads: list[list[int] | None] = []
-        self.student_heads = [v.num_heads for v in layer_views(student)]
+        # resolved once: forward runs every training step
+        self.student_views = layer_views(student)
+        self.teacher_views = layer_views(teacher) if teacher is not None else []
         if teacher is not None and config.needs_layers:
             widths = get_spec(student).hidden_size(student.config), get_spec(teacher).hidden_size(teacher.config)
             if widths[0] != widths[1]:
@@ -193,7 +198,7 @@ class DistillationModel(nn.Module):
         if next(teacher.parameters()).device != device:
             teacher.to(device)
         teacher.eval()
-        with torch.no_grad(), capture_queries_keys(teacher, layers) as qk:
+        with torch.no_grad(), capture_queries_keys(teacher, layers, self.teacher_views) as qk:
             outputs = teacher(**inputs, output_hidden_states=self.settings.hidden_weight > 0)
         return outputs, qk
 
@@ -212,7 +217,7 @@ class DistillationModel(nn.Module):
         want_hidden = settings.hidden_weight > 0
         student_layers = {s for s, _ in self.pairs} if settings.attention_weight > 0 else set()
         teacher_layers = {t for _, t in self.pairs} if settings.attention_weight > 0 else set()
-        with capture_queries_keys(self.student, student_layers) as student_qk:
+        with capture_queries_keys(self.student, student_layers, self.student_views) as student_qk:
             outputs = self.student(**inputs, output_hidden_states=want_hidden)
         logits = outputs.logits
         if labels is None:
@@ -242,15 +247,14 @@ class DistillationModel(nn.Module):
 
     def _attention_loss(self, student_qk, teacher_qk, attention_mask: torch.Tensor) -> torch.Tensor:
         total = attention_mask.new_zeros((), dtype=torch.float32)
-        teacher_heads = {v.index: v.num_heads for v in layer_views(self.teacher)}
         for (s, t), heads in zip(self.pairs, self.heads, strict=True):
             if s not in student_qk or t not in teacher_qk:
                 continue  # a layer with no heads left has no attention to match
             student = attention_log_probs(
-                student_qk[s]["query"], student_qk[s]["key"], self.student_heads[s], attention_mask
+                student_qk[s]["query"], student_qk[s]["key"], self.student_views[s].num_heads, attention_mask
             )
             teacher = attention_log_probs(
-                teacher_qk[t]["query"], teacher_qk[t]["key"], teacher_heads[t], attention_mask
+                teacher_qk[t]["query"], teacher_qk[t]["key"], self.teacher_views[t].num_heads, attention_mask
             )
             if heads is not None:
                 teacher = teacher[:, heads]
