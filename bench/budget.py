@@ -116,7 +116,7 @@ def run_task(task: str, budgets: list[float], latency_budget: float | None, seed
             seconds,
             {"phases_seconds": result.report["phases_seconds"]},
         )
-        result, seconds = ours(budget, rearrange_masks=False, tune=False)
+        result, seconds = ours(budget, rearrange_masks=False, tune="none")
         add("Fisher mask search only", budget, result.model, seconds)
         fraction = 1 - budget
         started = time.perf_counter()

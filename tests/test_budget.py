@@ -16,7 +16,7 @@ from slimformer.budget.fisher import collect_mask_gradients
 from slimformer.budget.latency_table import LatencyTable
 from slimformer.budget.pipeline import budget_prune, plan_for_budget
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, rearrange_layer, search_masks
-from slimformer.budget.tune import _normal_equations, dense_targets, fold_scales, tune_masks
+from slimformer.budget.tune import _normal_equations, dense_targets, fold_scales, reconstruct_weights, tune_masks
 from slimformer.errors import SlimformerError
 from slimformer.measure import flops
 from slimformer.models import load_model
@@ -256,3 +256,82 @@ def test_local_target_tuning_also_folds_exactly():
     assert all(e["relative_error_tuned"] <= e["relative_error_ones"] + 1e-12 for e in report.layers)
     inputs = tiny_inputs(seed=3)
     assert_folding_is_exact(model, plan, gates, inputs)
+
+
+def final_hidden_error(model, reference, data, gates=None) -> float:
+    """Squared distance of ``model``'s last hidden states (optionally gated) to ``reference``'s, real tokens."""
+    total = 0.0
+    for batch in data:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            expected = reference(**inputs, output_hidden_states=True).hidden_states[-1]
+            if gates is None:
+                got = model(**inputs, output_hidden_states=True).hidden_states[-1]
+            else:
+                with gated(model, gates):
+                    got = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        total += float(((got - expected)[batch["attention_mask"].bool()] ** 2).sum())
+    return total
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_weight_reconstruction_brings_the_pruned_model_back_towards_the_dense_one(family):
+    dense = tiny_model(family)
+    data = batches(6)
+    layout = Layout.of(dense)
+    plan = PruningPlan(
+        layout=layout,
+        kept_heads=[[0, 2], [1, 2, 3]],
+        kept_neurons=[list(range(0, 64, 3)), list(range(40))],
+        model_type=dense.config.model_type,
+    )
+    untuned = final_hidden_error(dense, dense, data, plan_gates(dense, plan))
+    model = copy.deepcopy(dense)
+    report = reconstruct_weights(model, plan, data, progress=False)
+    assert len(report.layers) == 4
+    assert all(e["relative_error_tuned"] <= e["relative_error_ones"] for e in report.layers)
+    # the refit weights, with the pruned units still present but gated off, equal the physically pruned model
+    inputs = tiny_inputs(seed=5)
+    with torch.no_grad(), gated(model, plan_gates(model, plan)):
+        expected = model(**inputs).logits
+    tuned_error = final_hidden_error(model, dense, data, plan_gates(model, plan))
+    remove(model, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=0)
+    assert final_hidden_error(model, dense, data) == pytest.approx(tuned_error, rel=1e-4)
+    assert tuned_error < 0.5 * untuned  # on the calibration data the refit must do much better than 0/1 masks
+
+
+def test_weight_reconstruction_solves_the_first_sublayers_least_squares_problem():
+    # Layer 0's attention sees the same input in the dense and the pruned model, so its refit output projection
+    # must be the ordinary least-squares fit of (dense sub-layer output - input) on the kept heads' contexts.
+    dense = tiny_model("bert")
+    data = batches(8)
+    layout = Layout.of(dense)
+    plan = PruningPlan(
+        layout=layout, kept_heads=[[1, 3], [0, 1, 2, 3]], kept_neurons=[list(range(64))] * 2, model_type="bert"
+    )
+    view = layer_views(dense)[0]
+    seen: dict = {}
+    handles = [
+        view.attn_out.register_forward_pre_hook(lambda m, a: seen.__setitem__("context", a[0])),
+        view.attn_out.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out)),
+    ]
+    contexts, outputs = [], []
+    for batch in data:
+        with torch.no_grad():
+            dense(**{k: v for k, v in batch.items() if k != "labels"})
+        valid = batch["attention_mask"].bool()
+        contexts.append(seen["context"][valid])
+        outputs.append(seen["out"][valid])
+    for handle in handles:
+        handle.remove()
+    columns = torch.cat([torch.arange(h * 8, (h + 1) * 8) for h in (1, 3)])
+    features = torch.cat(contexts)[:, columns].double()
+    features = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1)
+    expected = torch.linalg.lstsq(features, torch.cat(outputs).double()).solution.T  # [hidden, 16 + bias]
+    model = copy.deepcopy(dense)
+    reconstruct_weights(model, plan, data, damping=1e-10, progress=False)
+    got = layer_views(model)[0].attn_out
+    torch.testing.assert_close(got.weight[:, columns].double(), expected[:, :-1].to(torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.bias.double(), expected[:, -1], atol=1e-4, rtol=0)

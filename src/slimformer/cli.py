@@ -383,7 +383,13 @@ def prune(
     ] = None,
     calibration_examples: Annotated[int, typer.Option(help="Budget pruning: calibration examples.")] = 2048,
     rearrange: Annotated[bool, typer.Option(help="Budget pruning: rearrange masks by the layer Fisher.")] = True,
-    tune: Annotated[bool, typer.Option(help="Budget pruning: least-squares mask tuning.")] = True,
+    tune: Annotated[
+        str,
+        typer.Option(
+            help="Budget pruning, after the search: weights (refit the kept output/down projection weights by "
+            "least squares), scales (Kwon et al.'s one scale per head/neuron) or none."
+        ),
+    ] = "weights",
     keep_score: Annotated[float, typer.Option(help="Iterative: stop below this fraction of the dense score.")] = 0.9,
     step: Annotated[float, typer.Option(help="Iterative: fraction of remaining heads pruned per step.")] = 0.1,
     method: MethodOpt = "gradient",

@@ -15,7 +15,7 @@ from typing import Any
 
 from slimformer.budget.fisher import collect_mask_gradients
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, search_masks
-from slimformer.budget.tune import fold_scales, tune_masks
+from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
 from slimformer.errors import SlimformerError
 from slimformer.importance import importance_sample
 from slimformer.measure import count_parameters, flops, measure_latency
@@ -25,6 +25,13 @@ from slimformer.prune.plan import Layout, PruningPlan
 from slimformer.prune.saving import save_pruned
 from slimformer.tasks import TaskData, load_task
 from slimformer.train import evaluate_model, headline_score
+
+# what --tune does after the search: its description in the report
+TUNING = {
+    "weights": " + least-squares reconstruction of the output/down projections (ZipLM-style, all weights)",
+    "scales": " + least-squares mask tuning (Kwon et al., one scale per unit)",
+    "none": "",
+}
 
 
 @dataclass
@@ -112,7 +119,7 @@ def budget_prune(
     seq_len: int = 128,
     label_free: bool = False,
     rearrange_masks: bool = True,
-    tune: bool = True,
+    tune: str = "weights",
     evaluate: bool = True,
     measure: bool = True,
     latency_batch_size: int = 32,
@@ -129,6 +136,8 @@ def budget_prune(
     """
     if (budget_flops is None) == (budget_latency is None):
         raise SlimformerError("Give exactly one of --budget-flops and --budget-latency.")
+    if tune not in TUNING:
+        raise SlimformerError(f"Unknown --tune {tune!r}: choose one of {', '.join(TUNING)}.")
     _check_budget("flops", budget_flops)
     _check_budget("latency", budget_latency)
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -181,13 +190,14 @@ def budget_prune(
         plan = rearrange(plan, gradients.heads, gradients.neurons)
     lap("rearrange")
     fisher_loss = {"searched": _fisher_loss(gradients, searched), "rearranged": _fisher_loss(gradients, plan)}
-    tuning = None
-    if tune:
-        gates, tuning = tune_masks(net, plan, sample.batches, progress=progress)
-    lap("tune")
     dense = copy.deepcopy(net) if (evaluate or measure) else None
-    if tune:
+    tuning = None
+    if tune == "weights":
+        tuning = reconstruct_weights(net, plan, sample.batches, progress=progress)
+    elif tune == "scales":
+        gates, tuning = tune_masks(net, plan, sample.batches, progress=progress)
         fold_scales(net, gates)
+    lap("tune")
     remove(net, plan)
     lap("remove")
     pruning_seconds = round(sum(phases.values()), 2)
@@ -197,7 +207,7 @@ def budget_prune(
         "model": str(model),
         "method": "Kwon et al. 2022: Fisher mask search"
         + (" + rearrangement" if rearrange_masks else "")
-        + (" + least-squares mask tuning" if tune else ""),
+        + TUNING[tune],
         "budget": {"flops": budget_flops, "latency": budget_latency, "seq_len": seq_len, **latency_info},
         "calibration": {**sample.description, "label_free": label_free},
         "summary": plan.summary(dense if dense is not None else net, seq_len=seq_len) if dense is not None else None,
@@ -221,7 +231,7 @@ def budget_prune(
             "dense": headline_score(dense_eval, metric),
             "pruned": headline_score(pruned_eval, metric),
         }
-        if not tune:
+        if tune == "none":
             with masked(dense, plan):
                 report["eval"]["masked"] = evaluate_model(
                     dense, tokenizer, data, max_length=max_length, progress=progress
