@@ -2,7 +2,9 @@
 and on STS-B (runs/bench/<task> from glue_finetune.py), against baselines pruned to the same FLOPs, all
 physically removed and measured in the same run:
 
-- slimformer budget: Fisher mask search + per-layer rearrangement + least-squares mask tuning (2,048 examples)
+- slimformer budget (the default): Fisher mask search + per-layer rearrangement + least-squares reconstruction of
+  the kept output/down-projection weights (2,048 calibration examples)
+- Kwon et al. as published: the same search and rearrangement + least-squares mask tuning (one scale per unit)
 - Fisher mask search only (no rearrangement, no tuning)
 - Michel-style iterative pruning: 4 rounds of gradient importance (Michel et al. 2019) on 2,048 examples, each
   round removing a quarter of the target share of heads and neurons in every layer (TextPruner's setting)
@@ -12,7 +14,7 @@ physically removed and measured in the same run:
 Latency: batch 32 x 128 tokens, 2 threads, median of 10 after 3 warm-up runs; the dense model is measured
 first and last and the faster of the two is used (so speedups are, if anything, understated).
 
-    python bench/budget.py [--tasks sst2,stsb] [--budgets 0.6,0.5,0.4] [--latency-budget 0.5]
+    python bench/budget.py [--tasks sst2,stsb] [--budgets 0.6,0.5,0.4,0.3] [--latency-budget 0.5]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from slimformer.train import evaluate_model
 
 MAX_LENGTH = {"sst2": 64, "stsb": 128}  # the lengths the models were fine-tuned with
 CALIBRATION = 2048
+KWON = "Kwon et al. (search+rearrange+mask scales)"
 
 
 def score(model, tokenizer, data, task: str) -> float:
@@ -108,14 +111,9 @@ def run_task(task: str, budgets: list[float], latency_budget: float | None, seed
         return result, time.perf_counter() - started
 
     for budget in budgets:
-        result, seconds = ours(budget)
-        add(
-            "slimformer budget (search+rearrange+tune)",
-            budget,
-            result.model,
-            seconds,
-            {"phases_seconds": result.report["phases_seconds"]},
-        )
+        for method, tune in (("slimformer budget (search+rearrange+weights)", "weights"), (KWON, "scales")):
+            result, seconds = ours(budget, tune=tune)
+            add(method, budget, result.model, seconds, {"phases_seconds": result.report["phases_seconds"]})
         result, seconds = ours(budget, rearrange_masks=False, tune="none")
         add("Fisher mask search only", budget, result.model, seconds)
         fraction = 1 - budget
@@ -206,7 +204,7 @@ def pareto_plot(rows: list[dict], task: str, metric: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", default="sst2,stsb")
-    parser.add_argument("--budgets", default="0.6,0.5,0.4")
+    parser.add_argument("--budgets", default="0.6,0.5,0.4,0.3")
     parser.add_argument("--latency-budget", type=float, default=0.5)
     parser.add_argument("--random-seeds", type=int, default=3)
     args = parser.parse_args()

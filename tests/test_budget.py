@@ -236,6 +236,13 @@ def test_budget_prune_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     assert result.plan == PruningPlan.load(out / "plan.json")
     reloaded = load_model(out)
     assert flops(reloaded.model, seq_len=16).encoder == report["encoder_flops"]["pruned"]
+    assert "ZipLM" in report["method"] and len(report["tuning"]) == 4  # refit weights by default
+    inputs = tiny_inputs(seed=2)
+    inputs["input_ids"] = inputs["input_ids"] + 1000  # real word-piece ids of the MiniLM vocabulary
+    with torch.no_grad():  # what was saved is the refit, pruned model
+        torch.testing.assert_close(reloaded.model(**inputs).logits, result.model(**inputs).logits, atol=1e-5, rtol=0)
+    with pytest.raises(SlimformerError, match="Unknown --tune 'magic'"):
+        budget_prune(tiny_model_dir, "sst2", None, data_dir=glue, budget_flops=0.5, tune="magic")
     with pytest.raises(SlimformerError, match="exactly one"):
         budget_prune(tiny_model_dir, "sst2", None, data_dir=glue, budget_flops=0.5, budget_latency=0.5)
     with pytest.raises(SlimformerError, match=r"--budget-flops 1\.5 is impossible"):

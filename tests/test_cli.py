@@ -127,10 +127,12 @@ def test_budget_pruning_through_the_cli(tiny_model_dir, tmp_path):
         "0.5",
         "--calibration-examples",
         "16",
+        "--tune",
+        "scales",
     ).stdout
     assert "speedup" in printed and "pruning took" in printed
     report = json.loads((out / "metrics.json").read_text())
-    assert report["budget"]["flops"] == 0.5
+    assert report["budget"]["flops"] == 0.5 and "one scale per unit" in report["method"]
     # FLOPs are budgeted at 128 tokens, as measured by `slimformer measure --seq-len 128`
     measured = json.loads(
         invoke(
