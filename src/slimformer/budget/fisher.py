@@ -48,22 +48,14 @@ class MaskGradients:
         return g.T @ g
 
 
-def _per_example(values: torch.Tensor | None, n: int, size: int, device: torch.device) -> torch.Tensor:
-    """One leaf copy of a layer's mask values (default all ones) per example: [size, n], requiring gradients."""
-    row = torch.ones(n, device=device) if values is None else values.detach().to(device).float()
-    return row.expand(size, n).clone().requires_grad_(True)
-
-
 def collect_mask_gradients(
     model: PreTrainedModel,
     batches: Sequence[dict[str, torch.Tensor]],
     *,
     label_free: bool = False,
-    base: Gates | None = None,
     progress: bool = True,
 ) -> MaskGradients:
-    """Per-example gradients of the task loss with respect to every head and FFN-neuron mask, taken at all masks 1
-    or at the masks of ``base`` (e.g. a plan's 0/1 gates, to re-score the units a partly pruned model keeps).
+    """Per-example gradients of the task loss with respect to every head and FFN-neuron mask (all masks at 1).
 
     ``label_free`` uses the model's own predictions as labels (Kwon et al. note this works as well as gold
     labels); it needs a classification head.
@@ -84,10 +76,9 @@ def collect_mask_gradients(
         for batch in tqdm(batches, desc="Fisher (per-example mask gradients)", disable=not progress, leave=False):
             inputs = model_inputs(batch, device)
             size = inputs["input_ids"].shape[0]
-            start = base or Gates(heads=[None] * len(views), neurons=[None] * len(views))
             gates = Gates(
-                heads=[_per_example(g, v.num_heads, size, device) for g, v in zip(start.heads, views, strict=True)],
-                neurons=[_per_example(g, v.ffn_size, size, device) for g, v in zip(start.neurons, views, strict=True)],
+                heads=[torch.ones(size, v.num_heads, device=device, requires_grad=True) for v in views],
+                neurons=[torch.ones(size, v.ffn_size, device=device, requires_grad=True) for v in views],
             )
             with torch.enable_grad(), gated(model, gates):
                 logits = model(**inputs).logits

@@ -47,16 +47,15 @@ def search_masks(
     *,
     model_type: str | None = None,
 ) -> PruningPlan:
-    """The plan that keeps the most Fisher importance within ``budget`` (a fraction of the dense encoder FLOPs).
-    Units with a negative importance are unavailable: never kept."""
+    """The plan that keeps the most Fisher importance within ``budget`` (a fraction of the dense encoder FLOPs)."""
     if not 0.0 < budget <= 1.0:
         raise SlimformerError(
             f"A FLOPs budget of {budget:g} is impossible: it is the fraction of the dense FLOPs to keep, in (0, 1]."
         )
     dense = costs.total(sum(layout.heads), sum(layout.ffn))
     allowed = budget * dense
-    head_units = [(float(v), k, i) for k, row in enumerate(head_importance) for i, v in enumerate(row) if v >= 0]
-    neuron_units = [(float(v), k, i) for k, row in enumerate(neuron_importance) for i, v in enumerate(row) if v >= 0]
+    head_units = [(float(v), layer, i) for layer, row in enumerate(head_importance) for i, v in enumerate(row)]
+    neuron_units = [(float(v), layer, i) for layer, row in enumerate(neuron_importance) for i, v in enumerate(row)]
     head_units.sort(key=lambda u: -u[0])
     neuron_units.sort(key=lambda u: -u[0])
     head_cumsum = np.concatenate([[0.0], np.cumsum([u[0] for u in head_units])])
@@ -146,41 +145,3 @@ def rearrange(plan: PruningPlan, head_grads: list[torch.Tensor], neuron_grads: l
         model_type=plan.model_type,
         meta={**plan.meta, "rearranged": True, "rearrange_swaps": swaps},
     )
-
-
-def iterative_search(
-    model,
-    batches,
-    budget: float,
-    costs: UnitCosts,
-    *,
-    rounds: int,
-    first,
-    label_free: bool = False,
-    progress: bool = True,
-):
-    """Mask search in ``rounds`` steps of equal FLOPs (1 -> ``budget``), re-scoring the Fisher of the units still
-    kept at the partly pruned model before each step, like the iterative importance of Michel et al. 2019. Kwon
-    et al. 2022 search once; re-scoring lets units that matter more once their neighbours are gone survive.
-    ``first`` is the mask gradients of the dense model (already collected). Returns the plan and the gradients
-    at the last step's masks (for the rearrangement)."""
-    from slimformer.budget.fisher import collect_mask_gradients
-    from slimformer.prune.apply import plan_gates
-
-    layout = Layout.of(model)
-    model_type = model.config.model_type
-    gradients, plan = first, None
-    for step in range(1, rounds + 1):
-        if plan is not None:
-            gradients = collect_mask_gradients(
-                model, batches, label_free=label_free, base=plan_gates(model, plan), progress=progress
-            )
-        heads, neurons = gradients.head_fisher(), gradients.neuron_fisher()
-        if plan is not None:  # units already pruned rank below every kept one, so they are never chosen again
-            for layer in range(layout.num_layers):
-                heads[layer][np.setdiff1d(np.arange(len(heads[layer])), plan.kept_heads[layer])] = -1.0
-                neurons[layer][np.setdiff1d(np.arange(len(neurons[layer])), plan.kept_neurons[layer])] = -1.0
-        step_budget = 1.0 - (1.0 - budget) * step / rounds
-        plan = search_masks(layout, heads, neurons, step_budget, costs, model_type=model_type)
-    plan.meta.update(search_rounds=rounds)
-    return plan, gradients
