@@ -1,4 +1,4 @@
-"""Retraining-free budget pruning (Kwon et al. 2022): Fisher, search, rearrangement, mask tuning, pipeline."""
+"""Retraining-free budget pruning (Kwon et al. 2022): Fisher, search, rearrangement, least-squares refits, pipeline."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Retraining-free pruning to a FLOPs or latency budget (after Kwon et al. 2022, "A Fast Post-Training Pruning
 Framework for Transformers"): Fisher of the masks on a calibration set -> mask search under the constraint ->
-mask rearrangement per layer -> mask tuning by layer-wise least squares -> folded into the weights and
+mask rearrangement per layer -> layer-wise least-squares reconstruction (all kept output/down-projection
+weights by default, as in ZipLM; Kwon's one scale per unit with tune="scales") -> folded into the weights and
 physically removed, so the result is an ordinary pruned model (slimformer's format), really smaller and faster.
 """
 
