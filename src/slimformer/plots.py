@@ -8,7 +8,6 @@ as in the importance JSON and in pruning plans.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
 from slimformer.errors import SlimformerError
-from slimformer.io import normal_permissions
+from slimformer.io import atomic_file
 
 if TYPE_CHECKING:
     from slimformer.importance import ImportanceScores
@@ -30,17 +29,9 @@ ANNOTATE_MAX = 16
 
 def save_png_atomic(figure: Figure, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)  # attach the Agg canvas: savefig renders through it
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=120, bbox_inches="tight")
-        normal_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, binary=True) as handle:
+        figure.savefig(handle, format="png", dpi=120, bbox_inches="tight")
     return path
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,44 @@ def require_train_split(data: TaskData) -> None:
         raise TaskError(f"Task {data.spec.name!r} from {data.source} has no train split to train on.")
 
 
+def training_arguments(config: Any, output_dir: str | os.PathLike[str], *, seed: int, **overrides: Any):
+    """The Trainer settings every slimformer training run shares (AdamW with linear decay, no evaluation during
+    training, no reporting), from a config with ``batch_size``, ``epochs``, ``max_steps``, ``learning_rate``,
+    ``weight_decay`` and ``warmup_steps``; ``overrides`` add or replace TrainingArguments fields."""
+    settings: dict[str, Any] = {
+        "per_device_train_batch_size": config.batch_size,
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps,
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "warmup_steps": config.warmup_steps,
+        "seed": seed,
+        "eval_strategy": "no",
+        "report_to": "none",
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning is pointless (and warns) on CPU
+    }
+    return TrainingArguments(output_dir=str(output_dir), **{**settings, **overrides})
+
+
+def padded_trainer(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Dataset,
+    args: TrainingArguments,
+    *,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Trainer:
+    """A Trainer whose batches are padded per batch (DataCollatorWithPadding)."""
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=callbacks,
+    )
+
+
 def run_trainer(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -179,33 +218,18 @@ def run_trainer(
 ) -> tuple[Trainer, Any, float]:
     """Train ``model`` with the Hugging Face Trainer (so ``accelerate launch`` scales it out), checkpointing to
     ``work_dir`` and resuming from ``checkpoint``. Returns the trainer, its output and the training seconds."""
-    args = TrainingArguments(
-        output_dir=str(work_dir),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
+    args = training_arguments(
+        config,
+        work_dir,
         seed=config.seed,
+        per_device_eval_batch_size=config.eval_batch_size,
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=2,
         logging_steps=config.logging_steps,
-        eval_strategy="no",
-        report_to="none",
         remove_unused_columns=remove_unused_columns,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is pointless (and warns) on CPU
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=callbacks,
-    )
+    trainer = padded_trainer(model, tokenizer, train_dataset, args, callbacks=callbacks)
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer, train_output, time.perf_counter() - started
@@ -285,19 +309,15 @@ def predict(
 
     Rows are batched by length (then put back in order) so that little time goes into padding.
     """
-    collator = DataCollatorWithPadding(tokenizer)
-    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
-    features = dataset.select_columns(columns)
-    order = np.argsort([len(ids) for ids in features["input_ids"]], kind="stable")
+    order = length_order(dataset)
     device = next(model.parameters()).device
     outputs: list[np.ndarray] = []
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc=description, disable=not progress, leave=False):
-            rows = features.select(order[start : start + batch_size].tolist())
-            batch = collator([dict(row) for row in rows])
+        batches = length_sorted_batches(tokenizer, dataset, order, batch_size)
+        total = -(-len(order) // batch_size)
+        for batch in tqdm(batches, total=total, desc=description, disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
             outputs.append(model(**batch).logits.float().cpu().numpy())
     model.train(was_training)
@@ -305,6 +325,23 @@ def predict(
     restored = np.empty_like(logits)
     restored[order] = logits
     return restored
+
+
+def length_order(dataset: Dataset) -> np.ndarray:
+    """Row indices of a tokenized dataset sorted by length (stable), so batches carry little padding."""
+    return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+
+
+def length_sorted_batches(
+    tokenizer: PreTrainedTokenizerBase, dataset: Dataset, order: np.ndarray, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The model inputs of ``dataset``'s rows in ``order``, ``batch_size`` rows a batch, padded per batch."""
+    collator = DataCollatorWithPadding(tokenizer)
+    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
+    features = dataset.select_columns(columns)
+    for start in range(0, len(order), batch_size):
+        rows = features.select(order[start : start + batch_size].tolist())
+        yield dict(collator([dict(row) for row in rows]))
 
 
 def evaluate_model(

@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimformer.errors import SlimformerError
 from slimformer.io import atomic_directory, write_json_atomic
 from slimformer.models import LoadedModel, load_model
 from slimformer.tasks import TaskData, TaskSpec, compute_metrics, get_task_spec, load_task, tokenize_task
-from slimformer.train import headline_score
+from slimformer.train import headline_score, length_order, length_sorted_batches
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -136,16 +136,10 @@ class Evaluator:
         if not dev.splits:
             raise AnalyzeError(f"Task {data.spec.name!r} from {data.source} has no dev split to evaluate on.")
         tokenized = tokenize_task(dev, tokenizer, max_length=max_length)
-        collator = DataCollatorWithPadding(tokenizer)
         self.splits: dict[str, tuple[list[dict[str, torch.Tensor]], np.ndarray, np.ndarray]] = {}
         for name, dataset in tokenized.items():
-            columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
-            features = dataset.select_columns(columns)
-            order = np.argsort([len(ids) for ids in features["input_ids"]], kind="stable")
-            batches = []
-            for start in range(0, len(order), batch_size):
-                rows = features.select(order[start : start + batch_size].tolist())
-                batches.append(dict(collator([dict(row) for row in rows])))
+            order = length_order(dataset)
+            batches = list(length_sorted_batches(tokenizer, dataset, order, batch_size))
             self.splits[name] = (batches, order, np.asarray(dataset["labels"]))
         self.sizes = {name: len(labels) for name, (_, _, labels) in self.splits.items()}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from transformers import PreTrainedModel
 
 from slimformer.analyze.common import AnalyzeError, Evaluator
 from slimformer.arch import layer_views
-from slimformer.io import normal_permissions
+from slimformer.io import atomic_file
 
 PARTS = ("query", "key", "value", "attn_out", "ffn_up", "ffn_down")
 HEAD_PARTS = ("query", "key", "value")  # a head owns head_size rows of these, and head_size columns of attn_out
@@ -104,21 +103,13 @@ class WeightMasks:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """A compressed .npz of bit-packed masks (about 1/8 byte per weight), written atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {}
         for index, mask in enumerate(self.masks.values()):
             arrays[f"bits{index}"] = np.packbits(mask.cpu().numpy().reshape(-1))
             arrays[f"shape{index}"] = np.asarray(mask.shape, dtype=np.int64)
         arrays["names"] = np.asarray(list(self.masks), dtype=str)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
-        os.close(fd)
-        try:
-            np.savez_compressed(tmp, **arrays)
-            normal_permissions(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, binary=True) as handle:
+            np.savez_compressed(handle, **arrays)
         return path
 
     @classmethod

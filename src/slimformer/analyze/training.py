@@ -15,16 +15,11 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import (
-    DataCollatorWithPadding,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from slimformer.analyze.common import AnalyzeError
+from slimformer.train import padded_trainer, training_arguments
 
 
 @dataclass
@@ -73,29 +68,15 @@ def train(
     if len(train_dataset) == 0:
         raise AnalyzeError("The training split is empty.")
     with tempfile.TemporaryDirectory(prefix="slimformer-analyze-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_train_batch_size=config.batch_size,
-            num_train_epochs=config.epochs,
-            max_steps=config.max_steps,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            warmup_steps=config.warmup_steps,
+        args = training_arguments(
+            config,
+            scratch,
             seed=seed,
             save_strategy="no",
             logging_strategy="no",
-            eval_strategy="no",
-            report_to="none",
             disable_tqdm=not progress,
-            dataloader_pin_memory=torch.cuda.is_available(),
         )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer),
-        )
+        trainer = padded_trainer(model, tokenizer, train_dataset, args)
         if not progress:  # the analyses show their own progress; no per-run metrics dict on stdout
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)

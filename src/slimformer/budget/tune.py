@@ -296,14 +296,12 @@ def reconstruct_weights(
                 columns = torch.cat([torch.arange(h * view.head_size, (h + 1) * view.head_size) for h in kept])
             else:
                 columns = torch.tensor(kept, dtype=torch.long)
+            with_bias = fit_bias and proj.bias is not None
             gram, cross, residual_sq, signal_sq = _regression_statistics(
-                model, view, part, columns, gates, batches, targets[(view.index, part)], device, fit_bias
+                model, view, part, columns, gates, batches, targets[(view.index, part)], device, with_bias
             )
             w0 = proj.weight.detach().double().cpu()[:, columns]  # [hidden, n]
-            with_bias = fit_bias and proj.bias is not None
             start = torch.cat([w0.T, torch.zeros(1, w0.shape[0], dtype=w0.dtype)]) if with_bias else w0.T
-            if not with_bias and fit_bias:
-                gram, cross = gram[:-1, :-1], cross[:-1]
             error_start = float((start * (gram @ start)).sum() - 2 * (start * cross).sum() + residual_sq)
             ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
             penalty = torch.full((gram.shape[0],), ridge, dtype=gram.dtype)

@@ -40,6 +40,7 @@ from slimformer.distill.losses import attention_log_probs, attention_loss, hidde
 from slimformer.distill.students import Student, make_student
 from slimformer.errors import SlimformerError
 from slimformer.importance import is_regression, model_fingerprint, task_loss
+from slimformer.io import atomic_file
 from slimformer.models import load_model
 from slimformer.prune.apply import LAYOUT_KEY, current_head_ids
 from slimformer.prune.saving import save_pruned
@@ -302,10 +303,8 @@ def teacher_logits(
                 pass  # a damaged cache file is recomputed below
     logits = predict(teacher, tokenizer, dataset, batch_size=batch_size, progress=progress, description="teacher")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.stem}.{os.getpid()}.npy")
-        np.save(partial, logits)
-        partial.replace(path)
+        with atomic_file(path, binary=True) as handle:
+            np.save(handle, logits)
     return logits
 
 
