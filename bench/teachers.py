@@ -38,19 +38,31 @@ class TeacherRecipe:
 
 RECIPES = {
     "sst2": TeacherRecipe(
-        TrainConfig(epochs=3, max_length=64, learning_rate=5e-5, warmup_steps=200, save_steps=500, seed=0),
+        TrainConfig(
+            epochs=3, max_length=64, learning_rate=5e-5, warmup_steps=200, save_steps=500, seed=0, group_by_length=True
+        ),
         max_epochs=3,
         evals_per_epoch=2,
         patience=2,
     ),
     "stsb": TeacherRecipe(
-        TrainConfig(epochs=10, max_length=128, learning_rate=5e-5, warmup_steps=100, save_steps=500, seed=0),
+        TrainConfig(
+            epochs=10,
+            max_length=128,
+            learning_rate=5e-5,
+            warmup_steps=100,
+            save_steps=500,
+            seed=0,
+            group_by_length=True,
+        ),
         max_epochs=10,
         evals_per_epoch=1,
         patience=2,
     ),
     "mrpc": TeacherRecipe(
-        TrainConfig(epochs=10, max_length=128, learning_rate=5e-5, warmup_steps=60, save_steps=500, seed=0),
+        TrainConfig(
+            epochs=10, max_length=128, learning_rate=5e-5, warmup_steps=60, save_steps=500, seed=0, group_by_length=True
+        ),
         max_epochs=10,
         evals_per_epoch=1,
         patience=2,
@@ -84,9 +96,7 @@ class EarlyStopOnDev(TrainerCallback):
             return control
         if any(point["step"] == state.global_step for point in self.curve):
             return control
-        evaluation = evaluate_model(
-            model, self.tokenizer, self.data, max_length=self.config.max_length, progress=False
-        )
+        evaluation = evaluate_model(model, self.tokenizer, self.data, max_length=self.config.max_length, progress=False)
         model.train()
         score = headline_score(evaluation, self.data.spec.primary_metric)
         best = self.best()
@@ -128,9 +138,7 @@ def build_teacher(task: str) -> dict:
     )
     curve_file = callback.curve_file
     started = time.perf_counter()
-    metrics = finetune(
-        "minilm-l6", data, out, config=recipe.config, overwrite=True, callbacks=[callback]
-    ).metrics
+    metrics = finetune("minilm-l6", data, out, config=recipe.config, overwrite=True, callbacks=[callback]).metrics
     curve = json.loads(curve_file.read_text()) if curve_file.is_file() else callback.curve
     metrics["dev_curve"] = curve
     metrics["recipe"] = {

@@ -59,6 +59,8 @@ class TrainConfig:
     seed: int = 0
     save_steps: int = 200
     logging_steps: int = 50
+    # batches of similar lengths (the Trainer's LengthGroupedSampler): much less padding on short-text tasks
+    group_by_length: bool = False
 
 
 @dataclass
@@ -183,6 +185,9 @@ def training_arguments(config: Any, output_dir: str | os.PathLike[str], *, seed:
         "report_to": "none",
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinning is pointless (and warns) on CPU
     }
+    if getattr(config, "group_by_length", False):
+        settings["train_sampling_strategy"] = "group_by_length"
+
     return TrainingArguments(output_dir=str(output_dir), **{**settings, **overrides})
 
 
