@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+import slimformer
 from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
 from slimformer.arch import layer_views
 from slimformer.budget.fisher import collect_mask_gradients
 from slimformer.budget.latency_table import LatencyTable
-from slimformer.budget.pipeline import budget_prune, plan_for_budget
+from slimformer.budget.method import plan_for_budget
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, rearrange_layer, search_masks
 from slimformer.budget.tune import _normal_equations, dense_targets, fold_scales, reconstruct_weights, tune_masks
 from slimformer.errors import SlimformerError
@@ -216,37 +217,32 @@ def test_budget_prune_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
     glue = write_sst2(tmp_path / "glue")
     out = tmp_path / "pruned"
-    result = budget_prune(
+    result = slimformer.prune(
         tiny_model_dir,
+        slimformer.FlopsBudget(0.5, calibration_examples=32, seq_len=16),
         "sst2",
-        out,
         data_dir=glue,
-        budget_flops=0.5,
-        n_calibration=32,
+        out=out,
         max_length=16,
         seq_len=16,
-        latency_batch_size=2,
+        measure=True,
         progress=False,
     )
     report = json.loads((out / "metrics.json").read_text())
-    assert report["encoder_flops"]["pruned"] <= 0.5 * report["encoder_flops"]["dense"]
-    assert set(report["phases_seconds"]) >= {"fisher", "search", "rearrange", "tune", "remove", "evaluate"}
-    assert report["fisher_loss_estimate"]["rearranged"] <= report["fisher_loss_estimate"]["searched"] + 1e-9
-    assert report["latency"]["speedup"] > 0 and report["score"]["metric"] == "accuracy"
+    models = report["models"]
+    assert models["after"]["encoder_flops"] <= 0.5 * models["before"]["encoder_flops"]
+    assert set(report["seconds"]) >= {"fisher", "search", "rearrange", "tune", "remove", "evaluate_after"}
+    details = report["details"]
+    assert details["fisher_loss_estimate"]["rearranged"] <= details["fisher_loss_estimate"]["searched"] + 1e-9
+    assert report["latency"]["speedup"] > 0 and report["primary_metric"] == "accuracy"
     assert result.plan == PruningPlan.load(out / "plan.json")
     reloaded = load_model(out)
-    assert flops(reloaded.model, seq_len=16).encoder == report["encoder_flops"]["pruned"]
-    assert "ZipLM" in report["method"] and len(report["tuning"]) == 4  # refit weights by default
+    assert flops(reloaded.model, seq_len=16).encoder == models["after"]["encoder_flops"]
+    assert "ZipLM" in details["description"] and len(details["tuning"]) == 4  # refit weights by default
     inputs = tiny_inputs(seed=2)
     inputs["input_ids"] = inputs["input_ids"] + 1000  # real word-piece ids of the MiniLM vocabulary
     with torch.no_grad():  # what was saved is the refit, pruned model
         torch.testing.assert_close(reloaded.model(**inputs).logits, result.model(**inputs).logits, atol=1e-5, rtol=0)
-    with pytest.raises(SlimformerError, match="Unknown --tune 'magic'"):
-        budget_prune(tiny_model_dir, "sst2", None, data_dir=glue, budget_flops=0.5, tune="magic")
-    with pytest.raises(SlimformerError, match="exactly one"):
-        budget_prune(tiny_model_dir, "sst2", None, data_dir=glue, budget_flops=0.5, budget_latency=0.5)
-    with pytest.raises(SlimformerError, match=r"--budget-flops 1\.5 is impossible"):
-        budget_prune(tiny_model_dir, "sst2", None, data_dir=glue, budget_flops=1.5)
 
 
 def test_local_target_tuning_also_folds_exactly():

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 import transformers as hf
 
+import slimformer
 from conftest import tiny_inputs, tiny_model
 from slimformer.errors import SlimformerError
 from slimformer.models import load_model
+from slimformer.prune import masked
 from slimformer.prune.layers import layer_contributions, layers_to_drop, parse_drop_layers
-from slimformer.prune.pipeline import prune_model
+from slimformer.tasks import load_task
 from test_train import write_sst2
 
 
@@ -66,11 +69,21 @@ def test_prune_drops_layers_for_real_and_reloads_with_plain_transformers(
     monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
     glue = write_sst2(tmp_path / "glue")
     out = tmp_path / "dropped"
-    result = prune_model(
-        tiny_model_dir, "sst2", out, data_dir=glue, drop_layers=strategy, n_examples=16, max_length=16, progress=False
+    dense = load_model(tiny_model_dir, "sst2").model
+    result = slimformer.prune(
+        copy.deepcopy(dense),
+        slimformer.DropLayers(strategy, n_examples=16),
+        load_task("sst2", glue),
+        tokenizer=load_model(tiny_model_dir).tokenizer,
+        out=out,
+        max_length=16,
+        progress=False,
     )
     assert len(result.plan.dropped_layers) == 1
-    assert result.report["eval"]["masked"] == result.report["eval"]["pruned"]  # layer gates == removal
+    with torch.no_grad(), masked(dense, result.plan):  # layer gates == removal
+        torch.testing.assert_close(
+            result.model(**tiny_inputs()).logits, dense(**tiny_inputs()).logits, atol=1e-5, rtol=0
+        )
     assert json.loads((out / "slimformer.json").read_text())["plain_transformers_loadable"] is True
     ours = load_model(out).model
     plain = hf.AutoModelForSequenceClassification.from_pretrained(out).eval()

@@ -1,8 +1,68 @@
-"""slimformer: make pre-trained transformer language models smaller and faster for a task."""
+"""slimformer: make pre-trained transformer language models smaller and faster for a task.
 
+The front door: ``slimformer.prune(model, config, data)`` with a config from :mod:`slimformer.configs`
+(``FlopsBudget``, ``LatencyBudget``, ``Fractions``, ``Iterative``, ``DropLayers``, ``PlanFile``), and
+``finetune``, ``distill``, ``evaluate``, ``measure``, ``save``, ``load_model``, ``export_onnx``.
+"""
+
+from slimformer.version import __version__  # noqa: I001  (first: other modules read it)
+
+# api imports the subpackages slimformer.prune, .distill and .measure before the names below are bound, so that
+# these names stay the front-door functions (a later first import of a subpackage would rebind them).
+from slimformer.api import (
+    PruneResult,
+    distill,
+    evaluate,
+    export_onnx,
+    finetune,
+    measure,
+    prune,
+    remembered_task,
+    save,
+)
+from slimformer.configs import (
+    DropLayers,
+    FlopsBudget,
+    Fractions,
+    Iterative,
+    LatencyBudget,
+    PlanFile,
+    PruneConfig,
+    config_from_dict,
+    load_config,
+)
 from slimformer.errors import SlimformerError
 from slimformer.models import DEFAULT_MODEL, LoadedModel, load_model
+from slimformer.tasks import TaskData, TaskRef, load_custom_task, load_task
+from slimformer.train import TrainConfig
 
-__version__ = "0.1.0"
-
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "SlimformerError", "__version__", "load_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DropLayers",
+    "FlopsBudget",
+    "Fractions",
+    "Iterative",
+    "LatencyBudget",
+    "LoadedModel",
+    "PlanFile",
+    "PruneConfig",
+    "PruneResult",
+    "SlimformerError",
+    "TaskData",
+    "TaskRef",
+    "TrainConfig",
+    "__version__",
+    "config_from_dict",
+    "distill",
+    "evaluate",
+    "export_onnx",
+    "finetune",
+    "load_config",
+    "load_custom_task",
+    "load_model",
+    "load_task",
+    "measure",
+    "prune",
+    "remembered_task",
+    "save",
+]

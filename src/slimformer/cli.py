@@ -25,11 +25,12 @@ stdout = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'minilm-l6' (embedded), a model folder or a hub id.")]
 TaskOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--task",
         "-t",
-        help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or 'custom' with --train-file/--dev-file.",
+        help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or 'custom' with --train-file/--dev-file. "
+        "Default: the task the model folder was trained on.",
     ),
 ]
 DataDirOpt = Annotated[
@@ -55,7 +56,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def _task_data(
-    task: str,
+    model: str,
+    task: str | None,
     data_dir: Path | None,
     train_file: Path | None,
     dev_file: Path | None,
@@ -65,8 +67,12 @@ def _task_data(
     max_train: int | None,
     max_eval: int | None,
     seed: int,
+    *,
+    required: bool = True,
 ):
-    from slimformer.tasks import load_custom_task, load_task
+    """The data a command works on: custom files, a GLUE task, or (no task given) the one the model remembers."""
+    from slimformer.api import resolve_data
+    from slimformer.tasks import load_custom_task
 
     if task == "custom" or train_file or dev_file:
         if not (train_file or dev_file):
@@ -77,12 +83,20 @@ def _task_data(
             text_columns=[c.strip() for c in text_columns.split(",") if c.strip()],
             label_column=label_column,
             regression=regression,
-            name=task,
+            name=task or "custom",
             max_train_samples=max_train,
             max_eval_samples=max_eval,
             seed=seed,
         )
-    return load_task(task, data_dir, max_train_samples=max_train, max_eval_samples=max_eval, seed=seed)
+    return resolve_data(
+        model,
+        task,
+        data_dir=data_dir,
+        required=required,
+        max_train_samples=max_train,
+        max_eval_samples=max_eval,
+        seed=seed,
+    )
 
 
 def _training_inputs(options: dict) -> tuple:
@@ -93,6 +107,7 @@ def _training_inputs(options: dict) -> tuple:
     names += ("max_train_samples", "max_eval_samples", "seed", "save_steps")
     config = TrainConfig(**{name: options[name] for name in names})
     data = _task_data(
+        options.get("model") or options["teacher"],
         options["task"],
         options["data_dir"],
         options["train_file"],
@@ -122,7 +137,7 @@ def _print_eval(metrics: dict) -> None:
 def finetune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder (written when finished).")],
     model: ModelOpt = "minilm-l6",
-    task: TaskOpt = "sst2",
+    task: TaskOpt = None,
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
@@ -171,7 +186,7 @@ def distill(
             "every K-th teacher layer) or 'layers:0,2,4'."
         ),
     ],
-    task: TaskOpt = "sst2",
+    task: TaskOpt = None,
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
@@ -237,7 +252,7 @@ def distill(
 @app.command()
 def evaluate(
     model: ModelOpt = "minilm-l6",
-    task: TaskOpt = "sst2",
+    task: TaskOpt = None,
     data_dir: DataDirOpt = None,
     dev_file: DevFileOpt = None,
     text_columns: TextColumnsOpt = "text",
@@ -251,11 +266,11 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a model on a task's dev split(s) with the task's official metrics."""
+    from slimformer.api import evaluate as run_evaluate
     from slimformer.io import write_json_atomic
-    from slimformer.train import evaluate as run_evaluate
 
     data = _task_data(
-        task, data_dir, None, dev_file, text_columns, label_column, regression, None, max_eval_samples, seed
+        model, task, data_dir, None, dev_file, text_columns, label_column, regression, None, max_eval_samples, seed
     )
     metrics = run_evaluate(model, data, max_length=max_length, batch_size=batch_size)
     if output:
@@ -279,21 +294,12 @@ def measure(
     as_json: JsonOpt = False,
 ) -> None:
     """Parameters, analytic FLOPs by component, latency (median over repeats) and size on disk."""
+    from slimformer.api import measure as run_measure
     from slimformer.io import write_json_atomic
-    from slimformer.measure import measure_model, measurements_table
-    from slimformer.models import load_model, resolve_model_source
+    from slimformer.measure import measurements_table
 
-    loaded = load_model(model)
-    source, local = resolve_model_source(model)
-    result = measure_model(
-        loaded.model,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        threads=threads,
-        repeats=repeats,
-        warmup=warmup,
-        model_dir=source if local else None,
-        latency=latency,
+    result = run_measure(
+        model, seq_len=seq_len, batch_size=batch_size, threads=threads, repeats=repeats, warmup=warmup, latency=latency
     )
     result["model"] = str(model)
     if output:
@@ -312,8 +318,13 @@ LabelFreeOpt = Annotated[bool, typer.Option(help="Score with the model's own pre
 @app.command()
 def importance(
     model: ModelOpt = "minilm-l6",
-    task: TaskOpt = "sst2",
+    task: TaskOpt = None,
     data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    regression: RegressionOpt = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for scores JSON and heatmap PNG.")] = Path(
         "runs/importance"
     ),
@@ -326,13 +337,16 @@ def importance(
     cache_dir: Annotated[Path | None, typer.Option(help="Reuse scores computed before (keyed by a hash).")] = None,
 ) -> None:
     """Head and FFN-neuron importance scores: JSON plus a layers x heads heatmap."""
+    from slimformer.api import check_label_set
     from slimformer.importance import score_model
     from slimformer.models import load_model
     from slimformer.plots import plot_head_importance
-    from slimformer.tasks import load_task
 
-    data = load_task(task, data_dir, seed=seed)
+    data = _task_data(
+        model, task, data_dir, train_file, dev_file, text_columns, label_column, regression, None, None, seed
+    )
     loaded = load_model(model, data.spec)
+    check_label_set(loaded.model, data)
     scores = score_model(
         loaded.model,
         loaded.tokenizer,
@@ -361,12 +375,88 @@ def importance(
     stdout.print(f"Scores: {out / 'importance.json'}  heatmap: {out / 'head_importance.png'}")
 
 
+def _prune_config(options: dict):
+    """The one pruning config the prune options describe (or the one in --config)."""
+    from slimformer import configs
+
+    fractions = options["heads"] > 0 or options["ffn"] > 0
+    chosen = {
+        "--config": options["config"] is not None,
+        "--budget-flops": options["budget_flops"] is not None,
+        "--budget-latency": options["budget_latency"] is not None,
+        "--plan": options["plan"] is not None,
+        "--iterative": options["iterative"],
+        "--heads/--ffn": fractions,
+    }
+    given = [name for name, on in chosen.items() if on]
+    if options["drop_layers"] is not None and not fractions:
+        given.append("--drop-layers")
+    if len(given) != 1:
+        raise SlimformerError(
+            "Say what to prune in exactly one way: --budget-flops, --budget-latency, --heads/--ffn (optionally with "
+            "--drop-layers), --drop-layers, --iterative, --plan plan.json, or --config FILE"
+            + (f"; got {', '.join(given)}." if given else ".")
+        )
+    if options["config"] is not None:
+        return configs.load_config(options["config"])
+    budget = {
+        "tune": options["tune"],
+        "rearrange": options["rearrange"],
+        "calibration_examples": options["calibration_examples"],
+        "label_free": options["label_free"],
+        "seq_len": options["seq_len"],
+        "seed": options["seed"],
+    }
+    if options["budget_flops"] is not None:
+        return configs.FlopsBudget(fraction=options["budget_flops"], **budget)
+    if options["budget_latency"] is not None:
+        return configs.LatencyBudget(fraction=options["budget_latency"], threads=options["threads"], **budget)
+    if options["plan"] is not None:
+        return configs.PlanFile(path=str(options["plan"]))
+    if options["iterative"]:
+        return configs.Iterative(
+            keep_score=options["keep_score"],
+            step=options["step"],
+            importance=options["method"],
+            n_examples=options["n_examples"],
+            label_free=options["label_free"],
+            seed=options["seed"],
+        )
+    if not fractions:
+        return configs.DropLayers(
+            strategy=options["drop_layers"], n_examples=options["n_examples"], seed=options["seed"]
+        )
+    return configs.Fractions(
+        heads=options["heads"],
+        ffn=options["ffn"],
+        importance=options["method"],
+        scope=options["scope"],
+        min_heads_per_layer=options["min_heads_per_layer"],
+        ffn_multiple=options["ffn_multiple"],
+        n_examples=options["n_examples"],
+        label_free=options["label_free"],
+        drop_layers=options["drop_layers"],
+        seed=options["seed"],
+    )
+
+
 @app.command()
 def prune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the pruned model.")],
     model: ModelOpt = "minilm-l6",
-    task: TaskOpt = "sst2",
+    task: TaskOpt = None,
     data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    regression: RegressionOpt = False,
+    budget_flops: Annotated[
+        float | None, typer.Option(help="Retraining-free (Kwon et al. 2022): keep this fraction of encoder FLOPs.")
+    ] = None,
+    budget_latency: Annotated[
+        float | None, typer.Option(help="Retraining-free: keep this fraction of measured latency (lookup table).")
+    ] = None,
     heads: Annotated[float, typer.Option(help="Fraction of attention heads to remove (0.5 = half).")] = 0.0,
     ffn: Annotated[float, typer.Option(help="Fraction of FFN neurons to remove.")] = 0.0,
     plan: Annotated[Path | None, typer.Option(help="Apply this plan.json instead of scoring.")] = None,
@@ -375,11 +465,8 @@ def prune(
         str | None,
         typer.Option(help="Drop whole layers (Sajjad et al. 2020): top|bottom|alternate|symmetric|contribution:K."),
     ] = None,
-    budget_flops: Annotated[
-        float | None, typer.Option(help="Retraining-free (Kwon et al. 2022): keep this fraction of encoder FLOPs.")
-    ] = None,
-    budget_latency: Annotated[
-        float | None, typer.Option(help="Retraining-free: keep this fraction of measured latency (lookup table).")
+    config: Annotated[
+        Path | None, typer.Option(help="Repeat a run: a config JSON, or an earlier output folder / its metrics.json.")
     ] = None,
     calibration_examples: Annotated[int, typer.Option(help="Budget pruning: calibration examples.")] = 2048,
     rearrange: Annotated[bool, typer.Option(help="Budget pruning: rearrange masks by the layer Fisher.")] = True,
@@ -400,93 +487,46 @@ def prune(
     max_length: MaxLengthOpt = 128,
     max_eval_samples: Annotated[int | None, typer.Option(help="Random subset of each dev split.")] = None,
     label_free: LabelFreeOpt = False,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence for FLOPs (and budgets) and latency.")] = 128,
+    threads: Annotated[int, typer.Option(help="CPU threads for latency (measured and budgeted).")] = 2,
+    measure: Annotated[bool, typer.Option(help="Measure latency and size before and after.")] = True,
     seed: SeedOpt = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
-    """Remove attention heads and FFN neurons for real (smaller, faster), evaluate and save the model."""
-    if budget_flops is not None or budget_latency is not None:
-        if heads or ffn or plan or iterative or drop_layers:
-            raise SlimformerError("A --budget-* choice cannot be combined with --heads/--ffn, --plan or --iterative.")
-        from slimformer.budget.pipeline import budget_prune
+    """Prune a model for real (smaller, faster): to a FLOPs or latency budget, by fractions, layers, iteratively,
+    or by a saved plan; evaluate and measure before and after, and save it with plan.json and metrics.json."""
+    import slimformer
+    from slimformer.report import print_report
 
-        result = budget_prune(
-            model,
-            task,
-            out,
-            data_dir=data_dir,
-            budget_flops=budget_flops,
-            budget_latency=budget_latency,
-            n_calibration=calibration_examples,
-            rearrange_masks=rearrange,
-            tune=tune,
-            max_length=max_length,
-            label_free=label_free,
-            seed=seed,
-            overwrite=overwrite,
-        )
-        _print_budget_report(result.report, out)
-        return
-    from slimformer.prune.pipeline import prune_model
-
-    result = prune_model(
+    settings = _prune_config(locals())  # refuses impossible targets before any data or model is loaded
+    data = _task_data(
         model,
         task,
-        out,
+        data_dir,
+        train_file,
+        dev_file,
+        text_columns,
+        label_column,
+        regression,
+        None,
+        max_eval_samples,
+        seed,
+        required=settings.needs_data,
+    )
+    result = slimformer.prune(
+        model,
+        settings,
+        data,
         data_dir=data_dir,
-        heads=heads,
-        ffn=ffn,
-        plan=plan,
-        iterative=iterative,
-        keep_score=keep_score,
-        step=step,
-        method=method,
-        scope=scope,
-        min_heads_per_layer=min_heads_per_layer,
-        ffn_multiple=ffn_multiple,
-        n_examples=n_examples,
+        out=out,
         max_length=max_length,
         max_eval_samples=max_eval_samples,
-        label_free=label_free,
-        drop_layers=drop_layers,
-        seed=seed,
+        measure=measure,
+        seq_len=seq_len,
+        threads=threads,
         overwrite=overwrite,
     )
-    report = result.report
-    summary = report["summary"]
-    table = Table(title=f"pruned {model} for {report['task']}")
-    table.add_column("")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    if "score" in report:
-        table.add_row(report["primary_metric"], f"{report['score']['dense']:.4f}", f"{report['score']['pruned']:.4f}")
-    for key in ("layers", "heads", "neurons"):
-        table.add_row(key, str(summary[key]["before"]), str(summary[key]["after"]))
-    table.add_row("parameters", f"{summary['params']['before'] / 1e6:.2f}M", f"{summary['params']['after'] / 1e6:.2f}M")
-    fl = summary["encoder_flops"]
-    table.add_row(f"encoder GFLOPs (seq {fl['seq_len']})", f"{fl['before'] / 1e9:.3f}", f"{fl['after'] / 1e9:.3f}")
-    stdout.print(table)
-    stdout.print(f"heads kept per layer: {summary['heads_per_layer']}")
-    stdout.print(f"-> {out} (model, plan.json, metrics.json)")
-
-
-def _print_budget_report(report: dict, out: Path) -> None:
-    table = Table(title=f"{report['method']} for {report['task']}")
-    table.add_column("")
-    table.add_column("dense", justify="right")
-    table.add_column("pruned", justify="right")
-    score = report["score"]
-    table.add_row(score["metric"], f"{score['dense']:.4f}", f"{score['pruned']:.4f}")
-    fl = report["encoder_flops"]
-    table.add_row("encoder GFLOPs", f"{fl['dense'] / 1e9:.3f}", f"{fl['pruned'] / 1e9:.3f}")
-    summary = report["summary"]
-    table.add_row("parameters", f"{summary['params']['before'] / 1e6:.2f}M", f"{summary['params']['after'] / 1e6:.2f}M")
-    latency = report["latency"]
-    table.add_row("latency (ms)", f"{latency['dense']['median_ms']:.0f}", f"{latency['pruned']['median_ms']:.0f}")
-    stdout.print(table)
-    stdout.print(f"heads per layer {summary['heads_per_layer']}, neurons per layer {summary['neurons_per_layer']}")
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["phases_seconds"].items())
-    stdout.print(f"speedup {latency['speedup']:.2f}x; pruning took {report['pruning_seconds']:.0f} s ({phases})")
-    stdout.print(f"-> {out} (model, plan.json, metrics.json)")
+    print_report(result.report, stdout, out=f"{out} (model, plan.json, metrics.json)")
 
 
 @app.command()
@@ -497,11 +537,9 @@ def export(
     check: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch outputs.")] = True,
 ) -> None:
     """Export a (pruned) model to ONNX and check it against PyTorch with onnxruntime."""
-    from slimformer.export import export_onnx
-    from slimformer.models import load_model
+    from slimformer.api import export_onnx
 
-    loaded = load_model(model)
-    result = export_onnx(loaded.model, onnx, opset=opset, check=check)
+    result = export_onnx(model, onnx, opset=opset, check=check)
     diff = "" if result.max_abs_diff is None else f", max |onnx - torch| = {result.max_abs_diff:.2e}"
     stdout.print(f"{onnx}: {result.size_bytes / 2**20:.1f} MiB, opset {result.opset}{diff}")
 
@@ -510,15 +548,15 @@ def export(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("runs/demo"),
     model: ModelOpt = "minilm-l6",
-    task: TaskOpt = "sst2",
+    task: Annotated[str, typer.Option("--task", "-t", help="GLUE task to fine-tune on.")] = "sst2",
     data_dir: DataDirOpt = None,
-    max_train_samples: Annotated[int, typer.Option(help="Training subset size.")] = 4000,
+    max_train_samples: Annotated[int, typer.Option(help="Fine-tuning subset size.")] = 12000,
+    distill_samples: Annotated[int, typer.Option(help="Distillation subset size.")] = 4000,
     max_length: MaxLengthOpt = 64,
-    heads: Annotated[float, typer.Option(help="Fraction of heads to prune in every layer.")] = 0.5,
-    ffn: Annotated[float, typer.Option(help="Fraction of FFN neurons to prune in every layer.")] = 0.5,
+    budget: Annotated[float, typer.Option(help="Fraction of the encoder FLOPs to keep.")] = 0.5,
     seed: SeedOpt = 0,
 ) -> None:
-    """The main job on the embedded default: fine-tune, prune, evaluate and measure both, summarise."""
+    """The main job on the embedded default: fine-tune, prune to a FLOPs budget, distill, measure all three."""
     from slimformer.demo import run_demo
 
     run_demo(
@@ -527,12 +565,29 @@ def demo(
         task=task,
         data_dir=data_dir,
         max_train_samples=max_train_samples,
+        distill_samples=distill_samples,
         max_length=max_length,
-        heads=heads,
-        ffn=ffn,
+        budget=budget,
         seed=seed,
         console=stdout,
     )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from slimformer.version import __version__
+
+        stdout.print(f"slimformer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Make pre-trained transformer models smaller and faster for a task, and see which parts matter."""
 
 
 from slimformer.analyze.cli import analyze_app  # noqa: E402

@@ -1,5 +1,6 @@
-"""The main job on the embedded default model: fine-tune -> score importance -> prune -> recover by distillation
--> evaluate and measure, side by side."""
+"""The main job on the embedded default model, along slimformer's flagship path: fine-tune -> prune to a FLOPs
+budget without retraining (Kwon et al. 2022 + least-squares refit) -> recover by distillation -> measure all three
+side by side (latency interleaved, in one run)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from slimformer.distill import DistillConfig, distill
+from slimformer.api import distill, finetune, measure, prune
+from slimformer.configs import FlopsBudget
+from slimformer.distill import DistillConfig
 from slimformer.io import write_json_atomic
-from slimformer.measure import measure_model
 from slimformer.models import load_model
-from slimformer.prune.pipeline import prune_model
-from slimformer.train import TrainConfig, finetune
+from slimformer.report import interleaved_latency
+from slimformer.train import TrainConfig
 
 
 def run_demo(
@@ -23,10 +25,11 @@ def run_demo(
     model: str = "minilm-l6",
     task: str = "sst2",
     data_dir: Path | None = None,
-    max_train_samples: int = 4000,
+    max_train_samples: int = 12000,
+    distill_samples: int = 4000,
     max_length: int = 64,
-    heads: float = 0.5,
-    ffn: float = 0.5,
+    budget: float = 0.5,
+    calibration_examples: int = 512,
     seed: int = 0,
     console: Console | None = None,
 ) -> dict:
@@ -35,33 +38,29 @@ def run_demo(
     out = Path(out)
     started = time.perf_counter()
     console.rule(f"[bold]1/4 fine-tune {model} on {task} ({max_train_samples} examples)")
-    config = TrainConfig(max_length=max_length, max_train_samples=max_train_samples, seed=seed)
+    config = TrainConfig(
+        max_length=max_length, max_train_samples=max_train_samples, seed=seed, learning_rate=1e-4, group_by_length=True
+    )
     tuned = finetune(model, task, out / "finetuned", data_dir=data_dir, config=config, overwrite=True)
 
-    console.rule(f"[bold]2/4 prune {heads:.0%} of heads and {ffn:.0%} of FFN neurons per layer (no retraining)")
-    pruned = prune_model(
+    console.rule(f"[bold]2/4 prune to {budget:.0%} of the encoder FLOPs, no retraining (Kwon et al. 2022 + refit)")
+    # no data options: the fine-tuned folder remembers its task and where its data is
+    pruned = prune(
         out / "finetuned",
-        task,
-        out / "pruned",
-        data_dir=data_dir,
-        heads=heads,
-        ffn=ffn,
-        scope="layer",
-        method="gradient",
-        n_examples=256,
+        FlopsBudget(budget, calibration_examples=calibration_examples, seed=seed),
+        out=out / "pruned",
         max_length=max_length,
-        seed=seed,
         overwrite=True,
     )
 
-    console.rule("[bold]3/4 recover: distill the fine-tuned model into the pruned one (same examples, 1 epoch)")
-    recover = TrainConfig(max_length=max_length, max_train_samples=max_train_samples, seed=seed, learning_rate=1e-4)
+    console.rule(f"[bold]3/4 recover: distill the fine-tuned model into the pruned one ({distill_samples} examples)")
+    recover = TrainConfig(
+        max_length=max_length, max_train_samples=distill_samples, seed=seed, learning_rate=1e-4, group_by_length=True
+    )
     recovered = distill(
         out / "finetuned",
         out / "pruned",
-        task,
         out / "distilled",
-        data_dir=data_dir,
         config=recover,
         distill_config=DistillConfig(alpha=0.5, temperature=2.0),
         evaluate_before=False,
@@ -69,33 +68,24 @@ def run_demo(
         resume=False,
     )
 
-    console.rule("[bold]4/4 measure all three (batch 32 x 128 tokens, 2 threads, median of 10)")
-    measured = {}
-    for name in ("finetuned", "pruned", "distilled"):
-        loaded = load_model(out / name)
-        measured[name] = measure_model(
-            loaded.model, seq_len=128, batch_size=32, threads=2, repeats=10, model_dir=str(out / name)
-        )
+    console.rule("[bold]4/4 measure all three (batch 32 x 128 tokens, 2 threads, interleaved, medians)")
+    names = ("finetuned", "pruned", "distilled")
+    measured = {name: measure(out / name, latency=False) for name in names}
+    latency = interleaved_latency({name: load_model(out / name).model for name in names}, rounds=3, repeats=4)
 
+    scores = {"finetuned": tuned.score, "pruned": pruned.score, "distilled": recovered.score}
     summary = {
         "model": model,
         "task": task,
         "train_samples": tuned.metrics["train"]["samples"],
         "train_seconds": tuned.metrics["train"]["seconds"],
         "primary_metric": tuned.metrics["primary_metric"],
-        "dev": {
-            "finetuned": tuned.metrics["eval"],
-            "pruned": pruned.report["eval"]["pruned"],
-            "distilled": recovered.metrics["eval"],
-        },
-        "score": {
-            "finetuned": tuned.score,
-            "pruned": pruned.report["score"]["pruned"],
-            "distilled": recovered.score,
-        },
+        "score": scores,
         "distill_seconds": recovered.metrics["train"]["seconds"],
-        "plan": pruned.report["summary"],
+        "prune_seconds": pruned.report["seconds"]["total"],
+        "plan": pruned.report["details"]["plan"],
         "measure": measured,
+        "latency": latency,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(out / "summary.json", summary)
@@ -126,13 +116,17 @@ def _table(summary: dict, model: str, task: str) -> Table:
     row("parameters", [f"{p / 1e6:.2f}M" for p in params], f"{params[2] / params[0]:.2f}x")
     flops = [measured[n]["flops"]["encoder"] for n in names]
     row("encoder GFLOPs (128 tokens)", [f"{f / 1e9:.3f}" for f in flops], f"{flops[2] / flops[0]:.2f}x")
-    latency = [measured[n]["latency"]["median_ms"] for n in names]
+    latency = [summary["latency"][n]["median_ms"] for n in names]
     row("latency 32 x 128 (ms)", [f"{t:.0f}" for t in latency], f"{latency[0] / latency[2]:.2f}x faster")
     disk = [measured[n]["disk"]["weights_bytes"] for n in names]
     row("weights on disk", [f"{d / 2**20:.1f} MiB" for d in disk], f"{disk[2] / disk[0]:.2f}x")
     row(
-        "train examples / seconds",
-        [f"{summary['train_samples']} / {summary['train_seconds']:.0f}", "", f"/ {summary['distill_seconds']:.0f}"],
+        "examples / seconds",
+        [
+            f"{summary['train_samples']} / {summary['train_seconds']:.0f}",
+            f"/ {summary['prune_seconds']:.0f}",
+            f"/ {summary['distill_seconds']:.0f}",
+        ],
         "",
     )
     row("total time", [f"{summary['total_seconds']:.0f} s", "", ""], "")

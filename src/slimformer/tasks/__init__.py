@@ -2,6 +2,7 @@
 
 from slimformer.tasks.data import TaskData, custom_task_spec, load_custom_task, load_task, read_glue_file
 from slimformer.tasks.metrics import compute_metrics
+from slimformer.tasks.ref import TaskRef
 from slimformer.tasks.spec import GLUE_HUB_REPO, GLUE_TASKS, TaskSpec, get_task_spec
 from slimformer.tasks.tokenize import cache_root, tokenize_task, tokenized_cache_dir
 
@@ -9,6 +10,7 @@ __all__ = [
     "GLUE_HUB_REPO",
     "GLUE_TASKS",
     "TaskData",
+    "TaskRef",
     "TaskSpec",
     "cache_root",
     "compute_metrics",

@@ -16,6 +16,7 @@ from datasets import Dataset, Features, Value
 
 from slimformer.errors import DataFileError, TaskError
 from slimformer.tasks.readers import Row, file_format, read_delimited, read_jsonl
+from slimformer.tasks.ref import TaskRef
 from slimformer.tasks.spec import GLUE_HUB_REPO, TaskSpec, _normalise, get_task_spec
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class TaskData:
     spec: TaskSpec
     splits: dict[str, Dataset] = field(default_factory=dict)
     source: str = ""
+    # how to load this data again (remembered by the model folders trained on it); None for hand-built data
+    ref: TaskRef | None = None
 
     @property
     def train(self) -> Dataset | None:
@@ -195,7 +198,8 @@ def _load_local(
             f"is missing: the {spec.name} folder must hold {' and '.join(missing_dev)} "
             f"(expected files: {expected}, as written by download_glue_data.py; train.tsv is optional)",
         )
-    return TaskData(spec=spec, splits=splits, source=f"local {folder}")
+    ref = TaskRef(kind="glue", name=spec.name, data_dir=str(folder.parent.resolve()))
+    return TaskData(spec=spec, splits=splits, source=f"local {folder}", ref=ref)
 
 
 def _load_hub(spec: TaskSpec, max_train_samples: int | None, max_eval_samples: int | None, seed: int) -> TaskData:
@@ -219,7 +223,8 @@ def _load_hub(spec: TaskSpec, max_train_samples: int | None, max_eval_samples: i
             dataset = dataset.select(indices)
         # ClassLabel becomes plain int64 so hub and local data look the same.
         splits[split] = dataset.rename_columns(renames).cast(_features(spec))
-    return TaskData(spec=spec, splits=splits, source=f"hub {GLUE_HUB_REPO}/{spec.hub_config}")
+    ref = TaskRef(kind="glue", name=spec.name)
+    return TaskData(spec=spec, splits=splits, source=f"hub {GLUE_HUB_REPO}/{spec.hub_config}", ref=ref)
 
 
 def load_task(
@@ -444,7 +449,17 @@ def load_custom_task(
         indices = _sample_indices(len(split_rows), limit, seed, what)
         splits[split] = _build_dataset(spec, texts, labels[split], indices)
     source = "custom " + ", ".join(f"{split}={path}" for split, path in files)
-    return TaskData(spec=spec, splits=splits, source=source)
+    ref = TaskRef(
+        kind="custom",
+        name=name,
+        train_file=str(paths["train"].resolve()) if "train" in paths else None,
+        dev_file=str(paths["dev"].resolve()) if "dev" in paths else None,
+        text_columns=text_columns,
+        label_column=label_column,
+        regression=regression,
+        label_names=names,
+    )
+    return TaskData(spec=spec, splits=splits, source=source, ref=ref)
 
 
 def custom_task_spec(name: str, text_columns: Sequence[str], label_names: Sequence[str] | None) -> TaskSpec:

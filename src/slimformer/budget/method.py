@@ -1,0 +1,153 @@
+"""Handlers of :class:`~slimformer.configs.FlopsBudget` and :class:`~slimformer.configs.LatencyBudget`:
+retraining-free pruning to a budget after Kwon et al. 2022 ("A Fast Post-Training Pruning Framework for
+Transformers"): Fisher of the masks on a calibration set -> mask search under the constraint -> mask
+rearrangement per layer -> layer-wise least-squares refit (all kept output/down-projection weights by default, as
+in ZipLM, Kurtic et al. 2023; Kwon's one scale per unit with ``tune="scales"``), folded into the weights. The front
+door then removes what the plan prunes, so the result is an ordinary, physically smaller model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from slimformer.budget.fisher import MaskGradients, collect_mask_gradients
+from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, search_masks
+from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
+from slimformer.configs import FlopsBudget, LatencyBudget, PruneContext, PruneOutcome, register_handler
+from slimformer.errors import SlimformerError
+from slimformer.importance import importance_sample
+from slimformer.prune.plan import Layout, PruningPlan
+
+# what tune does after the search: its description in the report
+TUNING = {
+    "weights": " + least-squares reconstruction of the output/down projections (ZipLM-style, all weights)",
+    "scales": " + least-squares mask tuning (Kwon et al., one scale per unit)",
+    "none": "",
+}
+
+
+def plan_for_budget(
+    model,
+    gradients: MaskGradients,
+    *,
+    budget_flops: float | None = None,
+    budget_latency: float | None = None,
+    seq_len: int = 128,
+    latency_table=None,
+) -> tuple[PruningPlan, dict[str, Any]]:
+    """The Fisher mask search under a FLOPs budget, or under a latency budget predicted by a lookup table.
+
+    For latency, the FLOPs search is run at the largest FLOPs fraction whose plan the table predicts to meet the
+    latency budget (bisection), since latency is monotone in the units kept but not linear in them.
+    """
+    layout = Layout.of(model)
+    costs = UnitCosts.flops(layout, seq_len)
+    heads, neurons = gradients.head_fisher(), gradients.neuron_fisher()
+    model_type = model.config.model_type
+    if budget_flops is not None:
+        return search_masks(layout, heads, neurons, budget_flops, costs, model_type=model_type), {}
+    if latency_table is None:
+        raise SlimformerError("A latency budget needs a latency lookup table.")
+    dense_ms = latency_table.model_ms(layout)
+    allowed_ms = budget_latency * dense_ms
+    low, high = 1e-4, 1.0
+    best = search_masks(layout, heads, neurons, low, costs, model_type=model_type)
+    if latency_table.model_ms(best.result_layout()) > allowed_ms:
+        raise SlimformerError(
+            f"A latency budget of {budget_latency:g} cannot be met: even an almost empty encoder is predicted to "
+            f"take {latency_table.model_ms(best.result_layout()):.1f} ms of the dense {dense_ms:.1f} ms (embeddings "
+            "and classifier stay). Choose a larger budget."
+        )
+    for _ in range(30):
+        middle = (low + high) / 2
+        plan = search_masks(layout, heads, neurons, middle, costs, model_type=model_type)
+        if latency_table.model_ms(plan.result_layout()) <= allowed_ms:
+            low, best = middle, plan
+        else:
+            high = middle
+    predicted = latency_table.model_ms(best.result_layout())
+    best.meta.update(budget_latency=budget_latency, flops_fraction_found=low)
+    return best, {"predicted_dense_ms": dense_ms, "predicted_pruned_ms": predicted, "flops_fraction": low}
+
+
+def fisher_loss(gradients: MaskGradients, plan: PruningPlan) -> float:
+    """Sum over layers of 1_P^T I 1_P: the second-order loss-increase estimate the rearrangement minimises."""
+    pairs = [
+        *zip(gradients.heads, plan.kept_heads, strict=True),
+        *zip(gradients.neurons, plan.kept_neurons, strict=True),
+    ]
+    return sum(pruned_fisher(gradients.block(grads), kept) for grads, kept in pairs)
+
+
+def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: PruneContext) -> PruneOutcome:
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 2)
+        clock = now
+
+    # length-grouped batches: per-example Fisher and least squares do not depend on batching, padding costs time
+    sample = importance_sample(
+        tokenizer,
+        ctx.data,
+        n_examples=config.calibration_examples,
+        batch_size=config.batch_size,
+        max_length=ctx.max_length,
+        seed=config.seed,
+        length_grouped=True,
+    )
+    gradients = collect_mask_gradients(model, sample.batches, label_free=config.label_free, progress=ctx.progress)
+    lap("fisher")
+    table = None
+    latency = isinstance(config, LatencyBudget)
+    if latency:
+        from slimformer.budget.latency_table import latency_table
+
+        table = latency_table(
+            model,
+            cache_dir=ctx.cache_dir,
+            batch_size=config.latency_batch_size,
+            seq_len=config.seq_len,
+            threads=config.threads,
+            progress=ctx.progress,
+        )
+        lap("latency_table")
+    plan, latency_info = plan_for_budget(
+        model,
+        gradients,
+        budget_flops=None if latency else config.fraction,
+        budget_latency=config.fraction if latency else None,
+        seq_len=config.seq_len,
+        latency_table=table,
+    )
+    lap("search")
+    searched = plan
+    if config.rearrange:
+        plan = rearrange(plan, gradients.heads, gradients.neurons)
+    lap("rearrange")
+    loss_estimate = {"searched": fisher_loss(gradients, searched), "rearranged": fisher_loss(gradients, plan)}
+    tuning = None
+    if config.tune == "weights":
+        tuning = reconstruct_weights(model, plan, sample.batches, progress=ctx.progress)
+    elif config.tune == "scales":
+        gates, tuning = tune_masks(model, plan, sample.batches, progress=ctx.progress)
+        fold_scales(model, gates)
+    lap("tune")
+    details = {
+        "description": "Kwon et al. 2022: Fisher mask search"
+        + (" + rearrangement" if config.rearrange else "")
+        + TUNING[config.tune],
+        "budget": {config.method: config.fraction, "seq_len": config.seq_len, **latency_info},
+        "calibration": {**sample.description, "label_free": config.label_free},
+        "fisher_loss_estimate": loss_estimate,
+        "tuning": tuning.layers if tuning else None,
+    }
+    return PruneOutcome(plan=plan, details=details, seconds=seconds)
+
+
+register_handler(FlopsBudget)(_budget_prune)
+register_handler(LatencyBudget)(_budget_prune)

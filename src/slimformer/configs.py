@@ -1,0 +1,347 @@
+"""Pruning methods as small, serialisable configs, and the registry that maps each config type to its handler.
+
+Every method is one frozen dataclass (what to do) plus one handler (how), in the shape of peft's
+``get_peft_model(model, config)`` and torchao's ``quantize_(model, config)``: :func:`slimformer.prune` looks the
+config's type up here and calls its handler. A config serialises to JSON with its method name and a version, so
+a run can be repeated from its output folder (``metrics.json`` keeps the config). A new method is a new config
+class plus a handler registered with :func:`register_handler`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from slimformer.errors import SlimformerError
+
+if TYPE_CHECKING:
+    from slimformer.prune.plan import PruningPlan
+    from slimformer.tasks import TaskData
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(SlimformerError):
+    """A method config that cannot work (impossible target, unknown option, malformed file)."""
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Base of every pruning method's config. Subclasses set ``method`` and ``needs_data``."""
+
+    method: ClassVar[str] = ""
+    # whether the handler scores units on task examples (calibration data); plan files and fixed layer
+    # strategies do not
+    needs_data: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self.check()  # an impossible target fails here, before any model is loaded or scored
+
+    def check(self) -> None:
+        """Refuse impossible settings before any work starts (no model needed)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "version": CONFIG_VERSION, **asdict(self)}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        from slimformer.io import write_json_atomic
+
+        return write_json_atomic(path, self.to_dict())
+
+
+@dataclass
+class PruneContext:
+    """What a handler gets besides the model and its config: the task data (calibration / evaluation), the
+    token limit, where importance scores may be cached, and whether to show progress bars."""
+
+    data: TaskData | None
+    max_length: int = 128
+    cache_dir: str | os.PathLike[str] | None = None
+    progress: bool = True
+
+
+@dataclass
+class PruneOutcome:
+    """What a handler returns: the plan to remove (weights may already be refit in place), method-specific
+    details for the report, and seconds per phase."""
+
+    plan: PruningPlan
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+_CONFIGS: dict[str, type[PruneConfig]] = {}
+_HANDLERS: dict[type[PruneConfig], Callable[..., Any]] = {}
+
+
+def register_config(cls: type[PruneConfig]) -> type[PruneConfig]:
+    """Class decorator: make a config type known by its ``method`` name (for :func:`config_from_dict`)."""
+    if not cls.method:
+        raise TypeError(f"{cls.__name__} needs a `method` name")
+    _CONFIGS[cls.method] = cls
+    return cls
+
+
+def register_handler(config_type: type[PruneConfig]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the function that carries out ``config_type``. It is called as
+    ``handler(model, tokenizer, config, context)`` and returns a :class:`PruneOutcome`."""
+
+    def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+        _HANDLERS[config_type] = handler
+        return handler
+
+    return decorate
+
+
+def handler_for(config: PruneConfig) -> Callable[..., Any]:
+    # the handlers live beside the code they drive; importing them registers them
+    import slimformer.budget.method
+    import slimformer.prune.methods  # noqa: F401
+
+    for config_type in type(config).__mro__:
+        if config_type in _HANDLERS:
+            return _HANDLERS[config_type]
+    raise ConfigError(f"No handler is registered for {type(config).__name__}.")
+
+
+def known_methods() -> list[str]:
+    return sorted(_CONFIGS)
+
+
+def config_from_dict(data: dict[str, Any]) -> PruneConfig:
+    """Rebuild a config from :meth:`PruneConfig.to_dict` output (or a ``metrics.json`` that holds one)."""
+    if isinstance(data, dict) and "config" in data and "method" not in data:
+        data = data["config"]  # a report: its config
+    if not isinstance(data, dict) or "method" not in data:
+        raise ConfigError(f"Not a pruning config (no 'method'): {str(data)[:200]}")
+    method = data["method"]
+    if method not in _CONFIGS:
+        raise ConfigError(f"Unknown pruning method {method!r}; known: {', '.join(known_methods())}.")
+    version = data.get("version", CONFIG_VERSION)
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ConfigError(f"Config version {version!r} is newer than this slimformer understands ({CONFIG_VERSION}).")
+    cls = _CONFIGS[method]
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names - {"method", "version"})
+    if unknown:
+        raise ConfigError(f"Unknown option(s) for {method}: {', '.join(unknown)}.")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    absent = [name for name in required if name not in data]
+    if absent:
+        raise ConfigError(f"The {method} config lacks {', '.join(absent)}.")
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def load_config(path: str | os.PathLike[str]) -> PruneConfig:
+    """A config from a JSON file: one written by :meth:`PruneConfig.save`, or an output folder's ``metrics.json``
+    (or the folder itself), to repeat that run."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"Cannot read the config file {path}: {error.strerror or error}.") from None
+    except ValueError as error:
+        raise ConfigError(f"{path} is not valid JSON: {error}.") from None
+    return config_from_dict(data)
+
+
+def _fraction(option: str, value: float, *, low_open: bool = False, what: str = "to remove") -> None:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value < 1.0)
+    if not isinstance(value, int | float) or not ok:
+        interval = "(0, 1]" if low_open else "[0, 1)"
+        raise ConfigError(f"{option} {value!r} is impossible: it is the fraction {what}, in {interval}.")
+
+
+_SCORING_METHODS = ("gradient", "fisher", "magnitude", "random")
+_TUNE_CHOICES = ("weights", "scales", "none")
+
+
+def _check_scoring(method: str) -> None:
+    if method not in _SCORING_METHODS:
+        raise ConfigError(f"Unknown importance method {method!r}; choose one of {', '.join(_SCORING_METHODS)}.")
+
+
+def _positive(option: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{option} must be a positive whole number, got {value!r}.")
+
+
+def _check_drop_layers(strategy: str | None) -> None:
+    if strategy is not None:
+        from slimformer.prune.layers import parse_drop_layers
+
+        parse_drop_layers(strategy)
+
+
+# --------------------------------------------------------------------------------------------- methods
+
+
+@register_config
+@dataclass(frozen=True)
+class Fractions(PruneConfig):
+    """Remove a fraction of the heads and FFN neurons, ranked by importance (Michel et al. 2019's gradient by
+    default), globally or the same fraction in every layer; optionally also drop whole layers."""
+
+    method: ClassVar[str] = "fractions"
+
+    heads: float = 0.0
+    ffn: float = 0.0
+    importance: str = "gradient"
+    scope: str = "global"
+    min_heads_per_layer: int = 0
+    min_neurons_per_layer: int = 0
+    ffn_multiple: int = 1
+    n_examples: int = 256
+    label_free: bool = False
+    drop_layers: str | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        _fraction("heads", self.heads)
+        _fraction("ffn", self.ffn)
+        if self.heads == 0 and self.ffn == 0 and self.drop_layers is None:
+            raise ConfigError("Fractions(heads=0, ffn=0) removes nothing: give heads and/or ffn above 0.")
+        if self.scope not in ("global", "layer"):
+            raise ConfigError(f"scope must be 'global' or 'layer', got {self.scope!r}.")
+        _check_scoring(self.importance)
+        _positive("n_examples", self.n_examples)
+        _positive("ffn_multiple", self.ffn_multiple)
+        _check_drop_layers(self.drop_layers)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.importance in ("gradient", "fisher") and (self.heads > 0 or self.ffn > 0)
+
+
+@register_config
+@dataclass(frozen=True)
+class Iterative(PruneConfig):
+    """Prune heads and whole MLPs step by step while the dev score stays above ``keep_score`` x the dense score
+    (Michel et al. 2019; Prasanna et al. 2020's s-pruning)."""
+
+    method: ClassVar[str] = "iterative"
+
+    keep_score: float = 0.9
+    step: float = 0.1
+    importance: str = "gradient"
+    n_examples: int = 256
+    label_free: bool = False
+    seed: int = 0
+
+    def check(self) -> None:
+        _fraction("keep_score", self.keep_score, low_open=True, what="of the dense score to keep")
+        _fraction("step", self.step, low_open=True, what="of the remaining heads pruned per step")
+        _check_scoring(self.importance)
+        _positive("n_examples", self.n_examples)
+
+
+@register_config
+@dataclass(frozen=True)
+class DropLayers(PruneConfig):
+    """Drop whole layers (Sajjad et al. 2020): ``top:K``, ``bottom:K``, ``alternate:K``, ``symmetric:K``, or
+    ``contribution:K`` (the layers that change the hidden state least on task examples)."""
+
+    method: ClassVar[str] = "drop_layers"
+
+    strategy: str = "top:2"
+    n_examples: int = 256
+    seed: int = 0
+
+    def check(self) -> None:
+        _check_drop_layers(self.strategy)
+
+    @property
+    def needs_data(self) -> bool:  # type: ignore[override]
+        return self.strategy.startswith("contribution")
+
+
+@register_config
+@dataclass(frozen=True)
+class PlanFile(PruneConfig):
+    """Apply a saved pruning plan (``plan.json`` of an earlier run)."""
+
+    method: ClassVar[str] = "plan"
+    needs_data: ClassVar[bool] = False
+
+    path: str = ""
+
+    def check(self) -> None:
+        if not self.path:
+            raise ConfigError("PlanFile needs the path of a plan.json.")
+
+
+@dataclass(frozen=True)
+class _Budget(PruneConfig):
+    """Shared settings of the retraining-free budget pruner (Kwon et al. 2022)."""
+
+    fraction: float = 0.5
+    tune: str = "weights"
+    rearrange: bool = True
+    calibration_examples: int = 2048
+    label_free: bool = False
+    seq_len: int = 128
+    batch_size: int = 32
+    seed: int = 0
+
+    def check(self) -> None:
+        _fraction(f"the {self.method} fraction", self.fraction, low_open=True, what="of the dense model's cost to keep")
+        if self.tune not in _TUNE_CHOICES:
+            raise ConfigError(f"Unknown tune {self.tune!r}: choose one of {', '.join(_TUNE_CHOICES)}.")
+        _positive("calibration_examples", self.calibration_examples)
+        _positive("seq_len", self.seq_len)
+        _positive("batch_size", self.batch_size)
+
+
+@register_config
+@dataclass(frozen=True)
+class FlopsBudget(_Budget):
+    """Keep ``fraction`` of the encoder FLOPs (counted at ``seq_len`` tokens), without retraining: Kwon et al.
+    2022's Fisher mask search and rearrangement, then a layer-wise least-squares refit (``tune``: ``weights`` as
+    in ZipLM, Kurtic et al. 2023; ``scales``, Kwon's one scale per unit; or ``none``)."""
+
+    method: ClassVar[str] = "flops_budget"
+
+
+@register_config
+@dataclass(frozen=True)
+class LatencyBudget(_Budget):
+    """Keep ``fraction`` of the measured latency (batch ``latency_batch_size`` x ``seq_len``, ``threads`` CPU
+    threads), predicted by a per-layer latency lookup table measured once per machine; otherwise as
+    :class:`FlopsBudget`."""
+
+    method: ClassVar[str] = "latency_budget"
+
+    latency_batch_size: int = 32
+    threads: int = 2
+
+    def check(self) -> None:
+        super().check()
+        _positive("latency_batch_size", self.latency_batch_size)
+        _positive("threads", self.threads)
+
+
+__all__ = [
+    "CONFIG_VERSION",
+    "ConfigError",
+    "DropLayers",
+    "FlopsBudget",
+    "Fractions",
+    "Iterative",
+    "LatencyBudget",
+    "PlanFile",
+    "PruneConfig",
+    "PruneContext",
+    "PruneOutcome",
+    "config_from_dict",
+    "handler_for",
+    "known_methods",
+    "load_config",
+    "register_config",
+    "register_handler",
+]

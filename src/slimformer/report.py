@@ -1,0 +1,197 @@
+"""One report for every command that produces a model (finetune, prune, distill): one schema, one printer.
+
+``metrics.json`` in every output folder is such a report::
+
+    schema_version, command, slimformer_version, model, task, primary_metric, config,
+    score:   {"before": float | None, "after": float | None[, "teacher": float]}
+    eval:    {"before": {split: {metric: value}}, "after": {...}}
+    models:  {"before": stats | None, "after": stats}   stats = params, encoder_flops (at flops_seq_len tokens),
+             layers, heads, neurons, heads_per_layer, neurons_per_layer, disk_bytes
+    flops_seq_len: int
+    latency: None | {batch_size, seq_len, threads, before, after, speedup}  (medians of interleaved repeats)
+    seconds: {phase: seconds, ..., "total": seconds}
+    details: what the method adds (its plan summary, curves, losses)
+
+"before" is the model the command started from (the dense model for prune, the student before training for
+distill, nothing for finetune, whose head starts random).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from transformers import PreTrainedModel
+
+from slimformer.arch import layer_views
+from slimformer.measure import count_parameters, flops, measure_latency
+from slimformer.version import __version__
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def model_stats(model: PreTrainedModel, *, seq_len: int = 128, disk_bytes: int | None = None) -> dict[str, Any]:
+    """Size of ``model`` as it is now: parameters, encoder FLOPs of one ``seq_len``-token sequence, shape."""
+    views = layer_views(model)
+    heads = [view.num_heads for view in views]
+    neurons = [view.ffn_size for view in views]
+    return {
+        "params": count_parameters(model).as_dict(),
+        "encoder_flops": flops(model, seq_len=seq_len).encoder,
+        "layers": len(views),
+        "heads": sum(heads),
+        "neurons": sum(neurons),
+        "heads_per_layer": heads,
+        "neurons_per_layer": neurons,
+        "disk_bytes": disk_bytes,
+    }
+
+
+def interleaved_latency(
+    models: dict[str, PreTrainedModel],
+    *,
+    batch_size: int = 32,
+    seq_len: int = 128,
+    threads: int | None = 2,
+    rounds: int = 3,
+    repeats: int = 5,
+    warmup: int = 2,
+) -> dict[str, Any]:
+    """Latency of several models measured in ``rounds`` that each visit every model once, so that drift in the
+    machine's load spreads evenly; per model the median of all its samples (ms). ``speedup`` is the first
+    model's median over each other's."""
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            stats = measure_latency(
+                model, batch_size=batch_size, seq_len=seq_len, threads=threads, warmup=warmup, repeats=repeats
+            )
+            samples[name].extend(stats.samples_ms)
+    result: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "threads": threads}
+    for name, values in samples.items():
+        ordered = sorted(values)
+        result[name] = {"median_ms": ordered[len(ordered) // 2], "samples_ms": values}
+    first = next(iter(models))
+    result["speedup"] = {
+        name: result[first]["median_ms"] / result[name]["median_ms"] for name in models if name != first
+    }
+    return result
+
+
+def build_report(
+    command: str,
+    *,
+    model: str,
+    task: dict[str, Any] | None,
+    primary_metric: str | None,
+    config: dict[str, Any],
+    before: PreTrainedModel | dict[str, Any] | None,
+    after: PreTrainedModel | dict[str, Any],
+    eval_before: dict[str, dict[str, float]] | None = None,
+    eval_after: dict[str, dict[str, float]] | None = None,
+    extra_scores: dict[str, float] | None = None,
+    latency: dict[str, Any] | None = None,
+    seconds: dict[str, float] | None = None,
+    details: dict[str, Any] | None = None,
+    seq_len: int = 128,
+) -> dict[str, Any]:
+    """Assemble a report (see the module docstring); models are measured here, stats dicts are taken as is."""
+    from slimformer.evaluation import headline_score
+
+    def stats(value: PreTrainedModel | dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None or isinstance(value, dict):
+            return value
+        return model_stats(value, seq_len=seq_len)
+
+    def score(evaluation: dict[str, dict[str, float]] | None) -> float | None:
+        return headline_score(evaluation, primary_metric) if evaluation and primary_metric else None
+
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "command": command,
+        "slimformer_version": __version__,
+        "model": model,
+        "task": task,
+        "primary_metric": primary_metric,
+        "config": config,
+        "score": {"before": score(eval_before), "after": score(eval_after), **(extra_scores or {})},
+        "eval": {"before": eval_before, "after": eval_after},
+        "models": {"before": stats(before), "after": stats(after)},
+        "flops_seq_len": seq_len,
+        "latency": latency,
+        "seconds": {**(seconds or {}), "total": round(sum((seconds or {}).values()), 2)},
+        "details": details or {},
+    }
+
+
+def _ratio(before: float | None, after: float | None, *, inverse: bool = False) -> str:
+    if not before or not after:
+        return ""
+    return f"{(before / after if inverse else after / before):.2f}x"
+
+
+def report_table(report: dict[str, Any], title: str | None = None) -> Table:
+    """The report's before / after columns side by side."""
+    name = (report.get("task") or {}).get("name", "") if isinstance(report.get("task"), dict) else ""
+    table = Table(title=title or f"{report['command']} {report['model']}" + (f" on {name}" if name else ""))
+    for column, justify in (("", "left"), ("before", "right"), ("after", "right"), ("after / before", "right")):
+        table.add_column(column, justify=justify)
+    score = report.get("score") or {}
+    metric = report.get("primary_metric") or "score"
+    if "teacher" in score:
+        table.add_row(f"{metric} (teacher)", "", f"{score['teacher']:.4f}", "")
+    if score.get("before") is not None or score.get("after") is not None:
+        table.add_row(
+            metric,
+            "" if score.get("before") is None else f"{score['before']:.4f}",
+            "" if score.get("after") is None else f"{score['after']:.4f}",
+            "",
+        )
+    models = report.get("models") or {}
+    before, after = models.get("before") or {}, models.get("after") or {}
+
+    def row(label: str, key: str, fmt, scale: float = 1.0) -> None:
+        b, a = before.get(key), after.get(key)
+        if key == "params":
+            b, a = (b or {}).get("total"), (a or {}).get("total")
+        if b is None and a is None:
+            return
+        table.add_row(label, "" if b is None else fmt(b / scale), "" if a is None else fmt(a / scale), _ratio(b, a))
+
+    row("layers", "layers", str)
+    row("heads", "heads", str)
+    row("FFN neurons", "neurons", str)
+    row("parameters (M)", "params", lambda v: f"{v:.2f}", 1e6)
+    row(f"encoder GFLOPs ({report.get('flops_seq_len', 128)} tokens)", "encoder_flops", lambda v: f"{v:.3f}", 1e9)
+    row("size on disk (MB)", "disk_bytes", lambda v: f"{v:.1f}", 1e6)
+    latency = report.get("latency")
+    if latency and "before" in latency and "after" in latency:
+        label = f"latency ms ({latency['batch_size']}x{latency['seq_len']}, {latency['threads']} threads)"
+        b, a = latency["before"]["median_ms"], latency["after"]["median_ms"]
+        table.add_row(label, f"{b:.1f}", f"{a:.1f}", f"speedup {b / a:.2f}x")
+    return table
+
+
+def print_report(report: dict[str, Any], console: Console | None = None, out: str | None = None) -> None:
+    """Print a report: the side-by-side table, the shape per layer, time per phase and where it went."""
+    console = console or Console()
+    console.print(report_table(report))
+    after = (report.get("models") or {}).get("after") or {}
+    if after.get("heads_per_layer") is not None:
+        console.print(f"heads per layer {after['heads_per_layer']}, FFN neurons per layer {after['neurons_per_layer']}")
+    seconds = report.get("seconds") or {}
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items() if k != "total")
+    console.print(f"took {seconds.get('total', 0):.0f} s" + (f" ({phases})" if phases else ""))
+    if out:
+        console.print(f"-> {out}")
+
+
+__all__ = [
+    "REPORT_SCHEMA_VERSION",
+    "build_report",
+    "interleaved_latency",
+    "model_stats",
+    "print_report",
+    "report_table",
+]
