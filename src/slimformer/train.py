@@ -97,8 +97,9 @@ def _is_complete_checkpoint(path: Path) -> bool:
     return True
 
 
-def last_complete_checkpoint(work_dir: Path) -> Path | None:
-    """The newest complete ``checkpoint-N`` folder; partial ones (from an interrupted save) are deleted."""
+def last_complete_checkpoint(work_dir: Path, *, remove_partial: bool = True) -> Path | None:
+    """The newest complete ``checkpoint-N`` folder; partial ones (from an interrupted save) are deleted unless
+    ``remove_partial`` is false."""
     if not work_dir.is_dir():
         return None
     checkpoints = sorted(
@@ -109,6 +110,8 @@ def last_complete_checkpoint(work_dir: Path) -> Path | None:
     for checkpoint in checkpoints:
         if _is_complete_checkpoint(checkpoint):
             return checkpoint
+        if not remove_partial:
+            continue
         logger.warning("Removing partial checkpoint %s (interrupted while saving)", checkpoint)
         shutil.rmtree(checkpoint, ignore_errors=True)
     return None
@@ -184,6 +187,9 @@ def training_arguments(config: Any, output_dir: str | os.PathLike[str], *, seed:
         "eval_strategy": "no",
         "report_to": "none",
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinning is pointless (and warns) on CPU
+        # Without an accelerator, say so: only then does accelerate make processes started by torchrun one
+        # gloo (DDP) group; otherwise each process silently trains alone on all the data.
+        "use_cpu": not torch.accelerator.is_available(),
     }
     if getattr(config, "group_by_length", False):
         settings["train_sampling_strategy"] = "group_by_length"
@@ -200,7 +206,7 @@ def padded_trainer(
     callbacks: list[TrainerCallback] | None = None,
 ) -> Trainer:
     """A Trainer whose batches are padded per batch (DataCollatorWithPadding)."""
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -208,6 +214,11 @@ def padded_trainer(
         data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=callbacks,
     )
+    # The classifiers' loss is the mean over their own batch and ignores num_items_in_batch. Told otherwise (their
+    # forward takes **kwargs), the Trainer multiplies the loss by the number of processes under DDP, doubling the
+    # gradient with two processes.
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 def run_trainer(
@@ -279,7 +290,12 @@ def _task_name(task: str | TaskData) -> str:
 
 
 def prepare_work_dir(work_dir: Path, signature: dict[str, Any], resume: bool) -> Path | None:
-    """Return the checkpoint to resume from, if any; refuse to mix checkpoints of a different run."""
+    """Return the checkpoint to resume from, if any; refuse to mix checkpoints of a different run.
+
+    Under ``torchrun`` / ``accelerate launch`` only the process of rank 0 deletes or writes anything here (two
+    processes deleting the same folder trip over each other); the others only look for the checkpoint."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return last_complete_checkpoint(work_dir, remove_partial=False) if resume else None
     signature_file = work_dir / "run.json"
     if work_dir.exists() and not resume:
         shutil.rmtree(work_dir)
