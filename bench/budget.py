@@ -1,20 +1,35 @@
-"""Benchmark: retraining-free pruning to a FLOPs budget (after Kwon et al. 2022) on MiniLM-L6 fine-tuned on SST-2
-and on STS-B (runs/bench/<task> from glue_finetune.py), against baselines pruned to the same FLOPs, all
-physically removed and measured in the same run:
+"""Benchmark: retraining-free pruning to a FLOPs budget (after Kwon et al. 2022) against baselines pruned to the
+same FLOPs, on the converged MiniLM-L6 teachers of bench/teachers.py (SST-2 and STS-B, ``runs/bench/teacher-<task>``).
 
-- slimformer budget (the default): Fisher mask search + per-layer rearrangement + least-squares reconstruction of
-  the kept output/down-projection weights (2,048 calibration examples)
-- Kwon et al. as published: the same search and rearrangement + least-squares mask tuning (one scale per unit)
-- Fisher mask search only (no rearrangement, no tuning)
-- Michel-style iterative pruning: 4 rounds of gradient importance (Michel et al. 2019) on 2,048 examples, each
-  round removing a quarter of the target share of heads and neurons in every layer (TextPruner's setting)
-- uniform per-layer magnitude pruning
-- random plans of the same per-layer size (3 seeds)
+Every variant is made from the teacher through the front door, ``slimformer.prune(model, config, data)``, and
+physically removed; none is retrained:
 
-Latency: batch 32 x 128 tokens, 2 threads, median of 10 after 3 warm-up runs; the dense model is measured
-first and last and the faster of the two is used (so speedups are, if anything, understated).
+- slimformer budget (the default): ``FlopsBudget(b)``: Fisher mask search + per-layer rearrangement +
+  least-squares reconstruction of the kept output/down-projection weights (2,048 calibration examples)
+- Kwon et al. as published: ``FlopsBudget(b, tune="scales")``: the same search and rearrangement + least-squares
+  mask tuning (one scale per unit)
+- Fisher mask search only: ``FlopsBudget(b, rearrange=False, tune="none")``
+- Michel-style iterative pruning: 4 rounds of gradient importance (Michel et al. 2019) on 2,048 examples, the
+  earlier rounds' units masked while scoring, each round removing a quarter of the target share of heads and
+  neurons in every layer (TextPruner's setting); the final plan is applied with ``PlanFile``
+- uniform magnitude: ``Fractions(heads=1-b, ffn=1-b, importance="magnitude", scope="layer")``
+- random plans of the same per-layer size: ``Fractions(..., importance="random", seed=s)`` (3 seeds)
+- SST-2 only: ``LatencyBudget(0.5)``: the same pruner under a latency budget predicted by a per-layer latency
+  table measured on this machine
 
-    python bench/budget.py [--tasks sst2,stsb] [--budgets 0.6,0.5,0.4,0.3] [--latency-budget 0.5]
+Scores: the full GLUE dev sets (SST-2 accuracy, STS-B mean of Pearson and Spearman), tokens cut at the teacher's
+fine-tuning length (SST-2 64, STS-B 128). FLOPs: encoder FLOPs at 128 tokens. Latency: every variant of a task
+and the dense teacher measured in one interleaved run (``slimformer.report.interleaved_latency``: 3 rounds that
+each visit every model, 5 timed runs per visit after 2 warm-up runs, medians), 2 threads, at batch 32 x 128 tokens
+and at batch 1 x 32 tokens (one request). Run nothing else on the machine meanwhile. Writes
+``bench/results/budget.{json,md}`` and ``budget_pareto_<task>.png``.
+
+    python bench/budget.py [--tasks sst2,stsb] [--budgets 0.6,0.5,0.4,0.3] [--latency-budget 0.5] [--seeds 3]
+
+Smoke run against a throwaway teacher (``<dir>/teacher-sst2``), results elsewhere:
+
+    python bench/budget.py --tasks sst2 --teachers-dir /tmp/t --results-dir /tmp/r --budgets 0.5 --seeds 1 \\
+        --calibration 32 --max-eval-samples 64 --rounds 1 --repeats 1
 """
 
 from __future__ import annotations
@@ -22,260 +37,302 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
-import numpy as np
-
-from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
-from slimformer.budget.pipeline import budget_prune
+import slimformer
+from common import (
+    RESULTS,
+    TEACHERS_ENV,
+    describe_teacher,
+    glue_dir,
+    machine,
+    markdown_table,
+    teacher_folder,
+    teacher_summary,
+    write_results,
+)
+from slimformer.evaluation import evaluate_model, headline_score
 from slimformer.importance import score_model
-from slimformer.measure import count_parameters, flops, measure_latency
-from slimformer.models import load_model
+from slimformer.measure import count_parameters, flops
 from slimformer.plots import save_png_atomic
-from slimformer.prune import plan_from_scores, remove
+from slimformer.prune.plan import plan_from_scores
+from slimformer.report import interleaved_latency
 from slimformer.tasks import load_task
-from slimformer.train import evaluate_model
 
-MAX_LENGTH = {"sst2": 64, "stsb": 128}  # the lengths the models were fine-tuned with
-CALIBRATION = 2048
+OURS = "slimformer budget (search+rearrange+weights)"
 KWON = "Kwon et al. (search+rearrange+mask scales)"
+SEARCH_ONLY = "Fisher mask search only"
+MICHEL = "Michel iterative, 4 rounds"
+MAGNITUDE = "uniform magnitude"
+SHAPES = {"32x128": (32, 128), "1x32": (1, 32)}  # latency: batch x tokens
 
 
-def score(model, tokenizer, data, task: str) -> float:
-    evaluation = evaluate_model(model, tokenizer, data, max_length=MAX_LENGTH[task], progress=False)
-    return float(np.mean([split[data.spec.primary_metric] for split in evaluation.values()]))
-
-
-def latency_ms(model) -> float:
-    return measure_latency(model, batch_size=32, seq_len=128, threads=2, warmup=3, repeats=10).median_ms
-
-
-def michel_iterative(model, tokenizer, data, task: str, fraction: float, rounds: int = 4):
+def michel_plan(dense, tokenizer, data, fraction: float, *, n_examples: int, max_length: int, rounds: int = 4):
+    """Michel et al.'s gradient importance, recomputed in ``rounds`` rounds with the units already chosen masked;
+    round r removes r/rounds of ``fraction`` of the heads and neurons of every layer."""
     plan = None
     for round_index in range(1, rounds + 1):
         scores = score_model(
-            model,
+            dense,
             tokenizer,
             data,
             method="gradient",
-            n_examples=CALIBRATION,
+            n_examples=n_examples,
             batch_size=32,
-            max_length=MAX_LENGTH[task],
+            max_length=max_length,
             plan=plan,
             progress=False,
         )
         share = fraction * round_index / rounds
-        plan = plan_from_scores(model, scores.heads, scores.neurons, heads=share, ffn=share, scope="layer")
+        plan = plan_from_scores(dense, scores.heads, scores.neurons, heads=share, ffn=share, scope="layer")
     return plan
 
 
-def run_task(task: str, budgets: list[float], latency_budget: float | None, seeds: int) -> list[dict]:
-    loaded = load_model(RUNS / task)
+def run_task(task: str, args: argparse.Namespace, latency_budget: float | None) -> tuple[list[dict], dict]:
+    started_task = time.perf_counter()
+    teacher = teacher_summary(task, teacher_folder(task, args.teachers_dir))
+    max_length = teacher["max_length"] or 128
+    data = load_task(task, glue_dir(), max_eval_samples=args.max_eval_samples)
+    loaded = slimformer.load_model(teacher["path"], data.spec)
     dense, tokenizer = loaded.model, loaded.tokenizer
-    data = load_task(task, glue_dir())
-    dense_score = score(dense, tokenizer, data, task)
+    dense.eval()
     dense_flops = flops(dense, seq_len=128).encoder
-    dense_ms_first = latency_ms(dense)
-    rows = []
+    metric = data.spec.primary_metric
+    models: dict = {}
+    rows: list[dict] = []
 
-    def add(method: str, budget: float | None, model, seconds: float, extra: dict | None = None) -> None:
+    def add(method: str, budget: float, model, seconds: float, config=None, report: dict | None = None) -> None:
+        """Score a variant, keep it for the latency run and add its row (``config``: a PruneConfig or a dict)."""
+        model.eval()
+        evaluation = evaluate_model(model, tokenizer, data, max_length=max_length, progress=False)
+        key = method if method == "dense" else f"{method} @ {budget:g}"
+        models[key] = model
         row = {
             "task": task,
             "method": method,
             "budget": budget,
-            "score": score(model, tokenizer, data, task),
+            "key": key,
+            "config": config.to_dict() if isinstance(config, slimformer.PruneConfig) else config,
+            "score": headline_score(evaluation, metric),
+            "eval": evaluation,
             "flops_fraction": flops(model, seq_len=128).encoder / dense_flops,
             "params": count_parameters(model).total,
-            "latency_ms": latency_ms(model),
-            "pruning_seconds": seconds,
-            **(extra or {}),
+            "pruning_seconds": round(seconds, 2),
         }
+        if report is not None:
+            row["phases_seconds"] = report["seconds"]
+            row["heads_per_layer"] = report["models"]["after"]["heads_per_layer"]
+            row["neurons_per_layer"] = report["models"]["after"]["neurons_per_layer"]
+            if "budget" in report["details"]:
+                row["budget_details"] = report["details"]["budget"]
         rows.append(row)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k in SHOWN}
+        print(shown, flush=True)
 
-    def ours(budget: float, **options) -> tuple:
+    def front_door(config: slimformer.PruneConfig, model=None):
         started = time.perf_counter()
-        result = budget_prune(
-            RUNS / task,
-            data,
-            None,
-            budget_flops=budget,
-            max_length=MAX_LENGTH[task],
-            n_calibration=CALIBRATION,
+        result = slimformer.prune(
+            copy.deepcopy(dense) if model is None else model,
+            config,
+            data if config.needs_data else None,
+            tokenizer=tokenizer,
+            max_length=max_length,
             evaluate=False,
             measure=False,
             progress=False,
-            **options,
         )
         return result, time.perf_counter() - started
 
-    for budget in budgets:
-        for method, tune in (("slimformer budget (search+rearrange+weights)", "weights"), (KWON, "scales")):
-            result, seconds = ours(budget, tune=tune)
-            add(method, budget, result.model, seconds, {"phases_seconds": result.report["phases_seconds"]})
-        result, seconds = ours(budget, rearrange_masks=False, tune="none")
-        add("Fisher mask search only", budget, result.model, seconds)
+    add("dense", 1.0, dense, 0.0)
+    for budget in args.budgets:
         fraction = 1 - budget
+        for method, config in (
+            (OURS, slimformer.FlopsBudget(budget, calibration_examples=args.calibration)),
+            (KWON, slimformer.FlopsBudget(budget, tune="scales", calibration_examples=args.calibration)),
+            (
+                SEARCH_ONLY,
+                slimformer.FlopsBudget(budget, rearrange=False, tune="none", calibration_examples=args.calibration),
+            ),
+            (MAGNITUDE, slimformer.Fractions(heads=fraction, ffn=fraction, importance="magnitude", scope="layer")),
+            *(
+                (
+                    f"random (seed {seed})",
+                    slimformer.Fractions(heads=fraction, ffn=fraction, importance="random", scope="layer", seed=seed),
+                )
+                for seed in range(args.seeds)
+            ),
+        ):
+            result, seconds = front_door(config)
+            add(method, budget, result.model, seconds, config, result.report)
         started = time.perf_counter()
-        plan = michel_iterative(dense, tokenizer, data, task, fraction)
-        add("Michel iterative, 4 rounds", budget, remove(copy.deepcopy(dense), plan), time.perf_counter() - started)
-        started = time.perf_counter()
-        magnitude = score_model(dense, tokenizer, data, method="magnitude", progress=False)
-        plan = plan_from_scores(dense, magnitude.heads, magnitude.neurons, heads=fraction, ffn=fraction, scope="layer")
-        add("uniform magnitude", budget, remove(copy.deepcopy(dense), plan), time.perf_counter() - started)
-        for seed in range(seeds):
-            rng = np.random.default_rng(seed)
-            plan = plan_from_scores(
-                dense,
-                [rng.random(12) for _ in range(6)],
-                [rng.random(1536) for _ in range(6)],
-                heads=fraction,
-                ffn=fraction,
-                scope="layer",
-            )
-            add(f"random (seed {seed})", budget, remove(copy.deepcopy(dense), plan), 0.0)
+        plan = michel_plan(dense, tokenizer, data, fraction, n_examples=args.calibration, max_length=max_length)
+        with tempfile.TemporaryDirectory() as folder:
+            result, _ = front_door(slimformer.PlanFile(str(plan.save(Path(folder) / "plan.json"))))
+        config = {"method": "michel_iterative", "rounds": 4, "importance": "gradient", "n_examples": args.calibration}
+        add(MICHEL, budget, result.model, time.perf_counter() - started, config, result.report)
     if latency_budget is not None:
-        started = time.perf_counter()
-        result = budget_prune(
-            RUNS / task,
-            data,
-            None,
-            budget_latency=latency_budget,
-            max_length=MAX_LENGTH[task],
-            n_calibration=CALIBRATION,
-            evaluate=False,
-            measure=False,
-            progress=False,
-        )
+        config = slimformer.LatencyBudget(latency_budget, calibration_examples=args.calibration)
+        result, seconds = front_door(config)
         add(
-            f"slimformer --budget-latency {latency_budget}",
+            f"slimformer latency budget {latency_budget:g}",
             latency_budget,
             result.model,
-            time.perf_counter() - started,
-            {"predicted": result.report["budget"], "phases_seconds": result.report["phases_seconds"]},
+            seconds,
+            config,
+            result.report,
         )
-    dense_ms = min(dense_ms_first, latency_ms(dense))
+
+    for shape, (batch_size, seq_len) in SHAPES.items():
+        print(
+            f"[{task}] latency at batch {batch_size} x {seq_len} tokens, {len(models)} models interleaved", flush=True
+        )
+        latency = interleaved_latency(
+            models, batch_size=batch_size, seq_len=seq_len, threads=2, rounds=args.rounds, repeats=args.repeats
+        )
+        for row in rows:
+            row[f"latency_{shape}_ms"] = latency[row["key"]]["median_ms"]
+            row[f"speedup_{shape}"] = 1.0 if row["key"] == "dense" else latency["speedup"][row["key"]]
+    dense_score = rows[0]["score"]
     for row in rows:
-        row["speedup"] = dense_ms / row["latency_ms"]
         row["score_drop"] = dense_score - row["score"]
-    rows.insert(
-        0,
-        {
-            "task": task,
-            "method": "dense",
-            "budget": 1.0,
-            "score": dense_score,
-            "flops_fraction": 1.0,
-            "params": count_parameters(dense).total,
-            "latency_ms": dense_ms,
-            "speedup": 1.0,
-            "score_drop": 0.0,
-            "pruning_seconds": 0.0,
-        },
-    )
-    return rows
+    teacher["wall_seconds_benchmark"] = round(time.perf_counter() - started_task, 1)
+    return rows, teacher
 
 
-def pareto_plot(rows: list[dict], task: str, metric: str) -> None:
+SHOWN = ("method", "budget", "score", "flops_fraction", "pruning_seconds")
+
+
+def pareto_plot(rows: list[dict], task: str, metric: str, results_dir: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.5, 4.2), dpi=120)
+    figure = Figure(figsize=(11, 4.4), dpi=120)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     by_method: dict[str, list[dict]] = {}
     for row in rows:
         name = "random" if row["method"].startswith("random") else row["method"]
         by_method.setdefault(name, []).append(row)
-    for name, points in by_method.items():
-        points = sorted(points, key=lambda r: r["latency_ms"])
-        style = "o" if name in ("dense", "random") else "o-"
-        axes.plot([p["latency_ms"] for p in points], [p["score"] * 100 for p in points], style, label=name)
-    axes.set_xlabel("measured latency, batch 32 x 128 tokens, 2 threads (ms)")
-    axes.set_ylabel(f"{task} dev {metric} (x100)")
-    axes.set_title(f"MiniLM-L6 on {task}: score vs latency, no retraining")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    for index, (shape, label) in enumerate((("32x128", "batch 32 x 128 tokens"), ("1x32", "batch 1 x 32 tokens"))):
+        axes = figure.add_subplot(1, 2, index + 1)
+        for name, points in by_method.items():
+            points = sorted(points, key=lambda r: r[f"latency_{shape}_ms"])
+            style = "o" if name in ("dense", "random") or name.startswith("slimformer latency") else "o-"
+            axes.plot([p[f"latency_{shape}_ms"] for p in points], [p["score"] * 100 for p in points], style, label=name)
+        axes.set_xlabel(f"measured latency, {label}, 2 threads (ms)")
+        axes.set_ylabel(f"{task} dev {metric} (x100)")
+        axes.grid(alpha=0.3)
+        if index == 0:
+            axes.legend(fontsize=7)
+    figure.suptitle(f"MiniLM-L6 teacher on {task}: score vs latency, pruned without retraining")
     figure.tight_layout()
-    save_png_atomic(figure, RESULTS / f"budget_pareto_{task}.png")
+    save_png_atomic(figure, results_dir / f"budget_pareto_{task}.png")
+
+
+def task_section(task: str, rows: list[dict], teacher: dict) -> str:
+    table = []
+    for row in rows:
+        table.append(
+            [
+                row["method"],
+                f"{row['budget']:g}",
+                f"{row['flops_fraction']:.3f}",
+                f"{row['score'] * 100:.2f}",
+                f"{-row['score_drop'] * 100 + 0.0:+.2f}",
+                f"{row['params'] / 1e6:.2f}M",
+                f"{row['latency_32x128_ms']:.0f}",
+                f"{row['speedup_32x128']:.2f}x",
+                f"{row['latency_1x32_ms']:.1f}",
+                f"{row['speedup_1x32']:.2f}x",
+                f"{row['pruning_seconds']:.0f}",
+            ]
+        )
+    headers = ["method", "budget", "FLOPs kept", "dev score", "vs dense", "params"]
+    headers += ["ms 32x128", "speedup 32x128", "ms 1x32", "speedup 1x32", "pruning s"]
+    randoms: dict[float, list[float]] = {}
+    for row in rows:
+        if row["method"].startswith("random"):
+            randoms.setdefault(row["budget"], []).append(row["score"])
+    random_text = "; ".join(
+        f"budget {budget:g}: {statistics.mean(s) * 100:.2f} ± {statistics.pstdev(s) * 100:.2f} ({len(s)} seeds)"
+        for budget, s in sorted(randoms.items(), reverse=True)
+    )
+    return (
+        f"## {task}\n\nTeacher (the dense row, scored here): {describe_teacher(teacher)}\n\n"
+        + markdown_table(headers, table)
+        + (f"\nRandom plans, mean ± std: {random_text}.\n" if random_text else "")
+        + f"\n![pareto](budget_pareto_{task}.png)\n"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="sst2,stsb")
-    parser.add_argument("--budgets", default="0.6,0.5,0.4,0.3")
-    parser.add_argument("--latency-budget", type=float, default=0.5)
-    parser.add_argument("--random-seeds", type=int, default=3)
-    args = parser.parse_args()
-    budgets = [float(b) for b in args.budgets.split(",")]
-    tasks = args.tasks.split(",")
-    # keep the rows of tasks not re-run this time, so tasks can be benchmarked one at a time
-    previous = RESULTS / "budget.json"
-    all_rows = (
-        [r for r in json.loads(previous.read_text())["rows"] if r["task"] not in tasks] if previous.is_file() else []
+    parser.add_argument("--budgets", default="0.6,0.5,0.4,0.3", help="FLOPs fractions to keep, comma-separated")
+    parser.add_argument(
+        "--latency-budget", default="0.5", help="latency fraction to keep for the SST-2 latency-budget row, or 'none'"
     )
-    for task in tasks:
-        rows = run_task(task, budgets, args.latency_budget if task == "sst2" else None, args.random_seeds)
-        all_rows += rows
-        pareto_plot(rows, task, load_task(task, glue_dir()).spec.primary_metric)
-    sections = []
-    tasks = list(dict.fromkeys(r["task"] for r in all_rows))
-    for task in tasks:
-        table = []
-        for row in (r for r in all_rows if r["task"] == task):
-            table.append(
-                [
-                    row["method"],
-                    "" if row["budget"] is None else f"{row['budget']:g}",
-                    f"{row['flops_fraction']:.3f}",
-                    f"{row['score'] * 100:.2f}",
-                    f"{-row['score_drop'] * 100 + 0.0:+.2f}",
-                    f"{row['params'] / 1e6:.2f}M",
-                    f"{row['latency_ms']:.0f}",
-                    f"{row['speedup']:.2f}x",
-                    f"{row['pruning_seconds']:.0f}",
-                ]
-            )
-        sections.append(
-            f"## {task}\n\n"
-            + markdown_table(
-                [
-                    "method",
-                    "budget",
-                    "FLOPs kept",
-                    "dev score",
-                    "vs dense",
-                    "params",
-                    "latency ms",
-                    "speedup",
-                    "pruning s",
-                ],
-                table,
-            )
-            + f"\n![pareto](budget_pareto_{task}.png)\n"
+    parser.add_argument("--seeds", "--random-seeds", type=int, default=3, dest="seeds", help="random plans per budget")
+    parser.add_argument("--calibration", type=int, default=2048, help="calibration / importance examples")
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="score on a dev subset (smoke runs)")
+    parser.add_argument("--rounds", type=int, default=3, help="latency: rounds visiting every model")
+    parser.add_argument("--repeats", type=int, default=5, help="latency: timed runs per model per round")
+    parser.add_argument("--teachers-dir", default=None, help="folder holding teacher-<task>/ (default runs/bench)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.budgets = [float(b) for b in args.budgets.split(",")]
+    latency_budget = None if args.latency_budget.lower() in ("none", "", "0") else float(args.latency_budget)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    smoke = args.max_eval_samples or args.calibration != 2048 or args.teachers_dir or os.environ.get(TEACHERS_ENV)
+    if smoke and args.results_dir.resolve() == RESULTS.resolve():
+        parser.error(
+            "smoke settings (--max-eval-samples, --calibration, another teacher) need a --results-dir outside "
+            "bench/results: results there come from real runs only"
         )
-    random_summary = {}
+
+    # keep the rows of tasks not re-run this time (when they were measured against converged teachers), so that
+    # tasks can be benchmarked one at a time
+    previous_file = args.results_dir / "budget.json"
+    previous = json.loads(previous_file.read_text()) if previous_file.is_file() else {}
+    teachers = {t: s for t, s in previous.get("teachers", {}).items() if t not in tasks}
+    all_rows = [r for r in previous.get("rows", []) if r["task"] in teachers]
     for task in tasks:
-        for budget in sorted({r["budget"] for r in all_rows if r["task"] == task and r["budget"] is not None}):
-            scores = [
-                r["score"]
-                for r in all_rows
-                if r["task"] == task and r["budget"] == budget and r["method"].startswith("random")
-            ]
-            if scores:
-                random_summary[f"{task}@{budget}"] = (statistics.mean(scores), statistics.pstdev(scores))
+        rows, teachers[task] = run_task(task, args, latency_budget if task == "sst2" else None)
+        all_rows += rows
+        pareto_plot(rows, task, teachers[task]["primary_metric"], args.results_dir)
+
+    order = list(dict.fromkeys(r["task"] for r in all_rows))
+    eval_text = (
+        f"a seeded random subset of {args.max_eval_samples} examples of each dev set (a smoke run)"
+        if args.max_eval_samples
+        else "the full GLUE dev sets"
+    )
     markdown = (
         "# Retraining-free pruning to a FLOPs budget: MiniLM-L6 (after Kwon et al. 2022)\n\n"
-        "Models: runs/bench/sst2 (20,000 SST-2 sentences, 1 epoch) and runs/bench/stsb (full STS-B train, 3 epochs); "
-        "dev scores on the full GLUE dev sets (SST-2 accuracy; STS-B mean of Pearson and Spearman). FLOPs are encoder "
-        "FLOPs at 128 tokens. 'pruning s' is the wall time of the pruning run (calibration, scoring, search, "
-        "tuning, removal), evaluation excluded. Random rows: mean ± std "
-        + ", ".join(f"{k} {m * 100:.2f} ± {s * 100:.2f}" for k, (m, s) in random_summary.items())
-        + ".\n\n"
-        + "\n".join(sections)
+        "Every model is pruned from the converged teacher of its task (bench/teachers.py) with `slimformer.prune`, "
+        "physically made smaller and not retrained. Dev scores on "
+        f"{eval_text} (SST-2 accuracy; STS-B mean of Pearson and Spearman). 'FLOPs kept': encoder FLOPs at 128 "
+        "tokens over the dense model's. Latency: all models of a task, the dense teacher included, measured in one "
+        f"interleaved run ({args.rounds} rounds that each visit every model, {args.repeats} timed runs per visit, "
+        "medians), 2 threads, at batch 32 x 128 tokens (throughput) and batch 1 x 32 tokens (one request); speedup "
+        "= the dense median over the model's. 'pruning s': wall time of the pruning call (calibration "
+        f"({args.calibration} examples), scoring, search, tuning, removal), evaluation excluded.\n\n"
+        + "\n".join(task_section(t, [r for r in all_rows if r["task"] == t], teachers[t]) for t in order)
     )
-    write_results("budget", {"machine": machine(), "rows": all_rows}, markdown)
+    write_results(
+        "budget",
+        {
+            "machine": machine(),
+            "args": {**vars(args), "results_dir": str(args.results_dir)},
+            "teachers": teachers,
+            "rows": all_rows,
+        },
+        markdown,
+        args.results_dir,
+    )
     print(markdown)
 
 

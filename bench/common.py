@@ -1,7 +1,9 @@
-"""Shared helpers for benchmarks: where results go, and writing JSON + markdown atomically."""
+"""Shared helpers for benchmarks: where results go, writing JSON + markdown atomically, and which teacher each
+benchmark compares against."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -36,23 +38,75 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, data: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / f"{name}.json", data)
-    tmp = RESULTS / f".{name}.md.tmp"
+def write_results(name: str, data: dict, markdown: str, results_dir: Path = RESULTS) -> None:
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results_dir / f"{name}.json", data)
+    tmp = results_dir / f".{name}.md.tmp"
     tmp.write_text(markdown)
-    tmp.replace(RESULTS / f"{name}.md")
+    tmp.replace(results_dir / f"{name}.md")
 
 
-def interleaved_latency(models: dict, *, rounds: int = 3, repeats: int = 5) -> dict[str, list[float]]:
-    """Latency samples (ms; batch 32 x 128 tokens, 2 threads) per model, measured in ``rounds`` that each visit
-    every model once, so that drift in machine load spreads evenly over the models compared."""
-    from slimformer.measure import measure_latency
+# --------------------------------------------------------------------------------------------- teachers
 
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for round_index in range(rounds):
-        for name, net in models.items():
-            stats = measure_latency(net, batch_size=32, seq_len=128, threads=2, warmup=2, repeats=repeats)
-            samples[name].extend(stats.samples_ms)
-        print(f"latency round {round_index + 1}/{rounds} done", flush=True)
-    return samples
+TEACHERS_ENV = "SLIMFORMER_BENCH_TEACHERS"
+
+
+def teacher_folder(task: str, teachers_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The converged teacher of ``task`` (``runs/bench/teacher-<task>/``, built by bench/teachers.py), or
+    ``<teachers_dir>/teacher-<task>`` when a folder is given (or ``$SLIMFORMER_BENCH_TEACHERS`` is set): for smoke
+    runs against a throwaway teacher."""
+    teachers_dir = teachers_dir or os.environ.get(TEACHERS_ENV) or None
+    if teachers_dir:
+        return Path(teachers_dir) / f"teacher-{task}"
+    from teachers import teacher_dir
+
+    return teacher_dir(task)
+
+
+def teacher_summary(task: str, folder: Path) -> dict:
+    """What a benchmark says about its teacher: where it is, its dev score and how it was trained (from its
+    metrics.json; ``recipe`` is there for the teachers of bench/teachers.py)."""
+    metrics_file = folder / "metrics.json"
+    if not metrics_file.is_file():
+        raise SystemExit(
+            f"No teacher for {task} at {folder} (no metrics.json): build it first with "
+            f"`python bench/teachers.py --tasks {task}`, or point --teachers-dir / ${TEACHERS_ENV} at a folder "
+            f"holding teacher-{task}/."
+        )
+    metrics = json.loads(metrics_file.read_text())
+    recipe = metrics.get("recipe") or {}
+    config = metrics.get("config") or {}
+    return {
+        "task": task,
+        "path": str(folder),
+        "name": folder.name,
+        "score": metrics["score"],
+        "primary_metric": metrics.get("primary_metric"),
+        "train_samples": (metrics.get("train") or {}).get("samples"),
+        "max_length": config.get("max_length"),
+        "epochs_trained": recipe.get("epochs_trained"),
+        "best_epoch": recipe.get("best_epoch"),
+        "max_epochs": recipe.get("max_epochs"),
+        "converged_recipe": bool(recipe),
+    }
+
+
+def describe_teacher(teacher: dict) -> str:
+    """One sentence for a results table: the teacher's dev score and where it came from."""
+    text = (
+        f"teacher `{teacher['path']}`: dev {teacher['primary_metric']} {teacher['score'] * 100:.2f}, "
+        f"MiniLM-L6 fine-tuned on {teacher['train_samples']} training examples (max length {teacher['max_length']})"
+    )
+    if teacher["converged_recipe"]:
+        text += (
+            f", trained {_number(teacher['epochs_trained'])} of at most {_number(teacher['max_epochs'])} epochs and "
+            f"kept at its best dev score (epoch {_number(teacher['best_epoch'])}) by bench/teachers.py"
+        )
+    else:
+        text += " (NOT a converged teacher of bench/teachers.py: no recipe in its metrics.json)"
+    return text + "."
+
+
+def _number(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"

@@ -18,12 +18,13 @@ import time
 
 import numpy as np
 
-from common import RESULTS, RUNS, glue_dir, interleaved_latency, machine, markdown_table, write_results
+from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
 from slimformer.importance import score_model
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
 from slimformer.plots import plot_curve
 from slimformer.prune import masked, plan_from_scores, remove
+from slimformer.report import interleaved_latency
 from slimformer.tasks import load_task
 from slimformer.train import evaluate_model
 
@@ -102,7 +103,10 @@ def main() -> None:
         plan = plan_from_scores(model, scores.heads, scores.neurons, heads=fraction, ffn=fraction, scope="layer")
         plans[f"prune {fraction:.0%}"] = plan
         models[f"prune {fraction:.0%}"] = remove(copy.deepcopy(model), plan)
-    samples = interleaved_latency(models, rounds=args.rounds, repeats=args.repeats)
+    latency = interleaved_latency(
+        models, batch_size=32, seq_len=128, threads=2, rounds=args.rounds, repeats=args.repeats
+    )
+    samples = {name: latency[name]["samples_ms"] for name in models}
     rows, table = [], []
     dense_flops = flops(model, seq_len=128).encoder
     dense_ms = statistics.median(samples["dense"])

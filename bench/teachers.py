@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
 from transformers import TrainerCallback
 
+from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
 from slimformer.io import write_json_atomic
 from slimformer.tasks import TaskData, load_task
 from slimformer.train import METRICS_FILE, TrainConfig, evaluate_model, finetune, headline_score
