@@ -26,7 +26,9 @@ and at batch 1 x 32 tokens (one request). Run nothing else on the machine meanwh
 
     python bench/budget.py [--tasks sst2,stsb] [--budgets 0.6,0.5,0.4,0.3] [--latency-budget 0.5] [--seeds 3]
 
-Smoke run against a throwaway teacher (``<dir>/teacher-sst2``), results elsewhere:
+``--teachers-dir DIR`` (or ``$SLIMFORMER_BENCH_TEACHERS``) reads the teachers from ``DIR/teacher-<task>`` instead
+(e.g. another checkout's runs/bench). A smoke run against a throwaway teacher (``/tmp/t/teacher-sst2``) must write
+its results elsewhere (bench/results holds real runs only; the script refuses otherwise):
 
     python bench/budget.py --tasks sst2 --teachers-dir /tmp/t --results-dir /tmp/r --budgets 0.5 --seeds 1 \\
         --calibration 32 --max-eval-samples 64 --rounds 1 --repeats 1
@@ -37,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -46,7 +47,6 @@ from pathlib import Path
 import slimformer
 from common import (
     RESULTS,
-    TEACHERS_ENV,
     describe_teacher,
     glue_dir,
     machine,
@@ -92,9 +92,8 @@ def michel_plan(dense, tokenizer, data, fraction: float, *, n_examples: int, max
     return plan
 
 
-def run_task(task: str, args: argparse.Namespace, latency_budget: float | None) -> tuple[list[dict], dict]:
+def run_task(task: str, teacher: dict, args: argparse.Namespace, latency_budget: float | None) -> list[dict]:
     started_task = time.perf_counter()
-    teacher = teacher_summary(task, teacher_folder(task, args.teachers_dir))
     max_length = teacher["max_length"] or 128
     data = load_task(task, glue_dir(), max_eval_samples=args.max_eval_samples)
     loaded = slimformer.load_model(teacher["path"], data.spec)
@@ -200,7 +199,7 @@ def run_task(task: str, args: argparse.Namespace, latency_budget: float | None) 
     for row in rows:
         row["score_drop"] = dense_score - row["score"]
     teacher["wall_seconds_benchmark"] = round(time.perf_counter() - started_task, 1)
-    return rows, teacher
+    return rows
 
 
 SHOWN = ("method", "budget", "score", "flops_fraction", "pruning_seconds")
@@ -286,11 +285,15 @@ def main() -> None:
     args.budgets = [float(b) for b in args.budgets.split(",")]
     latency_budget = None if args.latency_budget.lower() in ("none", "", "0") else float(args.latency_budget)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    smoke = args.max_eval_samples or args.calibration != 2048 or args.teachers_dir or os.environ.get(TEACHERS_ENV)
-    if smoke and args.results_dir.resolve() == RESULTS.resolve():
+    current = {task: teacher_summary(task, teacher_folder(task, args.teachers_dir)) for task in tasks}
+    unconverged = [task for task, teacher in current.items() if not teacher["converged_recipe"]]
+    if (args.max_eval_samples or args.calibration != 2048 or unconverged) and (
+        args.results_dir.resolve() == RESULTS.resolve()
+    ):
         parser.error(
-            "smoke settings (--max-eval-samples, --calibration, another teacher) need a --results-dir outside "
-            "bench/results: results there come from real runs only"
+            "smoke settings (--max-eval-samples, --calibration, or a teacher not built by bench/teachers.py: "
+            f"{unconverged or 'none here'}) need a --results-dir outside bench/results: results there come from "
+            "real runs only"
         )
 
     # keep the rows of tasks not re-run this time (when they were measured against converged teachers), so that
@@ -300,7 +303,8 @@ def main() -> None:
     teachers = {t: s for t, s in previous.get("teachers", {}).items() if t not in tasks}
     all_rows = [r for r in previous.get("rows", []) if r["task"] in teachers]
     for task in tasks:
-        rows, teachers[task] = run_task(task, args, latency_budget if task == "sst2" else None)
+        teachers[task] = current[task]
+        rows = run_task(task, current[task], args, latency_budget if task == "sst2" else None)
         all_rows += rows
         pareto_plot(rows, task, teachers[task]["primary_metric"], args.results_dir)
 

@@ -23,8 +23,9 @@ batch 32 x 128 tokens and batch 1 x 32 tokens (one request): run nothing else me
 
 Every training run writes its model folder under ``runs/bench/distill/<teacher>-<hash of its weights>/`` and is
 skipped when that folder exists (its settings are checked), so an interrupted benchmark resumes where it stopped
-and runs against another teacher are never reused. Smoke run against a throwaway teacher, outside runs/ and
-bench/results:
+and runs against another teacher are never reused. ``--teachers-dir DIR`` (or ``$SLIMFORMER_BENCH_TEACHERS``)
+reads the teachers from ``DIR/teacher-<task>`` instead (e.g. another checkout's runs/bench). A smoke run against a
+throwaway teacher must write its runs and results elsewhere (the script refuses otherwise):
 
     python bench/distill.py --tasks sst2 --teachers-dir /tmp/t --runs-dir /tmp/runs --results-dir /tmp/r \\
         --students "every 3rd layer (2 layers)" --train-samples 64 --max-eval-samples 64 --rounds 1 --repeats 1
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -47,7 +47,6 @@ import slimformer
 from common import (
     RESULTS,
     RUNS,
-    TEACHERS_ENV,
     describe_teacher,
     glue_dir,
     machine,
@@ -332,25 +331,22 @@ def main() -> None:
         if None in chosen:
             parser.error(f"--students: choose among {list(STUDENTS)}")
         args.students = chosen
-    smoke = (
-        args.train_samples
-        or args.max_eval_samples
-        or args.calibration != DEFAULT_CALIBRATION
-        or args.teachers_dir
-        or os.environ.get(TEACHERS_ENV)
-    )
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    teachers = {task: teacher_summary(task, teacher_folder(task, args.teachers_dir)) for task in tasks}
+    unconverged = [task for task, teacher in teachers.items() if not teacher["converged_recipe"]]
+    smoke = args.train_samples or args.max_eval_samples or args.calibration != DEFAULT_CALIBRATION or unconverged
     defaults = args.results_dir.resolve() == RESULTS.resolve() or args.runs_dir.resolve() == DEFAULT_RUNS.resolve()
     if smoke and defaults:
         parser.error(
-            "smoke settings (--train-samples, --max-eval-samples, --calibration, another teacher) need --runs-dir "
-            "and --results-dir outside runs/bench/distill and bench/results: those hold real runs only"
+            "smoke settings (--train-samples, --max-eval-samples, --calibration, or a teacher not built by "
+            f"bench/teachers.py: {unconverged or 'none here'}) need --runs-dir and --results-dir outside "
+            "runs/bench/distill and bench/results: those hold real runs only"
         )
     torch.set_num_threads(args.threads)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     started = time.perf_counter()
-    rows, summary, sizes, teachers, sections = [], [], {}, {}, []
+    rows, summary, sizes, sections = [], [], {}, []
     for task in tasks:
-        teacher = teachers[task] = teacher_summary(task, teacher_folder(task, args.teachers_dir))
+        teacher = teachers[task]
         task_rows = train_runs(task, TASKS[task], teacher, args)
         sizes[task] = {} if args.skip_latency else measure(task, teacher, task_rows, args)
         task_summary = summarise(task, task_rows, sizes[task], teacher)
