@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
 from transformers import TrainerCallback
 
+from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
 from slimformer.io import write_json_atomic
 from slimformer.tasks import TaskData, load_task
 from slimformer.train import METRICS_FILE, TrainConfig, evaluate_model, finetune, headline_score
@@ -84,9 +84,7 @@ class EarlyStopOnDev(TrainerCallback):
             return control
         if any(point["step"] == state.global_step for point in self.curve):
             return control
-        evaluation = evaluate_model(
-            model, self.tokenizer, self.data, max_length=self.config.max_length, progress=False
-        )
+        evaluation = evaluate_model(model, self.tokenizer, self.data, max_length=self.config.max_length, progress=False)
         model.train()
         score = headline_score(evaluation, self.data.spec.primary_metric)
         best = self.best()
@@ -128,9 +126,7 @@ def build_teacher(task: str) -> dict:
     )
     curve_file = callback.curve_file
     started = time.perf_counter()
-    metrics = finetune(
-        "minilm-l6", data, out, config=recipe.config, overwrite=True, callbacks=[callback]
-    ).metrics
+    metrics = finetune("minilm-l6", data, out, config=recipe.config, overwrite=True, callbacks=[callback]).metrics
     curve = json.loads(curve_file.read_text()) if curve_file.is_file() else callback.curve
     metrics["dev_curve"] = curve
     metrics["recipe"] = {

@@ -1,6 +1,6 @@
 """Importance scores of attention heads, FFN neurons and whole MLP blocks: which parts of a model matter.
 
-Four methods, all computed through the gates of :mod:`slimformer.prune.gates` (no model code changed):
+Four methods, all computed through the gates of :mod:`slimformer.gates` (no model code changed):
 
 ``"gradient"``
     Michel et al. 2019, "Are Sixteen Heads Really Better than One?": a gate multiplies each head's output; the
@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -55,11 +55,13 @@ from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTok
 from slimformer import __version__
 from slimformer.arch import layer_views
 from slimformer.errors import SlimformerError
+from slimformer.gates import Gates, gated
 from slimformer.io import write_json_atomic
 from slimformer.models import LoadedModel
-from slimformer.prune.gates import Gates, gated
-from slimformer.prune.plan import PruningPlan
 from slimformer.tasks import TaskData
+
+if TYPE_CHECKING:  # prune builds on importance, so importance only names its plans
+    from slimformer.prune.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from transformers import PreTrainedModel
 
 from slimformer.arch import layer_views
 from slimformer.errors import SlimformerError
+from slimformer.gates import Gates, gated
 from slimformer.importance import is_regression, model_inputs, task_loss
-from slimformer.prune.gates import Gates, gated
 
 
 @dataclass

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from slimformer.arch import ArchSpec, LayerView, get_spec, layer_list, layer_views, resolve
-from slimformer.prune.gates import Gates, gated
+from slimformer.gates import Gates, gated
 from slimformer.prune.plan import PlanError, PruningPlan
 
 LAYOUT_KEY = "slimformer_layout"
