@@ -13,16 +13,15 @@ import transformers as hf
 
 from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
 from slimformer.arch import layer_views
+from slimformer.gates import Gates, gated
+from slimformer.layout import EmptyAttention
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
 from slimformer.prune import (
-    EmptyAttention,
-    Gates,
     Layout,
     PlanError,
     PruningPlan,
     apply_plan,
-    gated,
     masked,
     plan_from_scores,
     remove,

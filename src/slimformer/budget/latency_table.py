@@ -39,9 +39,9 @@ from transformers import PreTrainedModel
 
 from slimformer.arch import ArchSpec, LayerView, get_spec, layer_list, layer_views, resolve
 from slimformer.io import write_json_atomic
+from slimformer.layout import current_head_ids, prune_layer_heads, prune_layer_neurons
 from slimformer.measure.base import MeasureError, require_positive
 from slimformer.measure.latency import measure_latency
-from slimformer.prune.apply import current_head_ids, prune_layer_heads, prune_layer_neurons
 from slimformer.prune.plan import Layout, PruningPlan
 
 TABLE_FORMAT = 1

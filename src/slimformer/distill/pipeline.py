@@ -41,8 +41,8 @@ from slimformer.distill.students import Student, make_student
 from slimformer.errors import SlimformerError
 from slimformer.importance import is_regression, model_fingerprint, task_loss
 from slimformer.io import atomic_file
+from slimformer.layout import LAYOUT_KEY, current_head_ids
 from slimformer.models import load_model
-from slimformer.prune.apply import LAYOUT_KEY, current_head_ids
 from slimformer.prune.saving import save_pruned
 from slimformer.tasks import TaskData, load_task, tokenize_task
 from slimformer.tasks.tokenize import cache_root

@@ -22,8 +22,8 @@ import slimformer
 from slimformer.arch import layer_views
 from slimformer.errors import ModelLoadError
 from slimformer.io import atomic_directory, write_json_atomic
+from slimformer.layout import LAYOUT_KEY, rebuild_layout
 from slimformer.models import quiet_transformers
-from slimformer.prune.apply import LAYOUT_KEY, rebuild_layout
 from slimformer.prune.plan import PruningPlan
 
 MANIFEST = "slimformer.json"
