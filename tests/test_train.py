@@ -10,6 +10,7 @@ import pytest
 from transformers import TrainerCallback
 
 from slimformer.errors import SlimformerError
+from slimformer.folders import read_manifest
 from slimformer.models import load_model
 from slimformer.tasks import load_task
 from slimformer.train import TrainConfig, evaluate, finetune
@@ -68,6 +69,11 @@ def test_finetune_writes_a_model_folder_with_metrics(tiny_model_dir, glue_dir, t
     assert 0.0 <= saved["eval"]["dev"]["accuracy"] <= 1.0
     assert result.score == saved["score"] == saved["eval"]["dev"]["accuracy"]
     assert not (tmp_path / "out.work").exists()  # checkpoints are cleaned once the model is saved
+    # the folder has the manifest every slimformer model folder has, here with the task it was trained for
+    manifest = read_manifest(out)
+    assert manifest["plan"] is None and manifest["plain_transformers_loadable"] is True
+    assert manifest["task"]["name"] == "sst2" and manifest["task"]["label_names"] == ["negative", "positive"]
+    assert manifest["layers"] == [{"heads": 4, "ffn": 64}] * 2
     # evaluating the saved folder reproduces the metrics computed at the end of training
     again = evaluate(out, "sst2", data_dir=glue_dir, max_length=16)
     assert again["eval"]["dev"] == pytest.approx(saved["eval"]["dev"])

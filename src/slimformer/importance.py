@@ -52,7 +52,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
-from slimformer import __version__
+from slimformer._version import __version__
 from slimformer.arch import layer_views
 from slimformer.errors import SlimformerError
 from slimformer.gates import Gates, gated

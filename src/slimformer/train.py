@@ -33,8 +33,9 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from slimformer.errors import SlimformerError, TaskError
-from slimformer.io import atomic_directory, write_json_atomic
-from slimformer.models import LoadedModel, load_model, quiet_transformers
+from slimformer.folders import save_model_folder
+from slimformer.io import write_json_atomic
+from slimformer.models import LoadedModel, load_model
 from slimformer.tasks import TaskData, compute_metrics, load_task, tokenize_task
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``task``, evaluate it on every dev split and save it to ``out_dir``.
 
-    The output is an ordinary Hugging Face model folder (safetensors, config, tokenizer) plus ``metrics.json``.
+    The output is an ordinary Hugging Face model folder (safetensors, config, tokenizer) plus ``metrics.json`` and
+    the manifest every slimformer model folder has (:func:`slimformer.folders.save_model_folder`).
     It appears only when the run has finished (written to a staging folder, then renamed). Checkpoints go to
     ``<out_dir>.work/``; when a run is interrupted, calling again with the same arguments resumes from the last
     complete checkpoint. ``callbacks`` are passed to the :class:`~transformers.Trainer`.
@@ -154,12 +156,28 @@ def finetune(
         trainer.model, loaded.tokenizer, data, tokenized, config, train_output, train_seconds, checkpoint
     )
     metrics["base_model"] = str(model)
-    with atomic_directory(out_dir, overwrite=True) as staging, quiet_transformers():
-        trainer.model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
-        write_json_atomic(staging / METRICS_FILE, metrics)
+    save_model_folder(
+        trainer.model,
+        loaded.tokenizer,
+        out_dir,
+        task=task_record(data),
+        json_files={METRICS_FILE: metrics},
+        overwrite=True,
+    )
     shutil.rmtree(work_dir, ignore_errors=True)
     return FinetuneResult(out_dir=out_dir, metrics=metrics)
+
+
+def task_record(data: TaskData) -> dict[str, Any]:
+    """What a model folder's manifest says about the task its model was trained for."""
+    spec = data.spec
+    return {
+        "name": spec.name,
+        "num_labels": spec.num_labels,
+        "label_names": list(spec.label_names) if spec.label_names is not None else None,
+        "primary_metric": spec.primary_metric,
+        "data_source": data.source,
+    }
 
 
 def require_train_split(data: TaskData) -> None:

@@ -18,12 +18,12 @@ from slimformer.budget.fisher import collect_mask_gradients
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, search_masks
 from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
 from slimformer.errors import SlimformerError
+from slimformer.folders import save_model_folder
 from slimformer.importance import importance_sample
 from slimformer.measure import count_parameters, flops, measure_latency
 from slimformer.models import load_model
 from slimformer.prune.apply import masked, remove
 from slimformer.prune.plan import Layout, PruningPlan
-from slimformer.prune.saving import save_pruned
 from slimformer.tasks import TaskData, load_task
 from slimformer.train import evaluate_model, headline_score
 
@@ -252,7 +252,7 @@ def budget_prune(
         lap("measure")
     report["phases_seconds"] = dict(phases)
     if out_dir is not None:
-        save_pruned(
+        save_model_folder(
             net,
             tokenizer,
             out_dir,

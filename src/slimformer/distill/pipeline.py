@@ -39,11 +39,11 @@ from slimformer.arch import LayerView, get_spec, layer_views
 from slimformer.distill.losses import attention_log_probs, attention_loss, hidden_loss, logit_loss
 from slimformer.distill.students import Student, make_student
 from slimformer.errors import SlimformerError
+from slimformer.folders import save_model_folder
 from slimformer.importance import is_regression, model_fingerprint, task_loss
 from slimformer.io import atomic_file
 from slimformer.layout import LAYOUT_KEY, current_head_ids
 from slimformer.models import load_model
-from slimformer.prune.saving import save_pruned
 from slimformer.tasks import TaskData, load_task, tokenize_task
 from slimformer.tasks.tokenize import cache_root
 from slimformer.train import (
@@ -57,6 +57,7 @@ from slimformer.train import (
     prepare_work_dir,
     require_train_split,
     run_trainer,
+    task_record,
 )
 
 TEACHER_LOGITS = "teacher_logits"
@@ -417,11 +418,12 @@ def distill(
     metrics.update(report)
     metrics["distill"] = {**asdict(settings), "layer_pairs": pairs, "teacher_logits_cached": use_cache}
     metrics["total_seconds"] = round(time.perf_counter() - started, 2)
-    save_pruned(
+    save_model_folder(
         model,
         tokenizer,
         out_dir,
         plan=student_made.plan,
+        task=task_record(data),
         overwrite=True,
         json_files={METRICS_FILE: metrics, **({"plan.json": student_made.plan.to_dict()} if student_made.plan else {})},
     )

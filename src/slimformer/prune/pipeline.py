@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from slimformer.errors import SlimformerError
+from slimformer.folders import save_model_folder
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
 from slimformer.prune.apply import masked, remove
 from slimformer.prune.layers import choose_layers_to_drop, parse_drop_layers
 from slimformer.prune.plan import PruningPlan, plan_from_scores
-from slimformer.prune.saving import save_pruned
 from slimformer.tasks import TaskData, load_task
 from slimformer.train import evaluate_model, headline_score
 
@@ -185,7 +185,7 @@ def prune_model(
     if curve is not None:
         report["curve"] = curve
     report["timings"] = {**timings, "total_seconds": round(time.perf_counter() - started, 2)}
-    save_pruned(
+    save_model_folder(
         net,
         tokenizer,
         out_dir,
