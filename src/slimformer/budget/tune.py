@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from slimformer.arch import LayerView, layer_views
 from slimformer.gates import Gates, gated
-from slimformer.importance import model_inputs
+from slimformer.gradients import model_inputs
 from slimformer.prune.apply import plan_gates
 from slimformer.prune.plan import PruningPlan
 

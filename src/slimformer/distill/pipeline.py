@@ -40,7 +40,8 @@ from slimformer.distill.losses import attention_log_probs, attention_loss, hidde
 from slimformer.distill.students import Student, make_student
 from slimformer.errors import SlimformerError
 from slimformer.folders import save_model_folder
-from slimformer.importance import is_regression, model_fingerprint, task_loss
+from slimformer.gradients import is_regression, task_loss
+from slimformer.importance import model_fingerprint
 from slimformer.io import atomic_file
 from slimformer.layout import LAYOUT_KEY, current_head_ids
 from slimformer.models import load_model
