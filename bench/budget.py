@@ -29,13 +29,13 @@ import numpy as np
 
 from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
 from slimformer.budget.pipeline import budget_prune
+from slimformer.evaluation import evaluate_model
 from slimformer.importance import score_model
 from slimformer.measure import count_parameters, flops, measure_latency
 from slimformer.models import load_model
 from slimformer.plots import save_png_atomic
 from slimformer.prune import plan_from_scores, remove
 from slimformer.tasks import load_task
-from slimformer.train import evaluate_model
 
 MAX_LENGTH = {"sst2": 64, "stsb": 128}  # the lengths the models were fine-tuned with
 CALIBRATION = 2048

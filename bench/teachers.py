@@ -23,9 +23,10 @@ import torch
 from transformers import TrainerCallback
 
 from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
+from slimformer.evaluation import Evaluator, headline_score
 from slimformer.io import write_json_atomic
-from slimformer.tasks import TaskData, load_task
-from slimformer.train import METRICS_FILE, TrainConfig, evaluate_model, finetune, headline_score
+from slimformer.tasks import load_task
+from slimformer.train import METRICS_FILE, TrainConfig, finetune
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,8 @@ class EarlyStopOnDev(TrainerCallback):
     continues where it stopped."""
 
     def __init__(self, data, tokenizer, config: TrainConfig, every: int, patience: int, work_dir: Path):
-        # dev splits only: evaluate_model would otherwise re-read the tokenized train split at every call
-        self.data = TaskData(spec=data.spec, splits=data.dev, source=data.source)
-        self.tokenizer, self.config = tokenizer, config
+        # the dev splits are tokenized and batched once, then scored at every evaluation
+        self.evaluator = Evaluator(tokenizer, data, max_length=config.max_length)
         self.every, self.patience = every, patience
         self.curve_file = work_dir / "dev_curve.json"
         self.best_file = work_dir / "best_state.pt"
@@ -84,9 +84,9 @@ class EarlyStopOnDev(TrainerCallback):
             return control
         if any(point["step"] == state.global_step for point in self.curve):
             return control
-        evaluation = evaluate_model(model, self.tokenizer, self.data, max_length=self.config.max_length, progress=False)
+        evaluation = self.evaluator.evaluate(model)
         model.train()
-        score = headline_score(evaluation, self.data.spec.primary_metric)
+        score = headline_score(evaluation, self.evaluator.spec.primary_metric)
         best = self.best()
         point = {"step": state.global_step, "epoch": round(state.epoch, 3), "score": score, "eval": evaluation}
         self.curve.append(point)

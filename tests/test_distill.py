@@ -19,10 +19,11 @@ from slimformer.distill import DistillationModel, DistillConfig, distill, head_p
 from slimformer.distill import pipeline as distill_pipeline
 from slimformer.distill.losses import attention_log_probs, attention_loss, hidden_loss, logit_loss
 from slimformer.errors import SlimformerError
+from slimformer.evaluation import evaluate
 from slimformer.models import load_model
 from slimformer.prune import PruningPlan, remove
 from slimformer.tasks import load_task
-from slimformer.train import TrainConfig, evaluate, finetune
+from slimformer.train import TrainConfig, finetune
 from test_train import StopAt, write_sst2
 
 QUICK = TrainConfig(max_length=16, batch_size=8, epochs=2, learning_rate=3e-3, save_steps=1000)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from slimformer.errors import SlimformerError
+from slimformer.evaluation import evaluate_model
 from slimformer.models import load_model
 from slimformer.prune import iterative as iterative_module
 from slimformer.prune import masked
 from slimformer.prune.iterative import iterative_prune
 from slimformer.tasks import load_task
-from slimformer.train import evaluate_model
 from test_train import write_sst2
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

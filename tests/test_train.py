@@ -10,10 +10,11 @@ import pytest
 from transformers import TrainerCallback
 
 from slimformer.errors import SlimformerError
+from slimformer.evaluation import evaluate
 from slimformer.folders import read_manifest
 from slimformer.models import load_model
 from slimformer.tasks import load_task
-from slimformer.train import TrainConfig, evaluate, finetune
+from slimformer.train import TrainConfig, finetune
 
 WORDS_POS = ["good", "great", "fine", "lovely", "superb"]
 WORDS_NEG = ["bad", "awful", "poor", "dull", "boring"]

@@ -251,8 +251,8 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a model on a task's dev split(s) with the task's official metrics."""
+    from slimformer.evaluation import evaluate as run_evaluate
     from slimformer.io import write_json_atomic
-    from slimformer.train import evaluate as run_evaluate
 
     data = _task_data(
         task, data_dir, None, dev_file, text_columns, label_column, regression, None, max_eval_samples, seed

@@ -1,8 +1,8 @@
 """Fine-tune and evaluate sequence classifiers on GLUE or custom tasks.
 
 Training runs on the Hugging Face :class:`~transformers.Trainer`, so the same call scales out with
-``accelerate launch`` (several GPUs or machines) with no code change. Evaluation is a small padded loop that
-other parts of slimformer (pruning, importance) call many times.
+``accelerate launch`` (several GPUs or machines) with no code change. Evaluation lives in
+:mod:`slimformer.evaluation`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 from transformers import (
     DataCollatorWithPadding,
     PreTrainedModel,
@@ -33,10 +30,11 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from slimformer.errors import SlimformerError, TaskError
+from slimformer.evaluation import evaluate_model, headline_score
 from slimformer.folders import save_model_folder
 from slimformer.io import write_json_atomic
-from slimformer.models import LoadedModel, load_model
-from slimformer.tasks import TaskData, compute_metrics, load_task, tokenize_task
+from slimformer.models import load_model
+from slimformer.tasks import TaskData, load_task, tokenize_task
 
 logger = logging.getLogger(__name__)
 
@@ -306,116 +304,3 @@ def prepare_work_dir(work_dir: Path, signature: dict[str, Any], resume: bool) ->
     checkpoint = last_complete_checkpoint(work_dir)
     write_json_atomic(signature_file, signature)
     return checkpoint
-
-
-def headline_score(evaluation: dict[str, dict[str, float]], metric: str) -> float:
-    """The primary metric averaged over the dev splits (MNLI has two)."""
-    values = [split_metrics[metric] for split_metrics in evaluation.values()]
-    return float(np.mean(values))
-
-
-def predict(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: Dataset,
-    *,
-    batch_size: int = 64,
-    progress: bool = True,
-    description: str = "predict",
-) -> np.ndarray:
-    """Logits for every row of a tokenized dataset, in the dataset's order.
-
-    Rows are batched by length (then put back in order) so that little time goes into padding.
-    """
-    order = length_order(dataset)
-    device = next(model.parameters()).device
-    outputs: list[np.ndarray] = []
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        batches = length_sorted_batches(tokenizer, dataset, order, batch_size)
-        total = -(-len(order) // batch_size)
-        for batch in tqdm(batches, total=total, desc=description, disable=not progress, leave=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            outputs.append(model(**batch).logits.float().cpu().numpy())
-    model.train(was_training)
-    logits = np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), dtype=np.float32)
-    restored = np.empty_like(logits)
-    restored[order] = logits
-    return restored
-
-
-def length_order(dataset: Dataset) -> np.ndarray:
-    """Row indices of a tokenized dataset sorted by length (stable), so batches carry little padding."""
-    return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
-
-
-def length_sorted_batches(
-    tokenizer: PreTrainedTokenizerBase, dataset: Dataset, order: np.ndarray, batch_size: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """The model inputs of ``dataset``'s rows in ``order``, ``batch_size`` rows a batch, padded per batch."""
-    collator = DataCollatorWithPadding(tokenizer)
-    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
-    features = dataset.select_columns(columns)
-    for start in range(0, len(order), batch_size):
-        rows = features.select(order[start : start + batch_size].tolist())
-        yield dict(collator([dict(row) for row in rows]))
-
-
-def evaluate_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: TaskData,
-    *,
-    max_length: int = 128,
-    batch_size: int = 64,
-    tokenized: dict[str, Dataset] | None = None,
-    splits: list[str] | None = None,
-    progress: bool = True,
-) -> dict[str, dict[str, float]]:
-    """The task's official metrics on each dev split (or the ``splits`` named)."""
-    tokenized = tokenized or tokenize_task(data, tokenizer, max_length=max_length)
-    names = splits or [s for s in data.spec.dev_splits if s in tokenized]
-    if not names:
-        raise TaskError(f"Task {data.spec.name!r} from {data.source} has no dev split to evaluate on.")
-    results = {}
-    for name in names:
-        logits = predict(
-            model,
-            tokenizer,
-            tokenized[name],
-            batch_size=batch_size,
-            progress=progress,
-            description=f"eval {name}",
-        )
-        labels = np.asarray(tokenized[name]["labels"])
-        results[name] = {k: float(v) for k, v in compute_metrics(data.spec, logits, labels).items()}
-    return results
-
-
-def evaluate(
-    model: str | os.PathLike[str] | LoadedModel,
-    task: str | TaskData = "sst2",
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    max_length: int = 128,
-    batch_size: int = 64,
-    max_eval_samples: int | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Evaluate a model folder (or a loaded model) on a task's dev splits; returns metrics like ``finetune``."""
-    data = (
-        task if isinstance(task, TaskData) else load_task(task, data_dir, max_eval_samples=max_eval_samples, seed=seed)
-    )
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, data.spec)
-    started = time.perf_counter()
-    evaluation = evaluate_model(loaded.model, loaded.tokenizer, data, max_length=max_length, batch_size=batch_size)
-    return {
-        "task": data.spec.name,
-        "data_source": data.source,
-        "model": loaded.source,
-        "primary_metric": data.spec.primary_metric,
-        "score": headline_score(evaluation, data.spec.primary_metric),
-        "eval": evaluation,
-        "eval_seconds": round(time.perf_counter() - started, 2),
-    }

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from slimformer.analyze.common import (
     REPORT_FILE,
     AnalyzeError,
-    Evaluator,
     fmt,
     fmt_stat,
     load_analysis_model,
@@ -47,6 +46,7 @@ from slimformer.analyze.common import (
 )
 from slimformer.analyze.plots import heatmap
 from slimformer.arch import layer_views
+from slimformer.evaluation import Evaluator
 from slimformer.gates import Gates, gated
 from slimformer.models import LoadedModel
 from slimformer.tasks import TaskData

@@ -47,7 +47,6 @@ from transformers import set_seed
 from slimformer.analyze.common import (
     REPORT_FILE,
     AnalyzeError,
-    Evaluator,
     fmt,
     fmt_stat,
     load_analysis_model,
@@ -66,6 +65,7 @@ from slimformer.analyze.magnitude import MagnitudeResult, WeightMasks, magnitude
 from slimformer.analyze.plots import bar_chart, line_chart, survival_heatmap
 from slimformer.analyze.subnetworks import SUBNETWORKS, structured_subnetworks, weight_subnetworks
 from slimformer.analyze.training import RetrainConfig, train, training_device
+from slimformer.evaluation import Evaluator
 from slimformer.folders import save_model_folder
 from slimformer.io import write_json_atomic
 from slimformer.models import LoadedModel, load_model

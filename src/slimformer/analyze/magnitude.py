@@ -26,8 +26,9 @@ from torch.nn.utils import prune
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from slimformer.analyze.common import AnalyzeError, Evaluator
+from slimformer.analyze.common import AnalyzeError
 from slimformer.arch import layer_views
+from slimformer.evaluation import Evaluator
 from slimformer.io import atomic_file
 
 PARTS = ("query", "key", "value", "attn_out", "ffn_up", "ffn_down")

@@ -18,6 +18,7 @@ from slimformer.budget.fisher import collect_mask_gradients
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, search_masks
 from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
 from slimformer.errors import SlimformerError
+from slimformer.evaluation import evaluate_model, headline_score
 from slimformer.folders import save_model_folder
 from slimformer.importance import importance_sample
 from slimformer.measure import count_parameters, flops, measure_latency
@@ -25,7 +26,6 @@ from slimformer.models import load_model
 from slimformer.prune.apply import masked, remove
 from slimformer.prune.plan import Layout, PruningPlan
 from slimformer.tasks import TaskData, load_task
-from slimformer.train import evaluate_model, headline_score
 
 # what --tune does after the search: its description in the report
 TUNING = {

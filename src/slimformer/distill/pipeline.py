@@ -39,6 +39,7 @@ from slimformer.arch import LayerView, get_spec, layer_views
 from slimformer.distill.losses import attention_log_probs, attention_loss, hidden_loss, logit_loss
 from slimformer.distill.students import Student, make_student
 from slimformer.errors import SlimformerError
+from slimformer.evaluation import evaluate_model, headline_score, predict
 from slimformer.folders import save_model_folder
 from slimformer.gradients import is_regression, task_loss
 from slimformer.importance import model_fingerprint
@@ -51,10 +52,7 @@ from slimformer.train import (
     METRICS_FILE,
     FinetuneResult,
     TrainConfig,
-    evaluate_model,
     evaluate_trained,
-    headline_score,
-    predict,
     prepare_work_dir,
     require_train_split,
     run_trainer,

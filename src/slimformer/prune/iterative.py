@@ -28,13 +28,13 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from slimformer.evaluation import Evaluator
 from slimformer.importance import METHODS, ImportanceScores, compute_importance, importance_sample
 from slimformer.io import write_json_atomic
 from slimformer.plots import plot_curve
 from slimformer.prune.apply import masked, plan_gates
 from slimformer.prune.plan import PlanError, PruningPlan
-from slimformer.tasks import TaskData, tokenize_task
-from slimformer.train import evaluate_model, headline_score
+from slimformer.tasks import TaskData
 
 logger = logging.getLogger(__name__)
 
@@ -116,16 +116,9 @@ def _eval_data(task_data: TaskData, max_samples: int | None, seed: int) -> TaskD
     return TaskData(spec=task_data.spec, splits=splits, source=task_data.source)
 
 
-def _evaluate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: TaskData,
-    tokenized: dict[str, Dataset],
-    batch_size: int,
-) -> float:
+def _evaluate(model: PreTrainedModel, evaluator: Evaluator) -> float:
     """The primary metric averaged over the dev splits, for the model as it is (masks included)."""
-    results = evaluate_model(model, tokenizer, data, tokenized=tokenized, batch_size=batch_size, progress=False)
-    return headline_score(results, data.spec.primary_metric)
+    return evaluator.score(model)
 
 
 def _remaining_heads(plan: PruningPlan) -> list[tuple[int, int]]:
@@ -199,8 +192,9 @@ def iterative_prune(
     total_mlps = len(_remaining_mlps(plan))
 
     eval_data = _eval_data(task_data, eval_max_samples, seed)
-    tokenized = tokenize_task(eval_data, tokenizer, max_length=max_length)
-    dense_score = _evaluate(model, tokenizer, eval_data, tokenized, eval_batch_size)
+    # the dev data is tokenized and batched once, then scored after every step
+    evaluator = Evaluator(tokenizer, eval_data, max_length=max_length, batch_size=eval_batch_size)
+    dense_score = _evaluate(model, evaluator)
     if not dense_score > 0:
         raise PlanError(
             f"The unpruned model scores {dense_score:g} ({task_data.spec.primary_metric}) on the dev split, so "
@@ -255,7 +249,7 @@ def iterative_prune(
             )
             candidate, pruned_heads, pruned_mlp = _next_plan(plan, scores, step, prune_mlps)
             with masked(model, candidate):
-                score = _evaluate(model, tokenizer, eval_data, tokenized, eval_batch_size)
+                score = _evaluate(model, evaluator)
             accepted = score >= threshold
             curve.append(point(iteration, candidate, score, accepted))
             curve[-1].update(pruned_heads=[list(lh) for lh in pruned_heads], pruned_mlp=pruned_mlp)

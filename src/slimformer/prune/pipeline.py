@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from slimformer.errors import SlimformerError
+from slimformer.evaluation import evaluate_model, headline_score
 from slimformer.folders import save_model_folder
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
@@ -19,7 +20,6 @@ from slimformer.prune.apply import masked, remove
 from slimformer.prune.layers import choose_layers_to_drop, parse_drop_layers
 from slimformer.prune.plan import PruningPlan, plan_from_scores
 from slimformer.tasks import TaskData, load_task
-from slimformer.train import evaluate_model, headline_score
 
 
 @dataclass
