@@ -248,7 +248,7 @@ def _view_of(layer: nn.Module, spec: ArchSpec, head_size: int) -> LayerView:
 
 def _pruned_layer_copy(view: LayerView, spec: ArchSpec, head_ids: list[int], heads: int, neurons: int) -> nn.Module:
     """A copy of ``view``'s layer with its first ``heads`` heads and ``neurons`` neurons, sliced as
-    :func:`~slimformer.prune.apply.remove` slices (which units are kept does not matter for timing)."""
+    :func:`~slimformer.layout.slice_model` slices (which units are kept does not matter for timing)."""
     layer = copy.deepcopy(view.layer).to("cpu").eval()
     copied = _view_of(layer, spec, view.head_size)
     if heads != copied.num_heads:
