@@ -39,7 +39,7 @@ from slimformer.arch import LayerView, get_spec, layer_views
 from slimformer.distill.losses import attention_log_probs, attention_loss, hidden_loss, logit_loss
 from slimformer.distill.students import Student, make_student
 from slimformer.errors import SlimformerError
-from slimformer.evaluation import evaluate_model, headline_score, predict
+from slimformer.evaluation import Evaluator, headline_score, predict
 from slimformer.folders import save_model_folder
 from slimformer.gradients import is_regression, task_loss
 from slimformer.importance import model_fingerprint
@@ -386,8 +386,9 @@ def distill(
     report: dict[str, Any] = {"teacher": str(teacher), "student": student_made.description}
 
     if evaluate_before:
-        teacher_eval = evaluate_model(teacher_loaded.model, tokenizer, data, tokenized=tokenized, progress=progress)
-        student_eval = evaluate_model(student_made.model, tokenizer, data, tokenized=tokenized, progress=progress)
+        evaluator = Evaluator(tokenizer, data, tokenized=tokenized)  # one batching for both models
+        teacher_eval = evaluator.evaluate(teacher_loaded.model, progress=progress)
+        student_eval = evaluator.evaluate(student_made.model, progress=progress)
         report["teacher_score"] = headline_score(teacher_eval, metric)
         report["student_score_before"] = headline_score(student_eval, metric)
 
