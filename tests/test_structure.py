@@ -42,7 +42,7 @@ def module_level_imports(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFr
         node = pending.pop(0)
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         elif isinstance(node, ast.If) and _is_type_checking(node):
             pending.extend(node.orelse)
