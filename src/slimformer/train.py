@@ -1,4 +1,4 @@
-"""Fine-tune and evaluate sequence classifiers on GLUE or custom tasks.
+"""Fine-tune sequence classifiers on GLUE or custom tasks, and record how they score on dev.
 
 Training runs on the Hugging Face :class:`~transformers.Trainer`, so the same call scales out with
 ``accelerate launch`` (several GPUs or machines) with no code change. Evaluation lives in
