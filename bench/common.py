@@ -76,14 +76,18 @@ def teacher_summary(task: str, folder: Path) -> dict:
         )
     metrics = json.loads(metrics_file.read_text())
     recipe = metrics.get("recipe") or {}
+    # the report schema keeps the score before/after and training details under "details"; the first teachers
+    # were written before it
+    score = metrics["score"]["after"] if isinstance(metrics["score"], dict) else metrics["score"]
+    train = (metrics.get("details") or {}).get("train") or metrics.get("train") or {}
     config = metrics.get("config") or {}
     return {
         "task": task,
         "path": str(folder),
         "name": folder.name,
-        "score": metrics["score"],
+        "score": score,
         "primary_metric": metrics.get("primary_metric"),
-        "train_samples": (metrics.get("train") or {}).get("samples"),
+        "train_samples": train.get("samples"),
         "max_length": config.get("max_length"),
         "epochs_trained": recipe.get("epochs_trained"),
         "best_epoch": recipe.get("best_epoch"),

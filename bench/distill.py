@@ -189,23 +189,23 @@ def train_runs(task: str, setup: TaskSetup, teacher: dict, args) -> list[dict]:
                         "recovery": recovery,
                         "seed": seed,
                         "model_dir": str(out),
-                        "teacher_score_measured": metrics.get("teacher_score"),
-                        "score_before": metrics.get("student_score_before"),
-                        "score": metrics["score"],
-                        "eval": metrics["eval"],
-                        "train_samples": metrics["train"]["samples"],
-                        "train_steps": metrics["train"]["steps"],
-                        "train_seconds": metrics["train"]["seconds"],
-                        "run_seconds": metrics["total_seconds"],
+                        "teacher_score_measured": metrics["score"].get("teacher"),
+                        "score_before": metrics["score"]["before"],
+                        "score": metrics["score"]["after"],
+                        "eval": metrics["eval"]["after"],
+                        "train_samples": metrics["details"]["train"]["samples"],
+                        "train_steps": metrics["details"]["train"]["steps"],
+                        "train_seconds": metrics["details"]["train"]["seconds"],
+                        "run_seconds": metrics["seconds"]["total"],
                         "prune_seconds": prune_seconds,
-                        "distill": metrics["distill"],
+                        "distill": metrics["details"]["distill"],
                         "config": metrics["config"],
                     }
                 )
-                before = (metrics.get("student_score_before") or 0) * 100
+                before = (metrics["score"]["before"] or 0) * 100
                 print(
-                    f"[{task}] {name}, {recovery}, seed {seed}: {metrics['score'] * 100:.2f} (before {before:.2f}), "
-                    f"{metrics['total_seconds']:.0f} s",
+                    f"[{task}] {name}, {recovery}, seed {seed}: {metrics['score']['after'] * 100:.2f} "
+                    f"(before {before:.2f}), {metrics['seconds']['total']:.0f} s",
                     flush=True,
                 )
     return rows

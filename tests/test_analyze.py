@@ -32,17 +32,17 @@ from slimformer.analyze import (
     structured_subnetworks,
     weight_subnetworks,
 )
-from slimformer.analyze.common import Evaluator, parse_heads, parse_layers
+from slimformer.analyze.common import parse_heads, parse_layers
 from slimformer.analyze.magnitude import WeightMasks, encoder_linears
 from slimformer.analyze.papa import selection
 from slimformer.analyze.stability import jaccard_matrix
 from slimformer.analyze.training import train
 from slimformer.arch import layer_views
 from slimformer.cli import app
+from slimformer.evaluation import Evaluator, evaluate_model
 from slimformer.models import load_model
 from slimformer.prune import PruningPlan, masked
 from slimformer.tasks import load_task, tokenize_task
-from slimformer.train import evaluate_model
 from test_train import write_sst2
 
 lottery_module = importlib.import_module("slimformer.analyze.lottery")

@@ -19,9 +19,10 @@ from slimformer.budget.method import plan_for_budget
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, rearrange_layer, search_masks
 from slimformer.budget.tune import _normal_equations, dense_targets, fold_scales, reconstruct_weights, tune_masks
 from slimformer.errors import SlimformerError
+from slimformer.gates import gated
 from slimformer.measure import flops
 from slimformer.models import load_model
-from slimformer.prune import Layout, PruningPlan, gated, plan_gates, remove
+from slimformer.prune import Layout, PruningPlan, plan_gates, remove
 from test_train import write_sst2
 
 

@@ -37,7 +37,7 @@ def test_pipeline_through_the_cli(tiny_model_dir, tmp_path):
     tuned = tmp_path / "tuned"
     common = ["--task", "sst2", "--data-dir", glue, "--max-length", "16"]
     invoke("finetune", "--model", tiny_model_dir, "--out", tuned, *common, "--max-steps", "3", "--batch-size", "8")
-    assert json.loads((tuned / "metrics.json").read_text())["train"]["steps"] == 3
+    assert json.loads((tuned / "metrics.json").read_text())["details"]["train"]["steps"] == 3
 
     invoke("importance", "--model", tuned, *common, "--out", tmp_path / "imp", "--n-examples", "16")
     scores = json.loads((tmp_path / "imp" / "importance.json").read_text())
@@ -177,3 +177,35 @@ def test_budget_pruning_through_the_cli(tiny_model_dir, tmp_path):
         ],
     )
     assert result.exit_code != 0 and "exactly one way" in str(result.exception)
+
+
+def test_a_model_fine_tuned_on_a_custom_csv_is_pruned_and_analysed_with_no_data_options(tiny_model_dir, tmp_path):
+    import csv
+
+    rows = [("a good film", "pos"), ("a bad film", "neg"), ("great acting", "pos"), ("dull plot", "neg")] * 8
+    for name in ("train", "dev"):
+        with open(tmp_path / f"{name}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["review", "sentiment"])
+            writer.writerows(rows)
+    tuned = tmp_path / "mine"
+    data = ["--train-file", tmp_path / "train.csv", "--dev-file", tmp_path / "dev.csv"]
+    columns = ["--text-columns", "review", "--label-column", "sentiment"]
+    invoke(
+        "finetune", "--model", tiny_model_dir, "--out", tuned, *data, *columns, "--max-steps", "2", "--max-length", "16"
+    )
+
+    pruned = tmp_path / "half"
+    invoke("prune", "--model", tuned, "--out", pruned, "--budget-flops", "0.5", "--calibration-examples", "8")
+    report = json.loads((pruned / "metrics.json").read_text())
+    assert report["task"]["kind"] == "custom" and report["task"]["labels"] == ["neg", "pos"]
+    assert report["models"]["after"]["encoder_flops"] <= 0.5 * report["models"]["before"]["encoder_flops"]
+    assert set(report["eval"]["after"]) == {"dev"}
+
+    invoke("importance", "--model", pruned, "--out", tmp_path / "imp", "--n-examples", "8")
+    invoke("analyze", "ablate", "--model", tuned, "--out", tmp_path / "ablate", "--max-length", "16")
+    assert (tmp_path / "ablate" / "results.json").is_file()
+    # the same folder with another task's data: the labels do not fit its head
+    glue = write_sst2(tmp_path / "glue")
+    result = runner.invoke(app, ["evaluate", "--model", str(tuned), "--task", "sst2", "--data-dir", str(glue)])
+    assert result.exit_code != 0 and "labels ['neg', 'pos'] differ" in str(result.exception)

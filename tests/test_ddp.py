@@ -168,7 +168,10 @@ def test_finetune_in_two_processes_equals_one_process_on_the_global_batch(runs):
     saved = load_file(runs / "ft-ddp" / "model.safetensors")
     assert saved and all(torch.equal(saved[k], weights[k]) for k in saved)
     metrics = json.loads((runs / "ft-ddp" / "metrics.json").read_text())
-    assert metrics["train"]["steps"] == STEPS and metrics["train"]["samples"] == PROCESSES * PER_PROCESS
+    assert (
+        metrics["details"]["train"]["steps"] == STEPS
+        and metrics["details"]["train"]["samples"] == PROCESSES * PER_PROCESS
+    )
     assert not (runs / "ft-ddp.work").exists()
 
 
@@ -182,7 +185,7 @@ def test_distill_in_two_processes_equals_one_process_on_the_global_batch(runs):
     saved = load_file(runs / "kd-ddp" / "model.safetensors")
     assert saved and all(torch.equal(saved[k], student[k]) for k in saved)
     metrics = json.loads((runs / "kd-ddp" / "metrics.json").read_text())
-    assert metrics["train"]["steps"] == STEPS and metrics["distill"]["teacher_logits_cached"]
+    assert metrics["details"]["train"]["steps"] == STEPS and metrics["details"]["distill"]["teacher_logits_cached"]
     assert not (runs / "kd-ddp.work").exists()
     # both processes computed the teacher's logits and wrote the same cache file (atomically)
     assert len(list((runs / "parallel" / "cache" / "teacher_logits").glob("*.npy"))) == 1

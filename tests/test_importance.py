@@ -16,6 +16,7 @@ from conftest import tiny_inputs, tiny_model
 from slimformer import importance as importance_module
 from slimformer.arch import layer_views
 from slimformer.errors import SlimformerError
+from slimformer.gates import Gates, gated
 from slimformer.importance import (
     ImportanceScores,
     compute_importance,
@@ -25,7 +26,7 @@ from slimformer.importance import (
 )
 from slimformer.models import load_model
 from slimformer.plots import plot_curve, plot_head_importance
-from slimformer.prune import Gates, PruningPlan, gated, plan_gates, remove
+from slimformer.prune import PruningPlan, plan_gates, remove
 from slimformer.tasks import load_task, tokenize_task
 from test_train import write_sst2
 

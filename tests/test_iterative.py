@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from slimformer.errors import SlimformerError
+from slimformer.evaluation import evaluate_model
 from slimformer.models import load_model
 from slimformer.prune import iterative as iterative_module
 from slimformer.prune import masked
-from slimformer.prune.iterative import iterative_prune
+from slimformer.prune.iterative import iterative_prune, prune_until_score
 from slimformer.tasks import load_task
-from slimformer.train import evaluate_model
 from test_train import write_sst2
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -153,3 +153,39 @@ def test_a_zero_dense_score_is_an_error(loaded, sst2, monkeypatch):
     monkeypatch.setattr(iterative_module, "_evaluate", lambda *args, **kwargs: 0.0)
     with pytest.raises(SlimformerError, match="Fine-tune the model"):
         iterative_prune(loaded.model, loaded.tokenizer, sst2, **SMALL)
+
+
+def test_the_shared_loop_accepts_until_the_score_falls_below_the_bar():
+    """prune_until_score on integers: each step prunes one more unit; the scores are scripted."""
+
+    def run(scores, *, start=5, max_iterations=None):
+        scripted = iter(scores)
+        return prune_until_score(
+            start,
+            1.0,
+            0.9,
+            has_more=lambda left: left > 0,
+            propose=lambda left, iteration: (left - 1, {"step": iteration}),
+            score=lambda left: next(scripted),
+            describe=lambda left: {"left": left},
+            max_iterations=max_iterations,
+            progress=False,
+        )
+
+    broke = run([0.95, 0.92, 0.85, 0.99])
+    assert (broke.state, broke.score, broke.iterations, broke.stop_reason) == (3, 0.92, 3, "below_keep_score")
+    assert [p["left"] for p in broke.curve] == [5, 4, 3, 2]
+    assert [p["accepted"] for p in broke.curve] == [True, True, True, False]
+    assert broke.curve[0] == {"iteration": 0, "left": 5, "score": 1.0, "relative_score": 1.0, "accepted": True}
+    assert broke.curve[3] == {
+        "iteration": 3,
+        "left": 2,
+        "score": 0.85,
+        "relative_score": 0.85,
+        "accepted": False,
+        "step": 3,
+    }
+    emptied = run([0.9, 0.95], start=2)
+    assert (emptied.state, emptied.score, emptied.stop_reason) == (0, 0.95, "nothing_left")
+    capped = run([0.99] * 5, max_iterations=2)
+    assert (capped.state, capped.iterations, capped.stop_reason, len(capped.curve)) == (3, 2, "max_iterations", 3)

@@ -14,9 +14,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
 from slimformer.arch import embeddings, get_spec, layer_list, layer_views, resolve
+from slimformer.budget.search import UnitCosts
 from slimformer.measure import (
     MeasureError,
     count_parameters,
+    encoder_flops,
     flops,
     format_measurements,
     linear_flops,
@@ -24,8 +26,10 @@ from slimformer.measure import (
     measure_model,
     measurements_table,
     model_size_on_disk,
+    shape_flops,
     size_on_disk,
 )
+from slimformer.prune import PruningPlan, remove
 
 # Parameters outside the embeddings module that still come before the layers, so count as embeddings.
 EMBEDDING_EXTRAS = {
@@ -208,6 +212,52 @@ def test_flops_follow_sliced_layers(family):
     assert sliced.encoder < full.encoder
     for batch, seq in [(1, 8), (2, 13)]:
         assert_matches_flop_counter(model, batch, seq)
+
+
+# the three views of encoder FLOPs: the measured model, a plan's summary and the budget search's cost model
+
+
+def _plans(model) -> list[PruningPlan]:
+    full = PruningPlan.keep_all(model)
+
+    def plan(heads, neurons, dropped=()):
+        return PruningPlan(full.layout, heads, neurons, list(dropped), model_type=full.model_type)
+
+    return [
+        full,
+        plan([[0, 2], [1, 2, 3]], [list(range(0, 64, 3)), list(range(50))]),
+        plan([[], [0, 1, 2, 3]], [list(range(64)), []]),  # a layer with no heads, one with no FFN
+        plan([[3], [0, 1]], [list(range(7)), list(range(64))], dropped=[1]),
+    ]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("seq_len", [1, 16, 128])
+def test_measured_planned_and_searched_flops_agree(family, seq_len):
+    for index, plan in enumerate(_plans(tiny_model(family))):
+        model = tiny_model(family)
+        summary = plan.summary(model, seq_len=seq_len)["encoder_flops"]
+        costs = UnitCosts.flops(plan.layout, seq_len=seq_len)
+        dense = flops(model, seq_len=seq_len).encoder
+        measured = flops(remove(model, plan), seq_len=seq_len).encoder
+        kept_heads = sum(len(plan.kept_heads[i]) for i in plan.kept_layers)
+        kept_neurons = sum(len(plan.kept_neurons[i]) for i in plan.kept_layers)
+        assert summary["before"] == dense == costs.total(sum(plan.layout.heads), sum(plan.layout.ffn)), index
+        assert summary["after"] == measured == costs.total(kept_heads, kept_neurons), index
+        if index:
+            assert measured < dense
+
+
+def test_the_formula_has_no_fixed_part_and_reads_layouts():
+    zero = shape_flops(hidden=32, qk_width=0, v_width=0, ffn_size=0, seq_len=16)
+    assert zero["total"] == 0
+    one_head = shape_flops(hidden=32, qk_width=8, v_width=8, ffn_size=0, seq_len=16)["total"]
+    assert shape_flops(hidden=32, qk_width=24, v_width=24, ffn_size=0, seq_len=16)["total"] == 3 * one_head
+    model = tiny_model("bert")
+    assert encoder_flops([4, 4], [64, 64], head_size=8, hidden=32, seq_len=16) == flops(model, seq_len=16).encoder
+    assert encoder_flops([0, 0], [0, 0], head_size=8, hidden=32, seq_len=16) == 0
+    with pytest.raises(MeasureError):
+        encoder_flops([4], [64], head_size=8, hidden=32, seq_len=0)
 
 
 # --- latency ----------------------------------------------------------------------------------------------

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 import transformers as hf
 
 from slimformer.errors import ModelLoadError, UnsupportedArchitectureError
+from slimformer.folders import read_manifest, save_model_folder
 from slimformer.models import load_model, resolve_model_source
+from slimformer.prune import PruningPlan, remove
 
 
 def test_local_folder_gets_a_classification_head(tiny_model_dir):
@@ -77,6 +80,56 @@ def test_corrupt_config_is_reported(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="config"):
         load_model(tmp_path)
+
+
+def _saved(tiny_model_dir, folder, *, pruned: bool, shard: str | None = None):
+    """A tiny classifier saved by slimformer: plain (transformers loads it) or with uneven heads (slimformer_layout)."""
+    loaded = load_model(tiny_model_dir, num_labels=2)
+    if pruned:
+        plan = PruningPlan.keep_all(loaded.model)
+        plan.kept_heads = [[0, 2], [1, 2, 3]]
+        remove(loaded.model, plan)
+    if shard is None:
+        save_model_folder(loaded.model, loaded.tokenizer, folder)
+    else:  # several weight files: the error must name the damaged one
+        loaded.model.save_pretrained(folder, max_shard_size=shard)
+        loaded.tokenizer.save_pretrained(folder)
+    assert read_manifest(folder) is None or read_manifest(folder)["plain_transformers_loadable"] is not pruned
+    return folder
+
+
+DAMAGES = {
+    "cut in half": lambda data: data[: len(data) // 2],
+    "cut to a few bytes": lambda data: data[:5],
+    "empty": lambda data: b"",
+    "random bytes": lambda data: os.urandom(len(data)),
+    "last byte missing": lambda data: data[:-1],
+}
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["plain", "pruned-layout"])
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_weights_are_a_one_line_error_naming_the_file(tiny_model_dir, tmp_path, pruned, damage):
+    folder = _saved(tiny_model_dir, tmp_path / "model", pruned=pruned)
+    assert load_model(folder).model.config.num_labels == 2  # loads while intact
+    weights = folder / "model.safetensors"
+    weights.write_bytes(DAMAGES[damage](weights.read_bytes()))
+    with pytest.raises(ModelLoadError) as info:
+        load_model(folder)
+    message = str(info.value)
+    assert message.startswith(f"{weights} is damaged") and message.endswith("Save or download it again.")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["plain", "pruned-layout"])
+def test_a_damaged_shard_is_named(tiny_model_dir, tmp_path, pruned):
+    folder = _saved(tiny_model_dir, tmp_path / "model", pruned=pruned, shard="200KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and not (folder / "model.safetensors").exists()
+    assert load_model(folder).model.config.num_labels == 2
+    shards[-1].write_bytes(shards[-1].read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match=f"^{shards[-1]} is damaged"):
+        load_model(folder)
 
 
 @pytest.mark.integration

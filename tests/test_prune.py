@@ -13,21 +13,20 @@ import transformers as hf
 
 from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
 from slimformer.arch import layer_views
+from slimformer.folders import read_manifest, save_model_folder
+from slimformer.gates import Gates, gated
+from slimformer.layout import EmptyAttention
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
 from slimformer.prune import (
-    EmptyAttention,
-    Gates,
     Layout,
     PlanError,
     PruningPlan,
     apply_plan,
-    gated,
     masked,
     plan_from_scores,
     remove,
 )
-from slimformer.prune.saving import read_manifest, save_pruned
 
 FAMILIES = sorted(TINY_CONFIGS)
 
@@ -118,7 +117,7 @@ def test_save_load_identical(family, tokenizer, tmp_path):
     plan = random_plan(model, 7, empty_attention=True, empty_ffn=True)
     remove(model, plan)
     expected = logits(model)
-    save_pruned(model, tokenizer, tmp_path / "pruned", plan=plan)
+    save_model_folder(model, tokenizer, tmp_path / "pruned", plan=plan)
     manifest = read_manifest(tmp_path / "pruned")
     assert manifest["plan"] == plan.to_dict()
     assert manifest["layers"] == [{"heads": h, "ffn": f} for h, f in zip(*_shape(model), strict=True)]
@@ -146,7 +145,7 @@ def test_uniform_ffn_and_layer_pruning_loads_with_plain_transformers(family, tok
     )
     remove(model, plan)
     expected = logits(model)
-    save_pruned(model, tokenizer, tmp_path / "m", plan=plan)
+    save_model_folder(model, tokenizer, tmp_path / "m", plan=plan)
     assert read_manifest(tmp_path / "m")["plain_transformers_loadable"] is True
     plain, info = hf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -194,7 +193,7 @@ def test_pruning_twice_composes(family, tokenizer, tmp_path):
     )
     twice = remove(once, second)
     torch.testing.assert_close(logits(twice), expected, atol=1e-5, rtol=0)
-    save_pruned(twice, tokenizer, tmp_path / "twice")
+    save_model_folder(twice, tokenizer, tmp_path / "twice")
     torch.testing.assert_close(logits(load_model(tmp_path / "twice").model), logits(twice), atol=0, rtol=0)
 
 
@@ -292,7 +291,7 @@ def test_real_minilm_mask_equals_remove_and_reloads(tokenizer, tmp_path):
         expected = logits(model, batch)
     remove(model, plan)
     torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
-    save_pruned(model, loaded.tokenizer, tmp_path / "minilm-pruned", plan=plan)
+    save_model_folder(model, loaded.tokenizer, tmp_path / "minilm-pruned", plan=plan)
     reloaded = load_model(tmp_path / "minilm-pruned")
     torch.testing.assert_close(logits(reloaded.model, batch), expected, atol=1e-5, rtol=0)
     assert (

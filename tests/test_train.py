@@ -10,9 +10,11 @@ import pytest
 from transformers import TrainerCallback
 
 from slimformer.errors import SlimformerError
+from slimformer.evaluation import evaluate
+from slimformer.folders import read_manifest
 from slimformer.models import load_model
 from slimformer.tasks import load_task
-from slimformer.train import TrainConfig, evaluate, finetune
+from slimformer.train import TrainConfig, finetune
 
 WORDS_POS = ["good", "great", "fine", "lovely", "superb"]
 WORDS_NEG = ["bad", "awful", "poor", "dull", "boring"]
@@ -63,14 +65,21 @@ def test_finetune_writes_a_model_folder_with_metrics(tiny_model_dir, glue_dir, t
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["task"] == "sst2" and saved["primary_metric"] == "accuracy"
-    assert saved["train"]["steps"] == 4 and saved["train"]["samples"] == 48
-    assert 0.0 <= saved["eval"]["dev"]["accuracy"] <= 1.0
-    assert result.score == saved["score"] == saved["eval"]["dev"]["accuracy"]
+    assert saved["command"] == "finetune" and saved["task"]["name"] == "sst2" and saved["primary_metric"] == "accuracy"
+    assert saved["details"]["train"]["steps"] == 4 and saved["details"]["train"]["samples"] == 48
+    assert 0.0 <= saved["eval"]["after"]["dev"]["accuracy"] <= 1.0
+    assert result.score == saved["score"]["after"] == saved["eval"]["after"]["dev"]["accuracy"]
+    assert saved["config"]["method"] == "finetune" and saved["config"]["max_steps"] == 4
+    assert saved["models"]["after"]["heads"] == 8 and saved["models"]["before"] is None
     assert not (tmp_path / "out.work").exists()  # checkpoints are cleaned once the model is saved
+    # the folder has the manifest every slimformer model folder has, here with the task it was trained for
+    manifest = read_manifest(out)
+    assert manifest["plan"] is None and manifest["plain_transformers_loadable"] is True
+    assert manifest["task"]["name"] == "sst2" and manifest["task"]["labels"] == ["negative", "positive"]
+    assert manifest["layers"] == [{"heads": 4, "ffn": 64}] * 2
     # evaluating the saved folder reproduces the metrics computed at the end of training
     again = evaluate(out, "sst2", data_dir=glue_dir, max_length=16)
-    assert again["eval"]["dev"] == pytest.approx(saved["eval"]["dev"])
+    assert again["eval"]["dev"] == pytest.approx(saved["eval"]["after"]["dev"])
 
 
 def test_existing_output_is_not_overwritten(tiny_model_dir, glue_dir, tmp_path):
@@ -93,8 +102,8 @@ def test_interrupted_run_resumes_from_last_complete_checkpoint(tiny_model_dir, g
     (work / "checkpoint-3").mkdir()
     (work / "checkpoint-3" / "model.safetensors").write_bytes(b"partial")
     result = finetune(tiny_model_dir, "sst2", out, data_dir=glue_dir, config=CONFIG)
-    assert result.metrics["train"]["resumed_from"].endswith("checkpoint-2")
-    assert result.metrics["train"]["steps"] == 4
+    assert result.metrics["details"]["train"]["resumed_from"].endswith("checkpoint-2")
+    assert result.metrics["details"]["train"]["steps"] == 4
     assert (out / "metrics.json").is_file()
 
 
@@ -106,14 +115,14 @@ def test_resume_refuses_checkpoints_of_another_run(tiny_model_dir, glue_dir, tmp
     with pytest.raises(SlimformerError, match="different run"):
         finetune(tiny_model_dir, "sst2", out, data_dir=glue_dir, config=other)
     result = finetune(tiny_model_dir, "sst2", out, data_dir=glue_dir, config=other, resume=False)
-    assert result.metrics["train"]["resumed_from"] is None
+    assert result.metrics["details"]["train"]["resumed_from"] is None
 
 
 def test_training_learns_the_toy_task(tiny_model_dir, glue_dir, tmp_path):
     # Proves the loop really trains: the toy sentiment words are separable within a few dozen steps.
     config = TrainConfig(max_length=16, batch_size=8, epochs=6, learning_rate=3e-3, save_steps=1000)
     result = finetune(tiny_model_dir, "sst2", tmp_path / "out", data_dir=glue_dir, config=config)
-    assert result.metrics["eval"]["dev"]["accuracy"] >= 0.8
+    assert result.metrics["eval"]["after"]["dev"]["accuracy"] >= 0.8
     untrained = evaluate(load_model(tiny_model_dir, "sst2"), load_task("sst2", glue_dir), max_length=16)
     assert untrained["score"] < result.score
 

@@ -5,7 +5,7 @@ The front door: ``slimformer.prune(model, config, data)`` with a config from :mo
 ``finetune``, ``distill``, ``evaluate``, ``measure``, ``save``, ``load_model``, ``export_onnx``.
 """
 
-from slimformer.version import __version__  # noqa: I001  (first: other modules read it)
+from slimformer._version import __version__
 
 # api imports the subpackages slimformer.prune, .distill and .measure before the names below are bound, so that
 # these names stay the front-door functions (a later first import of a subpackage would rebind them).

@@ -78,7 +78,8 @@ def remembered_task(model: ModelLike) -> TaskRef | None:
     folder = _folder_of(model)
     manifest = read_manifest(folder) if folder is not None else None
     task = (manifest or {}).get("task")
-    return TaskRef.from_dict(task) if task else None
+    # a record without a kind came from data built in code: it says which task, not how to load it again
+    return TaskRef.from_dict(task) if task and task.get("kind") else None
 
 
 def resolve_data(
@@ -142,12 +143,10 @@ def _loaded(model: ModelLike, tokenizer: PreTrainedTokenizerBase | None, data: T
 
 
 def _task_record(data: TaskData | None, model: ModelLike) -> dict[str, Any] | None:
-    if data is not None and data.ref is not None:
-        return data.ref.to_dict()
     if data is not None:
-        return {"name": data.spec.name}
-    remembered = remembered_task(model)
-    return remembered.to_dict() if remembered is not None else None
+        return data.record()
+    folder = _folder_of(model)  # no data used (a plan file): pass on what the input folder remembers
+    return ((read_manifest(folder) or {}).get("task")) if folder is not None else None
 
 
 # --------------------------------------------------------------------------------------------- prune
@@ -205,7 +204,7 @@ def prune(
         raise SlimformerError("Pass tokenizer= with a model object: this method (or evaluation) tokenizes data.")
     seconds["load"] = round(time.perf_counter() - clock, 2)
 
-    from slimformer.train import evaluate_model
+    from slimformer.evaluation import evaluate_model
 
     def evaluation(target: PreTrainedModel) -> dict[str, dict[str, float]] | None:
         if not evaluate or data_resolved is None or not data_resolved.dev:

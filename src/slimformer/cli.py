@@ -11,7 +11,30 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from slimformer.cli_options import (
+    BatchSizeOpt,
+    DataDirOpt,
+    DevFileOpt,
+    EpochsOpt,
+    JsonOpt,
+    LabelColumnOpt,
+    LearningRateOpt,
+    MaxLengthOpt,
+    MaxStepsOpt,
+    MaxTrainOpt,
+    ModelOpt,
+    RegressionOpt,
+    ResumeOpt,
+    SaveStepsOpt,
+    SeedOpt,
+    TaskOpt,
+    TextColumnsOpt,
+    TrainFileOpt,
+    WarmupOpt,
+    task_data,
+)
 from slimformer.errors import SlimformerError
+from slimformer.report import print_report
 
 app = typer.Typer(
     name="slimformer",
@@ -23,81 +46,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 stdout = Console()
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'minilm-l6' (embedded), a model folder or a hub id.")]
-TaskOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--task",
-        "-t",
-        help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or 'custom' with --train-file/--dev-file. "
-        "Default: the task the model folder was trained on.",
-    ),
-]
-DataDirOpt = Annotated[
-    Path | None,
-    typer.Option("--data-dir", envvar="GLUE_DIR", help="Local GLUE folder (download_glue_data.py layout)."),
-]
-TrainFileOpt = Annotated[Path | None, typer.Option(help="Custom task: CSV / TSV / JSONL training file.")]
-DevFileOpt = Annotated[Path | None, typer.Option(help="Custom task: CSV / TSV / JSONL dev file.")]
-TextColumnsOpt = Annotated[str, typer.Option(help="Custom task: comma-separated text column(s), one or two.")]
-LabelColumnOpt = Annotated[str, typer.Option(help="Custom task: the label column.")]
-RegressionOpt = Annotated[bool, typer.Option(help="Custom task: the label is a real number.")]
-MaxLengthOpt = Annotated[int, typer.Option(help="Maximum tokens per example.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed (subsampling, head init, data order).")]
-BatchSizeOpt = Annotated[int, typer.Option(help="Training batch size per device.")]
-EpochsOpt = Annotated[float, typer.Option(help="Training epochs (ignored when --max-steps is set).")]
-MaxStepsOpt = Annotated[int, typer.Option(help="Stop after this many optimiser steps (-1: use epochs).")]
-LearningRateOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
-WarmupOpt = Annotated[int, typer.Option(help="Linear warm-up steps.")]
-MaxTrainOpt = Annotated[int | None, typer.Option(help="Random subset of the train split.")]
-SaveStepsOpt = Annotated[int, typer.Option(help="Checkpoint every N steps (for resuming).")]
-ResumeOpt = Annotated[bool, typer.Option(help="Resume from the last complete checkpoint if there is one.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-
-
-def _task_data(
-    model: str,
-    task: str | None,
-    data_dir: Path | None,
-    train_file: Path | None,
-    dev_file: Path | None,
-    text_columns: str,
-    label_column: str,
-    regression: bool,
-    max_train: int | None,
-    max_eval: int | None,
-    seed: int,
-    *,
-    required: bool = True,
-):
-    """The data a command works on: custom files, a GLUE task, or (no task given) the one the model remembers."""
-    from slimformer.api import resolve_data
-    from slimformer.tasks import load_custom_task
-
-    if task == "custom" or train_file or dev_file:
-        if not (train_file or dev_file):
-            raise SlimformerError("--task custom needs --train-file and/or --dev-file.")
-        return load_custom_task(
-            train_file,
-            dev_file,
-            text_columns=[c.strip() for c in text_columns.split(",") if c.strip()],
-            label_column=label_column,
-            regression=regression,
-            name=task or "custom",
-            max_train_samples=max_train,
-            max_eval_samples=max_eval,
-            seed=seed,
-        )
-    return resolve_data(
-        model,
-        task,
-        data_dir=data_dir,
-        required=required,
-        max_train_samples=max_train,
-        max_eval_samples=max_eval,
-        seed=seed,
-    )
-
 
 def _training_inputs(options: dict) -> tuple:
     """The TrainConfig and task data of a training command, from its options (``locals()`` of the command)."""
@@ -106,7 +54,7 @@ def _training_inputs(options: dict) -> tuple:
     names = ("max_length", "batch_size", "epochs", "max_steps", "learning_rate", "warmup_steps")
     names += ("max_train_samples", "max_eval_samples", "seed", "save_steps")
     config = TrainConfig(**{name: options[name] for name in names})
-    data = _task_data(
+    data = task_data(
         options.get("model") or options["teacher"],
         options["task"],
         options["data_dir"],
@@ -123,12 +71,16 @@ def _training_inputs(options: dict) -> tuple:
 
 
 def _print_eval(metrics: dict) -> None:
-    table = Table(title=f"{metrics['task']} ({metrics['data_source']})")
+    """Every metric of every dev split: an evaluation's ``eval``, or a report's ``eval.after``."""
+    evaluation = metrics["eval"].get("after", metrics["eval"]) if "after" in metrics["eval"] else metrics["eval"]
+    task = metrics["task"]["name"] if isinstance(metrics["task"], dict) else metrics["task"]
+    source = metrics.get("data_source") or (metrics["task"] or {}).get("data_source", "")
+    table = Table(title=f"{task} ({source})")
     table.add_column("split")
-    names = sorted({k for split in metrics["eval"].values() for k in split})
+    names = sorted({k for split in evaluation.values() for k in split})
     for name in names:
         table.add_column(name, justify="right")
-    for split, values in metrics["eval"].items():
+    for split, values in evaluation.items():
         table.add_row(split, *(f"{values[n]:.4f}" if n in values else "" for n in names))
     stdout.print(table)
 
@@ -165,13 +117,9 @@ def finetune(
 
     config, data = _training_inputs(locals())
     result = run_finetune(model, data, out, config=config, resume=resume, overwrite=overwrite)
-    if result.metrics:
+    if result.metrics:  # rank 0 of a multi-process run
         _print_eval(result.metrics)
-        train = result.metrics["train"]
-        stdout.print(
-            f"{result.metrics['primary_metric']}: [bold]{result.score:.4f}[/bold]  "
-            f"({train['samples']} examples, {train['steps']} steps, {train['seconds']:.0f} s)  -> {out}"
-        )
+        print_report(result.metrics, stdout, out=str(out))
 
 
 @app.command()
@@ -237,16 +185,8 @@ def distill(
     result = run_distill(
         teacher, student, data, out, config=config, distill_config=settings, resume=resume, overwrite=overwrite
     )
-    if result.metrics:
-        _print_eval(result.metrics)
-        m = result.metrics
-        nan = float("nan")
-        before = f"teacher {m.get('teacher_score', nan):.4f}  student before {m.get('student_score_before', nan):.4f}"
-        train = m["train"]
-        stdout.print(
-            f"{before}  after [bold]{m['score']:.4f}[/bold]  ({train['steps']} steps, {train['seconds']:.0f} s)"
-            f"  -> {out}"
-        )
+    if result.metrics:  # rank 0 of a multi-process run
+        print_report(result.metrics, stdout, out=str(out))
 
 
 @app.command()
@@ -269,7 +209,7 @@ def evaluate(
     from slimformer.api import evaluate as run_evaluate
     from slimformer.io import write_json_atomic
 
-    data = _task_data(
+    data = task_data(
         model, task, data_dir, None, dev_file, text_columns, label_column, regression, None, max_eval_samples, seed
     )
     metrics = run_evaluate(model, data, max_length=max_length, batch_size=batch_size)
@@ -342,7 +282,7 @@ def importance(
     from slimformer.models import load_model
     from slimformer.plots import plot_head_importance
 
-    data = _task_data(
+    data = task_data(
         model, task, data_dir, train_file, dev_file, text_columns, label_column, regression, None, None, seed
     )
     loaded = load_model(model, data.spec)
@@ -499,7 +439,7 @@ def prune(
     from slimformer.report import print_report
 
     settings = _prune_config(locals())  # refuses impossible targets before any data or model is loaded
-    data = _task_data(
+    data = task_data(
         model,
         task,
         data_dir,
@@ -575,7 +515,7 @@ def demo(
 
 def _print_version(value: bool) -> None:
     if value:
-        from slimformer.version import __version__
+        from slimformer._version import __version__
 
         stdout.print(f"slimformer {__version__}")
         raise typer.Exit()

@@ -2,8 +2,9 @@
 
 The graph takes ``input_ids`` and ``attention_mask`` (plus ``token_type_ids`` for families that use them: BERT,
 ELECTRA) with dynamic batch and sequence axes, and returns ``logits``. Pruned models export as they are: every
-layer is ordinary ``nn.Linear`` slices, so unevenly pruned layers, layers with no heads (:class:`EmptyAttention`)
-and FFNs with no neurons (zero-width matmuls) become plain ONNX nodes of their own shapes.
+layer is ordinary ``nn.Linear`` slices, so unevenly pruned layers, layers with no heads
+(:class:`~slimformer.layout.EmptyAttention`) and FFNs with no neurons (zero-width matmuls) become plain ONNX nodes of
+their own shapes.
 
 Exporter: the TorchScript-based one (``torch.onnx.export(..., dynamo=False)``) by default. Both exporters give
 the same logits (within 1e-7) for all six families, dense or pruned (uneven, no heads, no FFN neurons), but the

@@ -1,6 +1,7 @@
 """Importance scores of attention heads, FFN neurons and whole MLP blocks: which parts of a model matter.
 
-Four methods, all computed through the gates of :mod:`slimformer.prune.gates` (no model code changed):
+Four methods, all computed through the gates of :mod:`slimformer.gates` (no model code changed); the two that use
+gradients get them from :func:`slimformer.gradients.gate_gradients`:
 
 ``"gradient"``
     Michel et al. 2019, "Are Sixteen Heads Really Better than One?": a gate multiplies each head's output; the
@@ -43,23 +44,24 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
-from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
-from slimformer import __version__
+from slimformer._version import __version__
 from slimformer.arch import layer_views
 from slimformer.errors import SlimformerError
+from slimformer.gates import Gates
+from slimformer.gradients import gate_gradients, is_regression
 from slimformer.io import write_json_atomic
 from slimformer.models import LoadedModel
-from slimformer.prune.gates import Gates, gated
-from slimformer.prune.plan import PruningPlan
 from slimformer.tasks import TaskData
+
+if TYPE_CHECKING:  # prune builds on importance, so importance only names its plans
+    from slimformer.prune.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 
@@ -337,11 +339,6 @@ def _tokenize_rows(rows: Dataset, tokenizer: PreTrainedTokenizerBase, max_length
 # ------------------------------------------------------------------------------------------------ computing
 
 
-def is_regression(model: PreTrainedModel) -> bool:
-    """True for a model with a single regression output (STS-B, custom numeric targets)."""
-    return model.config.problem_type == "regression" or int(model.config.num_labels) == 1
-
-
 def _check_label_free(model: PreTrainedModel, label_free: bool) -> None:
     if label_free and is_regression(model):
         raise ImportanceError(
@@ -367,91 +364,6 @@ def _check_base(model: PreTrainedModel, base: Gates | None) -> None:
             f"{[g.numel() for g in base.neurons]} per layer; the model has {heads} and {ffn}. "
             "Make them from this model (plan_gates(model, plan))."
         )
-
-
-def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {
-        k: v.to(device)
-        for k, v in batch.items()
-        if k in ("input_ids", "attention_mask", "token_type_ids") and isinstance(v, torch.Tensor)
-    }
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, reduction: str = "mean") -> torch.Tensor:
-    """The task loss the model's own head computes (batch mean; ``reduction="sum"`` for per-example gradients)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision losses lose the small gradients
-        logits = logits.float()
-    if regression:
-        return F.mse_loss(logits.squeeze(-1), labels.to(logits.device, logits.dtype), reduction=reduction)
-    return F.cross_entropy(logits, labels.to(logits.device).long(), reduction=reduction)
-
-
-def _gate_gradients(
-    model: PreTrainedModel,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    *,
-    square: bool,
-    label_free: bool,
-    base: Gates | None,
-    progress: bool,
-    description: str,
-) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, int, int]:
-    """Sum over batches of |dL/dg| (or (dL/dg)^2) for head, neuron and MLP gates; plus batch and example counts."""
-    views = layer_views(model)
-    parameter = next(model.parameters())
-    device = parameter.device
-    # gates at least in float32 (half-precision gradients underflow), in float64 for a float64 model
-    dtype = torch.float64 if parameter.dtype == torch.float64 else torch.float32
-    regression = is_regression(model)
-
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, device=device, dtype=dtype, requires_grad=True)
-
-    heads = [ones(v.num_heads) for v in views]
-    neurons = [ones(v.ffn_size) for v in views]
-    mlp = ones(len(views))
-    leaves = [*heads, *neurons, mlp]
-    totals = [np.zeros(leaf.numel()) for leaf in leaves]
-    n_batches = n_examples = 0
-
-    # gradients flow only to the gates: freezing the weights skips their (unused) gradients, about half the cost
-    flags = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    model.eval()  # no dropout: scores must not depend on a random draw
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for batch in tqdm(batches, total=total, desc=description, disable=not progress, leave=False):
-            inputs = model_inputs(batch, device)
-            if not label_free and "labels" not in batch:
-                raise ImportanceError("A batch has no labels; pass labelled data or use label_free=True.")
-            # fixed masks multiply the learnable gates, so a masked unit stays masked and its gradient is 0
-            effective = Gates(
-                heads=[g if base is None else g * base.heads[i].to(device) for i, g in enumerate(heads)],
-                neurons=[
-                    g * mlp[i] if base is None else g * mlp[i] * base.neurons[i].to(device)
-                    for i, g in enumerate(neurons)
-                ],
-                layers=None if base is None or base.layers is None else base.layers.detach().to(device),
-            )
-            with torch.enable_grad(), gated(model, effective):
-                logits = model(**inputs).logits
-                labels = logits.detach().argmax(dim=-1) if label_free else batch["labels"]
-                loss = task_loss(logits, labels, regression)
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            for running, grad in zip(totals, grads, strict=True):
-                if grad is not None:
-                    values = grad.detach().double().cpu().numpy()
-                    running += values**2 if square else np.abs(values)
-            n_batches += 1
-            n_examples += int(inputs["input_ids"].shape[0])
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    n = len(views)
-    return totals[:n], totals[n : 2 * n], totals[2 * n], n_batches, n_examples
 
 
 def _magnitudes(model: PreTrainedModel) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
@@ -538,7 +450,7 @@ def compute_importance(
             rows = [dict(r) for r in data.select_columns(columns)]
             data = [dict(collator(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
         torch.manual_seed(seed)  # nothing here is random in eval mode; this only pins down exotic models
-        heads, neurons, mlps, n_batches, n_examples = _gate_gradients(
+        gradients = gate_gradients(
             model,
             data,
             square=method == "fisher",
@@ -547,6 +459,8 @@ def compute_importance(
             progress=progress,
             description=f"importance ({method})",
         )
+        heads, neurons, mlps = gradients.heads, gradients.neurons, gradients.mlps
+        n_batches, n_examples = gradients.n_batches, gradients.n_examples
         if n_batches == 0:
             raise ImportanceError("No batches to compute importance on: the data is empty.")
         if method == "gradient":  # E_x |dL/dg|: the mean over batches; Fisher stays a sum (Kwon et al.)
@@ -712,7 +626,6 @@ __all__ = [
     "cache_key",
     "compute_importance",
     "importance_sample",
-    "is_regression",
     "model_fingerprint",
     "score_model",
 ]

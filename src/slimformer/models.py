@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -16,10 +15,11 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import logging as hf_logging
 
 from slimformer.arch import ArchSpec, get_spec, supported_model_types
 from slimformer.errors import ModelLoadError, SlimformerError
+from slimformer.folders import damaged_weights_error, load_pruned, quiet_transformers
+from slimformer.layout import LAYOUT_KEY
 
 if TYPE_CHECKING:
     from slimformer.tasks import TaskSpec
@@ -50,22 +50,6 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     spec: ArchSpec
     source: str
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Hide transformers' warnings and its per-call progress bars (loading / writing weights); our own
-    progress bars say what is happening."""
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def hub_offline() -> bool:
@@ -153,10 +137,8 @@ def load_model(
     # Re-initialising a fresh head on a pre-trained encoder is expected; hide transformers' warning about it.
     with quiet_transformers():
         try:
-            if local and hasattr(config, "slimformer_layout"):
+            if local and hasattr(config, LAYOUT_KEY):
                 # unevenly pruned layers: transformers cannot build them from the config alone
-                from slimformer.prune.saving import load_pruned
-
                 for key, value in overrides.items():
                     setattr(config, key, value)
                 model = load_pruned(source, config)
@@ -167,6 +149,8 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or hub_offline())
         except SlimformerError:
             raise
+        except SafetensorError as error:
+            raise damaged_weights_error(source, error) from error
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"Could not load the model or tokenizer from {source}: {error}") from error
     model.eval()

@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
+from slimformer._version import __version__
 from slimformer.arch import layer_views
 from slimformer.measure import count_parameters, flops, measure_latency
-from slimformer.version import __version__
 
 REPORT_SCHEMA_VERSION = 1
 

@@ -1,8 +1,8 @@
-"""Fine-tune and evaluate sequence classifiers on GLUE or custom tasks.
+"""Fine-tune sequence classifiers on GLUE or custom tasks, and record how they score on dev.
 
 Training runs on the Hugging Face :class:`~transformers.Trainer`, so the same call scales out with
-``accelerate launch`` (several GPUs or machines) with no code change. Evaluation is a small padded loop that
-other parts of slimformer (pruning, importance) call many times.
+``accelerate launch`` (several GPUs or machines) with no code change. Evaluation lives in
+:mod:`slimformer.evaluation`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 from transformers import (
     DataCollatorWithPadding,
     PreTrainedModel,
@@ -33,9 +30,12 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from slimformer.errors import SlimformerError, TaskError
-from slimformer.io import atomic_directory, write_json_atomic
-from slimformer.models import LoadedModel, load_model, quiet_transformers
-from slimformer.tasks import TaskData, compute_metrics, load_task, tokenize_task
+from slimformer.evaluation import evaluate_model
+from slimformer.folders import save_model_folder
+from slimformer.io import write_json_atomic
+from slimformer.models import load_model
+from slimformer.report import build_report
+from slimformer.tasks import TaskData, load_task, tokenize_task
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class FinetuneResult:
 
     @property
     def score(self) -> float:
-        return float(self.metrics["score"])
+        """The primary metric on dev (averaged over MNLI's two dev splits) after training."""
+        return float(self.metrics["score"]["after"])
 
 
 def _task_data(task: str | TaskData, data_dir: str | os.PathLike[str] | None, config: TrainConfig) -> TaskData:
@@ -130,7 +131,8 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``task``, evaluate it on every dev split and save it to ``out_dir``.
 
-    The output is an ordinary Hugging Face model folder (safetensors, config, tokenizer) plus ``metrics.json``.
+    The output is an ordinary Hugging Face model folder (safetensors, config, tokenizer) plus ``metrics.json`` and
+    the manifest every slimformer model folder has (:func:`slimformer.folders.save_model_folder`).
     It appears only when the run has finished (written to a staging folder, then renamed). Checkpoints go to
     ``<out_dir>.work/``; when a run is interrupted, calling again with the same arguments resumes from the last
     complete checkpoint. ``callbacks`` are passed to the :class:`~transformers.Trainer`.
@@ -155,14 +157,27 @@ def finetune(
     )
     if not trainer.is_world_process_zero():
         return FinetuneResult(out_dir=out_dir)
-    metrics = evaluate_trained(
-        trainer.model, loaded.tokenizer, data, tokenized, config, train_output, train_seconds, checkpoint
+    metrics = trained_report(
+        "finetune",
+        trainer.model,
+        loaded.tokenizer,
+        data,
+        tokenized,
+        config,
+        train_output,
+        train_seconds,
+        checkpoint,
+        source=str(model),
+        run_config={"method": "finetune", "version": 1, **asdict(config)},
     )
-    metrics["base_model"] = str(model)
-    with atomic_directory(out_dir, overwrite=True) as staging, quiet_transformers():
-        trainer.model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
-        write_json_atomic(staging / METRICS_FILE, metrics)
+    save_model_folder(
+        trainer.model,
+        loaded.tokenizer,
+        out_dir,
+        task=data.record(),
+        json_files={METRICS_FILE: metrics},
+        overwrite=True,
+    )
     shutil.rmtree(work_dir, ignore_errors=True)
     return FinetuneResult(out_dir=out_dir, metrics=metrics)
 
@@ -251,7 +266,8 @@ def run_trainer(
     return trainer, train_output, time.perf_counter() - started
 
 
-def evaluate_trained(
+def trained_report(
+    command: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     data: TaskData,
@@ -260,29 +276,47 @@ def evaluate_trained(
     train_output: Any,
     train_seconds: float,
     checkpoint: Path | None,
+    *,
+    source: str,
+    run_config: dict[str, Any],
+    before: PreTrainedModel | dict[str, Any] | None = None,
+    eval_before: dict[str, dict[str, float]] | None = None,
+    extra_scores: dict[str, float] | None = None,
+    details: dict[str, Any] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Dev metrics of a freshly trained model plus how the training went, as written to ``metrics.json``."""
+    """The report (:mod:`slimformer.report`) of a freshly trained model: its dev metrics, size, and how the
+    training went (``details["train"]``), as written to ``metrics.json``."""
     model.eval()
     eval_started = time.perf_counter()
     evaluation = evaluate_model(
         model, tokenizer, data, max_length=config.max_length, batch_size=config.eval_batch_size, tokenized=tokenized
     )
-    return {
-        "task": data.spec.name,
-        "data_source": data.source,
-        "primary_metric": data.spec.primary_metric,
-        "score": headline_score(evaluation, data.spec.primary_metric),
-        "eval": evaluation,
-        "train": {
-            "samples": len(tokenized["train"]),
-            "steps": train_output.global_step,
-            "loss": float(train_output.training_loss),
-            "seconds": round(train_seconds, 2),
-            "resumed_from": str(checkpoint) if checkpoint else None,
-        },
-        "eval_seconds": round(time.perf_counter() - eval_started, 2),
-        "config": asdict(config),
+    train = {
+        "samples": len(tokenized["train"]),
+        "steps": train_output.global_step,
+        "loss": float(train_output.training_loss),
+        "seconds": round(train_seconds, 2),
+        "resumed_from": str(checkpoint) if checkpoint else None,
     }
+    return build_report(
+        command,
+        model=source,
+        task=data.record(),
+        primary_metric=data.spec.primary_metric,
+        config=run_config,
+        before=before,
+        after=model,
+        eval_before=eval_before,
+        eval_after=evaluation,
+        extra_scores=extra_scores,
+        seconds={
+            **(seconds or {}),
+            "train": round(train_seconds, 2),
+            "evaluate": round(time.perf_counter() - eval_started, 2),
+        },
+        details={"train": train, **(details or {})},
+    )
 
 
 def _task_name(task: str | TaskData) -> str:
@@ -309,116 +343,3 @@ def prepare_work_dir(work_dir: Path, signature: dict[str, Any], resume: bool) ->
     checkpoint = last_complete_checkpoint(work_dir)
     write_json_atomic(signature_file, signature)
     return checkpoint
-
-
-def headline_score(evaluation: dict[str, dict[str, float]], metric: str) -> float:
-    """The primary metric averaged over the dev splits (MNLI has two)."""
-    values = [split_metrics[metric] for split_metrics in evaluation.values()]
-    return float(np.mean(values))
-
-
-def predict(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: Dataset,
-    *,
-    batch_size: int = 64,
-    progress: bool = True,
-    description: str = "predict",
-) -> np.ndarray:
-    """Logits for every row of a tokenized dataset, in the dataset's order.
-
-    Rows are batched by length (then put back in order) so that little time goes into padding.
-    """
-    order = length_order(dataset)
-    device = next(model.parameters()).device
-    outputs: list[np.ndarray] = []
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        batches = length_sorted_batches(tokenizer, dataset, order, batch_size)
-        total = -(-len(order) // batch_size)
-        for batch in tqdm(batches, total=total, desc=description, disable=not progress, leave=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            outputs.append(model(**batch).logits.float().cpu().numpy())
-    model.train(was_training)
-    logits = np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), dtype=np.float32)
-    restored = np.empty_like(logits)
-    restored[order] = logits
-    return restored
-
-
-def length_order(dataset: Dataset) -> np.ndarray:
-    """Row indices of a tokenized dataset sorted by length (stable), so batches carry little padding."""
-    return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
-
-
-def length_sorted_batches(
-    tokenizer: PreTrainedTokenizerBase, dataset: Dataset, order: np.ndarray, batch_size: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """The model inputs of ``dataset``'s rows in ``order``, ``batch_size`` rows a batch, padded per batch."""
-    collator = DataCollatorWithPadding(tokenizer)
-    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
-    features = dataset.select_columns(columns)
-    for start in range(0, len(order), batch_size):
-        rows = features.select(order[start : start + batch_size].tolist())
-        yield dict(collator([dict(row) for row in rows]))
-
-
-def evaluate_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: TaskData,
-    *,
-    max_length: int = 128,
-    batch_size: int = 64,
-    tokenized: dict[str, Dataset] | None = None,
-    splits: list[str] | None = None,
-    progress: bool = True,
-) -> dict[str, dict[str, float]]:
-    """The task's official metrics on each dev split (or the ``splits`` named)."""
-    tokenized = tokenized or tokenize_task(data, tokenizer, max_length=max_length)
-    names = splits or [s for s in data.spec.dev_splits if s in tokenized]
-    if not names:
-        raise TaskError(f"Task {data.spec.name!r} from {data.source} has no dev split to evaluate on.")
-    results = {}
-    for name in names:
-        logits = predict(
-            model,
-            tokenizer,
-            tokenized[name],
-            batch_size=batch_size,
-            progress=progress,
-            description=f"eval {name}",
-        )
-        labels = np.asarray(tokenized[name]["labels"])
-        results[name] = {k: float(v) for k, v in compute_metrics(data.spec, logits, labels).items()}
-    return results
-
-
-def evaluate(
-    model: str | os.PathLike[str] | LoadedModel,
-    task: str | TaskData = "sst2",
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    max_length: int = 128,
-    batch_size: int = 64,
-    max_eval_samples: int | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Evaluate a model folder (or a loaded model) on a task's dev splits; returns metrics like ``finetune``."""
-    data = (
-        task if isinstance(task, TaskData) else load_task(task, data_dir, max_eval_samples=max_eval_samples, seed=seed)
-    )
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, data.spec)
-    started = time.perf_counter()
-    evaluation = evaluate_model(loaded.model, loaded.tokenizer, data, max_length=max_length, batch_size=batch_size)
-    return {
-        "task": data.spec.name,
-        "data_source": data.source,
-        "model": loaded.source,
-        "primary_metric": data.spec.primary_metric,
-        "score": headline_score(evaluation, data.spec.primary_metric),
-        "eval": evaluation,
-        "eval_seconds": round(time.perf_counter() - started, 2),
-    }

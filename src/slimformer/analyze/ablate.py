@@ -1,6 +1,6 @@
 """Ablation of a fine-tuned model, after Michel, Levy & Neubig 2019, "Are Sixteen Heads Really Better than One?".
 
-Three experiments, each a dev evaluation of the model with gates (:mod:`slimformer.prune.gates`) set to 0:
+Three experiments, each a dev evaluation of the model with gates (:mod:`slimformer.gates`) set to 0:
 
 * **single head masked** (their §3.2, Table 1): the change of the score when one head is masked, for every head;
   a layers x heads heatmap of the change.
@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from slimformer.analyze.common import (
     REPORT_FILE,
     AnalyzeError,
-    Evaluator,
     fmt,
     fmt_stat,
     load_analysis_model,
@@ -47,8 +46,9 @@ from slimformer.analyze.common import (
 )
 from slimformer.analyze.plots import heatmap
 from slimformer.arch import layer_views
+from slimformer.evaluation import Evaluator
+from slimformer.gates import Gates, gated
 from slimformer.models import LoadedModel
-from slimformer.prune.gates import Gates, gated
 from slimformer.tasks import TaskData
 
 COMPONENTS = ("attention", "ffn", "layer")

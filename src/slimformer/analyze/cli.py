@@ -17,6 +17,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from slimformer.cli_options import (
+    DataDirOpt,
+    DevFileOpt,
+    LabelColumnOpt,
+    RegressionOpt,
+    TaskOpt,
+    TextColumnsOpt,
+    TrainFileOpt,
+    task_data,
+)
+
 analyze_app = typer.Typer(
     name="analyze",
     help="Dissect a model: head ablations, lottery tickets, their stability, constant attention.",
@@ -27,11 +38,6 @@ analyze_app = typer.Typer(
 stdout = Console()
 
 FineTunedOpt = Annotated[str, typer.Option("--model", "-m", help="A model folder fine-tuned on --task.")]
-TaskOpt = Annotated[str, typer.Option("--task", "-t", help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, ...).")]
-DataDirOpt = Annotated[
-    Path | None,
-    typer.Option("--data-dir", envvar="GLUE_DIR", help="Local GLUE folder (download_glue_data.py layout)."),
-]
 MaxLengthOpt = Annotated[int, typer.Option(help="Maximum tokens per example.")]
 SeedOpt = Annotated[int, typer.Option(help="First random seed.")]
 SeedsOpt = Annotated[int, typer.Option(help="Repeat for N seeds (--seed .. --seed+N-1); report mean ± std.")]
@@ -56,11 +62,37 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise AnalyzeError(f"Output folder {out} already exists. Choose another --out or pass --overwrite.")
 
 
+def _analysis_task(model: str | None, options: dict):
+    """A GLUE task name as given (the analyses subsample it per seed themselves), else the task data of custom
+    files or of the task the model folder remembers."""
+    task = options["task"]
+    if task not in (None, "custom") and not (options["train_file"] or options["dev_file"]):
+        return task
+    return task_data(
+        model or "",
+        task,
+        options["data_dir"],
+        options["train_file"],
+        options["dev_file"],
+        options["text_columns"],
+        options["label_column"],
+        options["regression"],
+        None,
+        None,
+        options["seed"],
+    )
+
+
 @analyze_app.command()
 def ablate(
     model: FineTunedOpt,
-    task: TaskOpt = "sst2",
+    task: TaskOpt = None,
     data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    regression: RegressionOpt = False,
     out: _out_opt("runs/analyze/ablate") = Path("runs/analyze/ablate"),
     layers: Annotated[str | None, typer.Option(help="Only these layers, e.g. '0,2' or '0-3' (default all).")] = None,
     max_length: MaxLengthOpt = 128,
@@ -78,7 +110,7 @@ def ablate(
     _check_out(out, overwrite)
     result = run_ablate(
         model,
-        task,
+        _analysis_task(model, locals()),
         data_dir=data_dir,
         layers=layers,
         max_length=max_length,
@@ -118,8 +150,13 @@ def lottery(
         str | None,
         typer.Option(help="The fine-tuned model to prune (default: fine-tune --model here, once per seed)."),
     ] = None,
-    task: TaskOpt = "sst2",
+    task: TaskOpt = None,
     data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    regression: RegressionOpt = False,
     out: _out_opt("runs/analyze/lottery") = Path("runs/analyze/lottery"),
     prune_kinds: Annotated[str, typer.Option(help="s (heads + MLPs), m (weight magnitude), or both.")] = "s,m",
     subnetworks: Annotated[
@@ -164,7 +201,7 @@ def lottery(
         warmup_steps=warmup_steps,
     )
     result = run_lottery(
-        task,
+        _analysis_task(finetuned, locals()),
         model=model,
         finetuned=finetuned,
         data_dir=data_dir,
@@ -238,8 +275,13 @@ def papa(
         str,
         typer.Option("--model", "-m", help="A model fine-tuned on --task (with --finetune: the pre-trained model)."),
     ],
-    task: TaskOpt = "sst2",
+    task: TaskOpt = None,
     data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    regression: RegressionOpt = False,
     out: _out_opt("runs/analyze/papa") = Path("runs/analyze/papa"),
     configs: Annotated[
         str, typer.Option(help="Presets: none, first-half, last-half, all (comma-separated).")
@@ -272,7 +314,7 @@ def papa(
     config = RetrainConfig(epochs=epochs, max_steps=max_steps, batch_size=train_batch_size, learning_rate=learning_rate)
     result = run_papa(
         model,
-        task,
+        _analysis_task(None if finetune else model, locals()),
         data_dir=data_dir,
         configs=configs,
         layers=layers,

@@ -1,5 +1,5 @@
-"""Shared pieces of the analyses: errors, seeds and mean ± std, dev-only data, a fast evaluator, argument parsing,
-model loading with a task-head check, and markdown helpers."""
+"""Shared pieces of the analyses: errors, seeds and mean ± std, data subsets, argument parsing, model loading with a
+task-head check, and markdown helpers. (The analyses evaluate with :class:`slimformer.evaluation.Evaluator`.)"""
 
 from __future__ import annotations
 
@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from slimformer.errors import SlimformerError
 from slimformer.io import atomic_directory, write_json_atomic
 from slimformer.models import LoadedModel, load_model
-from slimformer.tasks import TaskData, TaskSpec, compute_metrics, get_task_spec, load_task, tokenize_task
-from slimformer.train import headline_score, length_order, length_sorted_batches
+from slimformer.tasks import TaskData, TaskSpec, get_task_spec, load_task
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -114,65 +112,6 @@ def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
         raise AnalyzeError(f"Sample limits must be at least 1, got {limit}.")
     chosen = np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False)
     return dataset.select(sorted(int(i) for i in chosen))
-
-
-def dev_only(data: TaskData) -> TaskData:
-    return TaskData(spec=data.spec, splits=dict(data.dev), source=data.source)
-
-
-class Evaluator:
-    """Scores a model (as it is, hooks included) on a task's dev splits with the task's primary metric.
-
-    The dev splits are tokenized and collated into batches once, in the order and batch composition of
-    :func:`slimformer.train.predict` (sorted by length, ``batch_size`` rows a batch), so the scores equal those of
-    :func:`slimformer.train.evaluate_model` while many evaluations of one model (ablations) cost no re-collating.
-    """
-
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int = 128, batch_size: int = 64
-    ) -> None:
-        self.spec = data.spec
-        dev = dev_only(data)
-        if not dev.splits:
-            raise AnalyzeError(f"Task {data.spec.name!r} from {data.source} has no dev split to evaluate on.")
-        tokenized = tokenize_task(dev, tokenizer, max_length=max_length)
-        self.splits: dict[str, tuple[list[dict[str, torch.Tensor]], np.ndarray, np.ndarray]] = {}
-        for name, dataset in tokenized.items():
-            order = length_order(dataset)
-            batches = list(length_sorted_batches(tokenizer, dataset, order, batch_size))
-            self.splits[name] = (batches, order, np.asarray(dataset["labels"]))
-        self.sizes = {name: len(labels) for name, (_, _, labels) in self.splits.items()}
-
-    def logits(self, model: PreTrainedModel) -> dict[str, np.ndarray]:
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        results = {}
-        try:
-            with torch.inference_mode():
-                for name, (batches, order, _) in self.splits.items():
-                    outputs = [
-                        model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
-                        for batch in batches
-                    ]
-                    logits = np.concatenate(outputs)
-                    restored = np.empty_like(logits)
-                    restored[order] = logits
-                    results[name] = restored
-        finally:
-            model.train(was_training)
-        return results
-
-    def evaluate(self, model: PreTrainedModel) -> dict[str, dict[str, float]]:
-        """The task's metrics on every dev split."""
-        return {
-            name: {k: float(v) for k, v in compute_metrics(self.spec, logits, self.splits[name][2]).items()}
-            for name, logits in self.logits(model).items()
-        }
-
-    def score(self, model: PreTrainedModel) -> float:
-        """The primary metric averaged over the dev splits (MNLI has two)."""
-        return headline_score(self.evaluate(model), self.spec.primary_metric)
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -47,7 +47,6 @@ from transformers import set_seed
 from slimformer.analyze.common import (
     REPORT_FILE,
     AnalyzeError,
-    Evaluator,
     fmt,
     fmt_stat,
     load_analysis_model,
@@ -66,8 +65,10 @@ from slimformer.analyze.magnitude import MagnitudeResult, WeightMasks, magnitude
 from slimformer.analyze.plots import bar_chart, line_chart, survival_heatmap
 from slimformer.analyze.subnetworks import SUBNETWORKS, structured_subnetworks, weight_subnetworks
 from slimformer.analyze.training import RetrainConfig, train, training_device
-from slimformer.io import atomic_directory, write_json_atomic
-from slimformer.models import LoadedModel, load_model, quiet_transformers
+from slimformer.evaluation import Evaluator
+from slimformer.folders import save_model_folder
+from slimformer.io import write_json_atomic
+from slimformer.models import LoadedModel, load_model
 from slimformer.prune.apply import masked
 from slimformer.prune.iterative import iterative_prune
 from slimformer.prune.plan import Layout, PruningPlan
@@ -553,9 +554,7 @@ def _finetuned_here(
     tokenized = tokenize_task(data, loaded.tokenizer, max_length=max_length)
     stats = train(loaded.model, loaded.tokenizer, tokenized["train"], config, seed=seed)
     if folder is not None:
-        with atomic_directory(folder, overwrite=True) as staging, quiet_transformers():
-            loaded.model.save_pretrained(staging)
-            loaded.tokenizer.save_pretrained(staging)
+        save_model_folder(loaded.model, loaded.tokenizer, folder, overwrite=True)
         work.write(f"finetuned-seed{seed}.json", stats)
     return loaded, stats
 

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from slimformer.analyze.common import AnalyzeError, Evaluator
+from slimformer.analyze.common import AnalyzeError
 from slimformer.arch import layer_views
+from slimformer.evaluation import Evaluator
 from slimformer.io import atomic_file
+from slimformer.prune.iterative import prune_until_score
 
 PARTS = ("query", "key", "value", "attn_out", "ffn_up", "ffn_down")
 HEAD_PARTS = ("query", "key", "value")  # a head owns head_size rows of these, and head_size columns of attn_out
@@ -250,43 +251,32 @@ def magnitude_prune(
             "Fine-tune the model on the task first."
         )
     threshold = keep_score * dense
-    curve = [{"iteration": 0, "sparsity": 0.0, "score": dense, "relative_score": 1.0, "accepted": True}]
-    final, stop_reason, iteration = dense, "nothing_left", 0
-    bar = tqdm(desc="m-pruning", unit="step", total=max_iterations, disable=not progress, leave=False)
-    try:
-        with masked_weights(model, masks) as handle:
-            while masks.kept:
-                if max_iterations is not None and iteration >= max_iterations:
-                    stop_reason = "max_iterations"
-                    break
-                iteration += 1
-                candidate = magnitude_step(model, masks, step)
-                handle.set(candidate)
-                score = evaluator.score(model)
-                accepted = score >= threshold
-                curve.append(
-                    {
-                        "iteration": iteration,
-                        "sparsity": candidate.sparsity,
-                        "score": score,
-                        "relative_score": score / dense,
-                        "accepted": accepted,
-                    }
-                )
-                bar.update(1)
-                bar.set_postfix(score=f"{score:.4f}", sparsity=f"{candidate.sparsity:.2f}")
-                if not accepted:
-                    stop_reason = "below_keep_score"
-                    break
-                masks, final = candidate, score
-    finally:
-        bar.close()
+    with masked_weights(model, masks) as handle:
+
+        def score(candidate: WeightMasks) -> float:
+            handle.set(candidate)  # swap the masks in place: no re-installing per step
+            return evaluator.score(model)
+
+        found = prune_until_score(
+            masks,
+            dense,
+            threshold,
+            has_more=lambda current: current.kept > 0,
+            propose=lambda current, iteration: (magnitude_step(model, current, step), {}),
+            score=score,
+            describe=lambda current: {"sparsity": current.sparsity},
+            max_iterations=max_iterations,
+            postfix=lambda current: {"sparsity": f"{current.sparsity:.2f}"},
+            progress=progress,
+            description="m-pruning",
+        )
+    masks = found.state
     meta = {
         "step": step,
         "keep_score": keep_score,
         "threshold": threshold,
-        "iterations": iteration,
-        "stop_reason": stop_reason,
+        "iterations": found.iterations,
+        "stop_reason": found.stop_reason,
         "per_matrix_kept": masks.per_matrix(),
     }
-    return MagnitudeResult(masks=masks, dense_score=dense, final_score=final, curve=curve, meta=meta)
+    return MagnitudeResult(masks=masks, dense_score=dense, final_score=found.score, curve=found.curve, meta=meta)

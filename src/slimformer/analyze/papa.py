@@ -37,7 +37,6 @@ from transformers import PreTrainedModel, set_seed
 from slimformer.analyze.common import (
     REPORT_FILE,
     AnalyzeError,
-    Evaluator,
     fmt_stat,
     load_analysis_model,
     load_task_data,
@@ -55,7 +54,9 @@ from slimformer.analyze.common import (
 from slimformer.analyze.plots import bar_chart, pattern_grid
 from slimformer.analyze.training import RetrainConfig, train, training_device
 from slimformer.arch import layer_views
-from slimformer.importance import importance_sample, model_inputs
+from slimformer.evaluation import Evaluator
+from slimformer.gradients import model_inputs
+from slimformer.importance import importance_sample
 from slimformer.models import LoadedModel, load_model
 from slimformer.tasks import TaskData, tokenize_task
 

@@ -3,8 +3,8 @@
 Kwon et al. 2022 ("A Fast Post-Training Pruning Framework for Transformers", §3-4) approximate the loss increase
 of pruning with the empirical Fisher information of the masks, I = sum_x g(x) g(x)^T with g(x) = dL(x)/dm. Its
 diagonal ranks units for the mask search; its per-layer blocks drive the mask rearrangement. slimformer gets the
-per-example gradients in one backward pass per batch: every example carries its own copy of the gates
-(shape [batch, units]) and the loss is summed over the batch, so d(sum)/d gate[b] is example b's gradient.
+per-example gradients from :func:`slimformer.gradients.gate_gradients` (one backward pass per batch, every example
+with its own copy of the gates).
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from slimformer.arch import layer_views
 from slimformer.errors import SlimformerError
-from slimformer.importance import is_regression, model_inputs, task_loss
-from slimformer.prune.gates import Gates, gated
+from slimformer.gradients import gate_gradients, is_regression
 
 
 @dataclass
@@ -60,43 +57,14 @@ def collect_mask_gradients(
     ``label_free`` uses the model's own predictions as labels (Kwon et al. note this works as well as gold
     labels); it needs a classification head.
     """
-    regression = is_regression(model)
-    if label_free and regression:
+    if label_free and is_regression(model):
         raise SlimformerError("Label-free Fisher needs a classification task; give labels for regression tasks.")
-    views = layer_views(model)
-    device = next(model.parameters()).device
-    heads: list[list[torch.Tensor]] = [[] for _ in views]
-    neurons: list[list[torch.Tensor]] = [[] for _ in views]
-    flags = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    model.eval()
-    try:
-        for p in model.parameters():  # only the masks need gradients
-            p.requires_grad_(False)
-        for batch in tqdm(batches, desc="Fisher (per-example mask gradients)", disable=not progress, leave=False):
-            inputs = model_inputs(batch, device)
-            size = inputs["input_ids"].shape[0]
-            gates = Gates(
-                heads=[torch.ones(size, v.num_heads, device=device, requires_grad=True) for v in views],
-                neurons=[torch.ones(size, v.ffn_size, device=device, requires_grad=True) for v in views],
-            )
-            with torch.enable_grad(), gated(model, gates):
-                logits = model(**inputs).logits
-                if label_free:
-                    labels = logits.detach().argmax(dim=-1)
-                elif "labels" in batch:
-                    labels = batch["labels"]
-                else:
-                    raise SlimformerError("The calibration data has no labels; use label_free=True.")
-                loss = task_loss(logits, labels, regression, reduction="sum")
-                grads = torch.autograd.grad(loss, [*gates.heads, *gates.neurons], allow_unused=True)
-            for index, grad in enumerate(grads):
-                target = heads if index < len(views) else neurons
-                layer = index % len(views)
-                shape = (size, (views[layer].num_heads if index < len(views) else views[layer].ffn_size))
-                target[layer].append((grad if grad is not None else torch.zeros(shape)).detach().float().cpu())
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    return MaskGradients(heads=[torch.cat(h) for h in heads], neurons=[torch.cat(n) for n in neurons])
+    gradients = gate_gradients(
+        model,
+        batches,
+        per_example=True,
+        label_free=label_free,
+        progress=progress,
+        description="Fisher (per-example mask gradients)",
+    )
+    return MaskGradients(heads=gradients.heads, neurons=gradients.neurons)

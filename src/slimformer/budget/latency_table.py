@@ -39,9 +39,9 @@ from transformers import PreTrainedModel
 
 from slimformer.arch import ArchSpec, LayerView, get_spec, layer_list, layer_views, resolve
 from slimformer.io import write_json_atomic
+from slimformer.layout import current_head_ids, prune_layer_heads, prune_layer_neurons
 from slimformer.measure.base import MeasureError, require_positive
 from slimformer.measure.latency import measure_latency
-from slimformer.prune.apply import current_head_ids, prune_layer_heads, prune_layer_neurons
 from slimformer.prune.plan import Layout, PruningPlan
 
 TABLE_FORMAT = 1
@@ -248,7 +248,7 @@ def _view_of(layer: nn.Module, spec: ArchSpec, head_size: int) -> LayerView:
 
 def _pruned_layer_copy(view: LayerView, spec: ArchSpec, head_ids: list[int], heads: int, neurons: int) -> nn.Module:
     """A copy of ``view``'s layer with its first ``heads`` heads and ``neurons`` neurons, sliced as
-    :func:`~slimformer.prune.apply.remove` slices (which units are kept does not matter for timing)."""
+    :func:`~slimformer.layout.slice_model` slices (which units are kept does not matter for timing)."""
     layer = copy.deepcopy(view.layer).to("cpu").eval()
     copied = _view_of(layer, spec, view.head_size)
     if heads != copied.num_heads:

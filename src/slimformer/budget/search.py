@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from slimformer.errors import SlimformerError
+from slimformer.measure.flops import encoder_flops
 from slimformer.prune.plan import Layout, PruningPlan
 
 
@@ -28,10 +29,11 @@ class UnitCosts:
 
     @classmethod
     def flops(cls, layout: Layout, seq_len: int = 128) -> UnitCosts:
-        hidden, size, s = layout.hidden, layout.head_size, seq_len
-        # q, k, v and o projections (8 s d dh) plus attention scores and weighted values (4 s^2 dh), as in measure
-        head = 2 * s * (4 * hidden * size) + 2 * 2 * s * s * size
-        neuron = 2 * s * 2 * hidden
+        # measure's formula is linear in heads and neurons with no fixed part, so a one-head layer and a one-neuron
+        # layer give the exact cost of each unit: q, k, v, o and the attention matmuls; FFN up and down
+        shapes = {"head_size": layout.head_size, "hidden": layout.hidden, "seq_len": seq_len}
+        head = encoder_flops([1], [0], **shapes)
+        neuron = encoder_flops([0], [1], **shapes)
         return cls(head=float(head), neuron=float(neuron), seq_len=seq_len)
 
     def total(self, heads: int, neurons: int) -> float:

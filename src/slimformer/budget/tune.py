@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from slimformer.arch import LayerView, layer_views
-from slimformer.importance import model_inputs
+from slimformer.gates import Gates, gated
+from slimformer.gradients import model_inputs
 from slimformer.prune.apply import plan_gates
-from slimformer.prune.gates import Gates, gated
 from slimformer.prune.plan import PruningPlan
 
 

@@ -39,24 +39,24 @@ from slimformer.arch import LayerView, get_spec, layer_views
 from slimformer.distill.losses import attention_log_probs, attention_loss, hidden_loss, logit_loss
 from slimformer.distill.students import Student, make_student
 from slimformer.errors import SlimformerError
-from slimformer.importance import is_regression, model_fingerprint, task_loss
+from slimformer.evaluation import Evaluator, headline_score, predict
+from slimformer.folders import save_model_folder
+from slimformer.gradients import is_regression, task_loss
+from slimformer.importance import model_fingerprint
 from slimformer.io import atomic_file
+from slimformer.layout import LAYOUT_KEY, current_head_ids
 from slimformer.models import load_model
-from slimformer.prune.apply import LAYOUT_KEY, current_head_ids
-from slimformer.prune.saving import save_pruned
+from slimformer.report import model_stats
 from slimformer.tasks import TaskData, load_task, tokenize_task
 from slimformer.tasks.tokenize import cache_root
 from slimformer.train import (
     METRICS_FILE,
     FinetuneResult,
     TrainConfig,
-    evaluate_model,
-    evaluate_trained,
-    headline_score,
-    predict,
     prepare_work_dir,
     require_train_split,
     run_trainer,
+    trained_report,
 )
 
 TEACHER_LOGITS = "teacher_logits"
@@ -353,7 +353,7 @@ def distill(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise SlimformerError(f"Output folder {out_dir} already exists. Choose another --out or pass --overwrite.")
-    started = time.perf_counter()
+
     data = (
         task
         if isinstance(task, TaskData)
@@ -383,13 +383,16 @@ def distill(
     tokenizer = student_made.tokenizer
     tokenized = tokenize_task(data, tokenizer, max_length=config.max_length)
     metric = data.spec.primary_metric
-    report: dict[str, Any] = {"teacher": str(teacher), "student": student_made.description}
-
+    seconds: dict[str, float] = {}
+    before_stats = model_stats(student_made.model)
+    student_eval, extra_scores = None, {}
     if evaluate_before:
-        teacher_eval = evaluate_model(teacher_loaded.model, tokenizer, data, tokenized=tokenized, progress=progress)
-        student_eval = evaluate_model(student_made.model, tokenizer, data, tokenized=tokenized, progress=progress)
-        report["teacher_score"] = headline_score(teacher_eval, metric)
-        report["student_score_before"] = headline_score(student_eval, metric)
+        phase = time.perf_counter()
+        evaluator = Evaluator(tokenizer, data, tokenized=tokenized)  # one batching for both models
+        teacher_eval = evaluator.evaluate(teacher_loaded.model, progress=progress)
+        student_eval = evaluator.evaluate(student_made.model, progress=progress)
+        extra_scores["teacher"] = headline_score(teacher_eval, metric)
+        seconds["evaluate_before"] = round(time.perf_counter() - phase, 2)
 
     train_set = tokenized["train"].select_columns([c for c in MODEL_INPUTS if c in tokenized["train"].column_names])
     use_cache = settings.cache_teacher and not settings.needs_layers and settings.alpha > 0
@@ -397,7 +400,7 @@ def distill(
     if use_cache:
         logits = teacher_logits(teacher_loaded.model, tokenizer, train_set, cache=True, progress=progress)
         train_set = train_set.add_column(TEACHER_LOGITS, [row.tolist() for row in logits])
-    report["teacher_logits_seconds"] = round(time.perf_counter() - phase, 2)
+    seconds["teacher_logits"] = round(time.perf_counter() - phase, 2)
 
     views_student = len(layer_views(student_made.model))
     views_teacher = len(layer_views(teacher_loaded.model))
@@ -413,15 +416,41 @@ def distill(
         return DistillResult(out_dir=out_dir)
 
     model = student_made.model
-    metrics = evaluate_trained(model, tokenizer, data, tokenized, config, train_output, train_seconds, checkpoint)
-    metrics.update(report)
-    metrics["distill"] = {**asdict(settings), "layer_pairs": pairs, "teacher_logits_cached": use_cache}
-    metrics["total_seconds"] = round(time.perf_counter() - started, 2)
-    save_pruned(
+    metrics = trained_report(
+        "distill",
+        model,
+        tokenizer,
+        data,
+        tokenized,
+        config,
+        train_output,
+        train_seconds,
+        checkpoint,
+        source=str(student),
+        run_config={
+            "method": "distill",
+            "version": 1,
+            "teacher": str(teacher),
+            "student": str(student),
+            "train": asdict(config),
+            "distill": asdict(settings),
+        },
+        before=before_stats,
+        eval_before=student_eval,
+        extra_scores=extra_scores,
+        seconds=seconds,
+        details={
+            "teacher": str(teacher),
+            "student": student_made.description,
+            "distill": {**asdict(settings), "layer_pairs": pairs, "teacher_logits_cached": use_cache},
+        },
+    )
+    save_model_folder(
         model,
         tokenizer,
         out_dir,
         plan=student_made.plan,
+        task=data.record(),
         overwrite=True,
         json_files={METRICS_FILE: metrics, **({"plan.json": student_made.plan.to_dict()} if student_made.plan else {})},
     )

@@ -25,11 +25,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimformer.arch import layer_views
 from slimformer.errors import SlimformerError
+from slimformer.folders import read_manifest
 from slimformer.models import LoadedModel, load_model
 from slimformer.prune.apply import remove
 from slimformer.prune.layers import choose_layers_to_drop
 from slimformer.prune.plan import PruningPlan
-from slimformer.prune.saving import read_manifest
 from slimformer.tasks import TaskData
 
 STUDENT_FORMS = "a model folder, 'drop:STRATEGY:K', 'every:K' or 'layers:I,J,...'"

@@ -5,7 +5,7 @@
 
 from slimformer.measure.base import MeasureError
 from slimformer.measure.disk import DiskSize, model_size_on_disk, size_on_disk
-from slimformer.measure.flops import FlopCounts, flops, layer_flops, linear_flops
+from slimformer.measure.flops import FlopCounts, encoder_flops, flops, layer_flops, linear_flops, shape_flops
 from slimformer.measure.latency import LatencyStats, measure_latency, random_inputs
 from slimformer.measure.params import ParamCounts, count_parameters
 from slimformer.measure.report import (
@@ -23,6 +23,7 @@ __all__ = [
     "MeasureError",
     "ParamCounts",
     "count_parameters",
+    "encoder_flops",
     "flops",
     "format_measurements",
     "layer_flops",
@@ -34,5 +35,6 @@ __all__ = [
     "model_size_on_disk",
     "model_summary",
     "random_inputs",
+    "shape_flops",
     "size_on_disk",
 ]

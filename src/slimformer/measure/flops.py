@@ -1,7 +1,9 @@
-"""Analytic FLOPs of one forward pass, read from the modules' actual shapes."""
+"""Analytic FLOPs of one forward pass, read from the modules' actual shapes, or computed for a layout (heads and
+neurons per layer) with the same formula (:func:`shape_flops`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,25 +61,73 @@ def linear_flops(module: nn.Linear, tokens: int) -> int:
     return 2 * tokens * module.in_features * module.out_features
 
 
-def layer_flops(view: LayerView, seq_len: int, batch_size: int = 1) -> dict[str, int]:
-    """FLOPs of one transformer layer, from the shapes of its projections as they are now."""
+def shape_flops(
+    *, hidden: int, qk_width: int, v_width: int, ffn_size: int, seq_len: int, batch_size: int = 1
+) -> dict[str, int]:
+    """FLOPs of one transformer layer from its widths: **the one FLOPs formula** of slimformer.
+
+    ``hidden`` is the model width, ``qk_width`` the width of the query and key projections (heads × head size),
+    ``v_width`` that of the value projection (the attention context), ``ffn_size`` the FFN neurons. Measuring a
+    model (:func:`layer_flops`), summarising a pruning plan and the budget search's cost per head and per neuron
+    (:func:`encoder_flops` on a layout) all evaluate this. It is linear in the widths with no fixed part, so one
+    head or one neuron has a fixed cost in a layer and a layer with nothing left costs 0.
+    """
     tokens = batch_size * seq_len
-    qkv = sum(linear_flops(m, tokens) for m in (view.query, view.key, view.value))
+    qkv = 2 * tokens * hidden * (2 * qk_width + v_width)  # the q, k and v projections
     # QK^T costs 2·s·s·d per head, summed over heads: 2·s·s·(query width); softmax(...)·V likewise with the
-    # value width. Reading the widths (not heads × head size) keeps this right if q/k and v are pruned apart.
-    attn_scores = 2 * batch_size * seq_len * seq_len * (view.query.out_features + view.value.out_features)
-    attn_out = linear_flops(view.attn_out, tokens)
-    ffn = linear_flops(view.ffn_up, tokens) + linear_flops(view.ffn_down, tokens)
+    # value width. Separate widths (not heads × head size) keep this right if q/k and v are pruned apart.
+    attn_scores = 2 * batch_size * seq_len * seq_len * (qk_width + v_width)
+    attn_out = 2 * tokens * v_width * hidden
+    ffn = 2 * tokens * hidden * ffn_size * 2  # up and down projections
     return {
-        "layer": view.index,
-        "heads": view.num_heads,
-        "ffn_size": view.ffn_size,
         "qkv": qkv,
         "attn_scores": attn_scores,
         "attn_out": attn_out,
         "ffn": ffn,
         "total": qkv + attn_scores + attn_out + ffn,
     }
+
+
+def layer_flops(view: LayerView, seq_len: int, batch_size: int = 1) -> dict[str, int]:
+    """FLOPs of one transformer layer, from the shapes of its projections as they are now."""
+    widths = {
+        "hidden": view.query.in_features,
+        "qk_width": view.query.out_features,
+        "v_width": view.value.out_features,
+        "ffn_size": view.ffn_up.out_features,
+    }
+    return {
+        "layer": view.index,
+        "heads": view.num_heads,
+        "ffn_size": view.ffn_size,
+        **shape_flops(**widths, seq_len=seq_len, batch_size=batch_size),
+    }
+
+
+def encoder_flops(
+    heads: Sequence[int],
+    ffn: Sequence[int],
+    *,
+    head_size: int,
+    hidden: int,
+    seq_len: int = 128,
+    batch_size: int = 1,
+) -> int:
+    """Encoder FLOPs of a *layout*: ``heads[l]`` heads of ``head_size`` and ``ffn[l]`` FFN neurons in layer ``l``
+    (0 and 0 for a dropped layer), without building the model; equals ``flops(model).encoder`` for a model of
+    that layout."""
+    require_positive(seq_len=seq_len, batch_size=batch_size)
+    return sum(
+        shape_flops(
+            hidden=hidden,
+            qk_width=h * head_size,
+            v_width=h * head_size,
+            ffn_size=f,
+            seq_len=seq_len,
+            batch_size=batch_size,
+        )["total"]
+        for h, f in zip(heads, ffn, strict=True)
+    )
 
 
 def flops(model: PreTrainedModel, seq_len: int = 128, batch_size: int = 1) -> FlopCounts:

@@ -1,18 +1,15 @@
-"""Structured pruning: gates, plans, masking and physical removal of heads, FFN neurons and layers."""
+"""Structured pruning: plans, masking (through :mod:`slimformer.gates`) and physical removal of heads, FFN neurons
+and layers."""
 
-from slimformer.prune.apply import EmptyAttention, MaskHandle, apply_plan, masked, plan_gates, remove
-from slimformer.prune.gates import Gates, gated
+from slimformer.prune.apply import MaskHandle, apply_plan, masked, plan_gates, remove
 from slimformer.prune.plan import Layout, PlanError, PruningPlan, plan_from_scores
 
 __all__ = [
-    "EmptyAttention",
-    "Gates",
     "Layout",
     "MaskHandle",
     "PlanError",
     "PruningPlan",
     "apply_plan",
-    "gated",
     "masked",
     "plan_from_scores",
     "plan_gates",

@@ -19,28 +19,31 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from slimformer.evaluation import Evaluator
 from slimformer.importance import METHODS, ImportanceScores, compute_importance, importance_sample
 from slimformer.io import write_json_atomic
 from slimformer.plots import plot_curve
 from slimformer.prune.apply import masked, plan_gates
 from slimformer.prune.plan import PlanError, PruningPlan
-from slimformer.tasks import TaskData, tokenize_task
-from slimformer.train import evaluate_model, headline_score
+from slimformer.tasks import TaskData
 
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
 CURVE_FILE = "curve.json"
 CURVE_PNG = "curve.png"
+
+State = TypeVar("State")  # what a pruning search prunes: a plan, weight masks, ...
 
 
 @dataclass
@@ -86,6 +89,69 @@ class IterativeResult:
         return out_dir
 
 
+@dataclass
+class UntilResult(Generic[State]):
+    """What :func:`prune_until_score` found: the last accepted state and its score, one curve point per step
+    (``curve[0]`` is the unpruned start), the number of steps tried and why it stopped (``"nothing_left"``,
+    ``"max_iterations"`` or ``"below_keep_score"``)."""
+
+    state: State
+    score: float
+    curve: list[dict[str, Any]]
+    iterations: int
+    stop_reason: str
+
+
+def prune_until_score(
+    start: State,
+    dense_score: float,
+    threshold: float,
+    *,
+    has_more: Callable[[State], bool],
+    propose: Callable[[State, int], tuple[State, dict[str, Any]]],
+    score: Callable[[State], float],
+    describe: Callable[[State], dict[str, Any]],
+    max_iterations: int | None = None,
+    on_step: Callable[[int, State, float, dict[str, Any]], None] | None = None,
+    postfix: Callable[[State], dict[str, str]] | None = None,
+    progress: bool = True,
+    description: str = "pruning",
+) -> UntilResult[State]:
+    """The loop every prune-until-the-score-drops search shares: propose the next step from the last accepted
+    state, score it, accept it if the score is still >= ``threshold``, else stop (the step that broke the bar is
+    recorded in the curve but never returned).
+
+    ``propose(state, iteration)`` returns the candidate and extra fields for its curve point; ``describe(state)``
+    gives the fields every curve point has (how much is pruned); ``has_more(state)`` says whether anything is left
+    to prune. ``on_step`` sees every scored step (for logging), ``postfix`` adds fields to the progress bar.
+    """
+    curve = [{"iteration": 0, **describe(start), "score": dense_score, "relative_score": 1.0, "accepted": True}]
+    state, final, stop_reason, iteration = start, dense_score, "nothing_left", 0
+    bar = tqdm(desc=description, unit="step", total=max_iterations, disable=not progress, leave=False)
+    try:
+        while has_more(state):
+            if max_iterations is not None and iteration >= max_iterations:
+                stop_reason = "max_iterations"
+                break
+            iteration += 1
+            candidate, details = propose(state, iteration)
+            value = score(candidate)
+            accepted = value >= threshold
+            point = {"iteration": iteration, **describe(candidate), "score": value}
+            curve.append({**point, "relative_score": value / dense_score, "accepted": accepted, **details})
+            if on_step is not None:
+                on_step(iteration, candidate, value, details)
+            bar.update(1)
+            bar.set_postfix(score=f"{value:.4f}", **(postfix(candidate) if postfix is not None else {}))
+            if not accepted:
+                stop_reason = "below_keep_score"
+                break
+            state, final = candidate, value
+    finally:
+        bar.close()
+    return UntilResult(state=state, score=final, curve=curve, iterations=iteration, stop_reason=stop_reason)
+
+
 def _check_arguments(step: float, keep_score: float, method: str, max_iterations: int | None) -> None:
     if not isinstance(step, (int, float)) or math.isnan(step) or not 0.0 < step < 1.0:
         raise PlanError(
@@ -116,16 +182,9 @@ def _eval_data(task_data: TaskData, max_samples: int | None, seed: int) -> TaskD
     return TaskData(spec=task_data.spec, splits=splits, source=task_data.source)
 
 
-def _evaluate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: TaskData,
-    tokenized: dict[str, Dataset],
-    batch_size: int,
-) -> float:
+def _evaluate(model: PreTrainedModel, evaluator: Evaluator) -> float:
     """The primary metric averaged over the dev splits, for the model as it is (masks included)."""
-    results = evaluate_model(model, tokenizer, data, tokenized=tokenized, batch_size=batch_size, progress=False)
-    return headline_score(results, data.spec.primary_metric)
+    return evaluator.score(model)
 
 
 def _remaining_heads(plan: PruningPlan) -> list[tuple[int, int]]:
@@ -199,8 +258,9 @@ def iterative_prune(
     total_mlps = len(_remaining_mlps(plan))
 
     eval_data = _eval_data(task_data, eval_max_samples, seed)
-    tokenized = tokenize_task(eval_data, tokenizer, max_length=max_length)
-    dense_score = _evaluate(model, tokenizer, eval_data, tokenized, eval_batch_size)
+    # the dev data is tokenized and batched once, then scored after every step
+    evaluator = Evaluator(tokenizer, eval_data, max_length=max_length, batch_size=eval_batch_size)
+    dense_score = _evaluate(model, evaluator)
     if not dense_score > 0:
         raise PlanError(
             f"The unpruned model scores {dense_score:g} ({task_data.spec.primary_metric}) on the dev split, so "
@@ -220,62 +280,58 @@ def iterative_prune(
             importance_split,
         )
 
-    def point(iteration: int, current: PruningPlan, score: float, accepted: bool) -> dict[str, Any]:
+    def describe(current: PruningPlan) -> dict[str, Any]:
         heads_pruned = total_heads - len(_remaining_heads(current))
         return {
-            "iteration": iteration,
             "heads_pruned": heads_pruned,
             "heads_pruned_fraction": heads_pruned / total_heads if total_heads else 0.0,
             "mlps_pruned": total_mlps - len(_remaining_mlps(current)),
-            "score": score,
-            "relative_score": score / dense_score,
-            "accepted": accepted,
         }
 
-    curve = [point(0, plan, dense_score, True)]
-    final_score = dense_score
-    stop_reason = "nothing_left"
-    iteration = 0
-    bar = tqdm(desc="iterative pruning", unit="step", total=max_iterations, disable=not progress, leave=False)
-    try:
-        while _remaining_heads(plan) or (prune_mlps and _remaining_mlps(plan)):
-            if max_iterations is not None and iteration >= max_iterations:
-                stop_reason = "max_iterations"
-                break
-            iteration += 1
-            scores = compute_importance(
-                model,
-                sample.batches,
-                method=method,
-                label_free=label_free,
-                normalize=normalize,
-                base_gates=plan_gates(model, plan),
-                seed=seed + iteration,  # only the random baseline draws; a new draw per step
-                progress=False,
-            )
-            candidate, pruned_heads, pruned_mlp = _next_plan(plan, scores, step, prune_mlps)
-            with masked(model, candidate):
-                score = _evaluate(model, tokenizer, eval_data, tokenized, eval_batch_size)
-            accepted = score >= threshold
-            curve.append(point(iteration, candidate, score, accepted))
-            curve[-1].update(pruned_heads=[list(lh) for lh in pruned_heads], pruned_mlp=pruned_mlp)
-            logger.info(
-                "iteration %d: %d heads and MLP %s pruned -> %s %.4f (%.1f%% of dense)",
-                iteration,
-                len(pruned_heads),
-                pruned_mlp,
-                task_data.spec.primary_metric,
-                score,
-                100 * score / dense_score,
-            )
-            bar.update(1)
-            bar.set_postfix(score=f"{score:.4f}")
-            if not accepted:
-                stop_reason = "below_keep_score"
-                break
-            plan, final_score = candidate, score
-    finally:
-        bar.close()
+    def propose(current: PruningPlan, iteration: int) -> tuple[PruningPlan, dict[str, Any]]:
+        scores = compute_importance(
+            model,
+            sample.batches,
+            method=method,
+            label_free=label_free,
+            normalize=normalize,
+            base_gates=plan_gates(model, current),
+            seed=seed + iteration,  # only the random baseline draws; a new draw per step
+            progress=False,
+        )
+        candidate, pruned_heads, pruned_mlp = _next_plan(current, scores, step, prune_mlps)
+        return candidate, {"pruned_heads": [list(lh) for lh in pruned_heads], "pruned_mlp": pruned_mlp}
+
+    def score(candidate: PruningPlan) -> float:
+        with masked(model, candidate):
+            return _evaluate(model, evaluator)
+
+    def log(iteration: int, candidate: PruningPlan, score: float, details: dict[str, Any]) -> None:
+        logger.info(
+            "iteration %d: %d heads and MLP %s pruned -> %s %.4f (%.1f%% of dense)",
+            iteration,
+            len(details["pruned_heads"]),
+            details["pruned_mlp"],
+            task_data.spec.primary_metric,
+            score,
+            100 * score / dense_score,
+        )
+
+    found = prune_until_score(
+        plan,
+        dense_score,
+        threshold,
+        has_more=lambda current: bool(_remaining_heads(current) or (prune_mlps and _remaining_mlps(current))),
+        propose=propose,
+        score=score,
+        describe=describe,
+        max_iterations=max_iterations,
+        on_step=log,
+        progress=progress,
+        description="iterative pruning",
+    )
+    plan, final_score, curve = found.state, found.score, found.curve
+    iteration, stop_reason = found.iterations, found.stop_reason
 
     meta = {
         "method": method,
@@ -309,4 +365,4 @@ def iterative_prune(
     return IterativeResult(plan=plan, dense_score=dense_score, final_score=final_score, curve=curve, meta=meta)
 
 
-__all__ = ["IterativeResult", "iterative_prune"]
+__all__ = ["IterativeResult", "UntilResult", "iterative_prune", "prune_until_score"]

@@ -11,7 +11,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimformer.arch import layer_views
 from slimformer.errors import SlimformerError
-from slimformer.importance import importance_sample, model_inputs
+from slimformer.gradients import model_inputs
+from slimformer.importance import importance_sample
 from slimformer.tasks import TaskData
 
 STRATEGIES = ("top", "bottom", "alternate", "symmetric", "contribution")

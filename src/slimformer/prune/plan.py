@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from slimformer.arch import get_spec, layer_views
 from slimformer.errors import SlimformerError
 from slimformer.io import write_json_atomic
+from slimformer.measure.flops import encoder_flops
 
 PLAN_VERSION = 1
 
@@ -159,7 +160,8 @@ class PruningPlan:
         """Heads, neurons, parameters and encoder FLOPs (one sequence of ``seq_len``) before and after.
 
         Computed from the plan's shapes alone (not by pruning a copy), so that tests can check it against
-        :func:`slimformer.measure.count_parameters` and :func:`slimformer.measure.flops` on the pruned model.
+        :func:`slimformer.measure.count_parameters` and :func:`slimformer.measure.flops` on the pruned model;
+        the FLOPs come from the same formula (:func:`slimformer.measure.encoder_flops` on the layout).
         """
         self.validate(model)
         layout = self.layout
@@ -173,30 +175,27 @@ class PruningPlan:
         total_params = sum(p.numel() for p in model.parameters())
         encoder_params = sum(p.numel() for v in views for p in v.layer.parameters())
 
-        def layer_cost(layer: int, heads: int, neurons: int) -> tuple[int, int]:
+        def layer_params(layer: int, heads: int, neurons: int) -> int:
             width, hidden = heads * layout.head_size, layout.hidden
             params = 3 * (hidden * width + width) + (width * hidden + hidden)
-            params += (hidden * neurons + neurons) + (neurons * hidden + hidden) + fixed_per_layer[layer]
-            flops = 2 * seq_len * (3 * hidden * width + width * hidden + 2 * hidden * neurons)
-            flops += 2 * 2 * seq_len * seq_len * width
-            return params, flops
+            return params + (hidden * neurons + neurons) + (neurons * hidden + hidden) + fixed_per_layer[layer]
 
-        before = [layer_cost(i, layout.heads[i], layout.ffn[i]) for i in range(layout.num_layers)]
-        after = [
-            layer_cost(i, len(self.kept_heads[i]), len(self.kept_neurons[i])) if i in self.kept_layers else (0, 0)
-            for i in range(layout.num_layers)
-        ]
-        kept_params = total_params - encoder_params + sum(p for p, _ in after)
-        dense_flops, kept_flops = sum(f for _, f in before), sum(f for _, f in after)
+        # a dropped layer keeps nothing: 0 heads and 0 neurons, which cost 0 FLOPs
+        heads_kept = [len(self.kept_heads[i]) if i in self.kept_layers else 0 for i in range(layout.num_layers)]
+        neurons_kept = [len(self.kept_neurons[i]) if i in self.kept_layers else 0 for i in range(layout.num_layers)]
+        kept_params = total_params - encoder_params
+        kept_params += sum(layer_params(i, heads_kept[i], neurons_kept[i]) for i in self.kept_layers)
+        shapes = {"head_size": layout.head_size, "hidden": layout.hidden, "seq_len": seq_len}
+        dense_flops = encoder_flops(layout.heads, layout.ffn, **shapes)
+        kept_flops = encoder_flops(heads_kept, neurons_kept, **shapes)
         heads_before, neurons_before = sum(layout.heads), sum(layout.ffn)
-        heads_after = sum(len(self.kept_heads[i]) for i in self.kept_layers)
-        neurons_after = sum(len(self.kept_neurons[i]) for i in self.kept_layers)
+        heads_after, neurons_after = sum(heads_kept), sum(neurons_kept)
         return {
             "layers": {"before": layout.num_layers, "after": len(self.kept_layers)},
             "heads": {"before": heads_before, "after": heads_after},
             "neurons": {"before": neurons_before, "after": neurons_after},
-            "heads_per_layer": [len(self.kept_heads[i]) if i in self.kept_layers else 0 for i in range(len(views))],
-            "neurons_per_layer": [len(self.kept_neurons[i]) if i in self.kept_layers else 0 for i in range(len(views))],
+            "heads_per_layer": heads_kept,
+            "neurons_per_layer": neurons_kept,
             "params": {"before": total_params, "after": kept_params, "ratio": kept_params / total_params},
             "encoder_flops": {
                 "seq_len": seq_len,

@@ -49,6 +49,19 @@ class TaskData:
         """The dev splits present, in the spec's order."""
         return {name: self.splits[name] for name in self.spec.dev_splits if name in self.splits}
 
+    def record(self) -> dict[str, Any]:
+        """What a model folder's manifest says about the task its model was trained for: how to load it again
+        (the :class:`~slimformer.tasks.TaskRef` fields; ``kind`` is None for data built by hand), its labels,
+        metric and where the data came from."""
+        how = self.ref.to_dict() if self.ref is not None else {"kind": None, "name": self.spec.name}
+        return {
+            **how,
+            "num_labels": self.spec.num_labels,
+            "labels": list(self.spec.label_names) if self.spec.label_names is not None else None,
+            "primary_metric": self.spec.primary_metric,
+            "data_source": self.source,
+        }
+
     def describe(self) -> str:
         """One line for logs: task, source and split sizes."""
         sizes = ", ".join(f"{name} {len(split):,}" for name, split in self.splits.items())

@@ -6,6 +6,9 @@ are gated on the input of the FFN down projection. A gate of 1 changes nothing, 
 contribution exactly as physically removing it would (the projections' biases stay). Gates are ordinary tensors:
 give them ``requires_grad=True`` to read importance scores off their gradients (Michel et al. 2019, "Are Sixteen
 Heads Really Better than One?").
+
+They sit below :mod:`slimformer.prune` because importance scoring, the gate gradients and the analyses use them
+as much as masking does.
 """
 
 from __future__ import annotations

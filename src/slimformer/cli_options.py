@@ -1,0 +1,86 @@
+"""Options the ``slimformer`` commands share (typer annotations), and the one way they turn data options into
+task data: custom files, a GLUE task, or (no task given) the task the model folder remembers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slimformer.errors import SlimformerError
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'minilm-l6' (embedded), a model folder or a hub id.")]
+TaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        "-t",
+        help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or 'custom' with --train-file/--dev-file. "
+        "Default: the task the model folder was trained on.",
+    ),
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="GLUE_DIR", help="Local GLUE folder (download_glue_data.py layout)."),
+]
+TrainFileOpt = Annotated[Path | None, typer.Option(help="Custom task: CSV / TSV / JSONL training file.")]
+DevFileOpt = Annotated[Path | None, typer.Option(help="Custom task: CSV / TSV / JSONL dev file.")]
+TextColumnsOpt = Annotated[str, typer.Option(help="Custom task: comma-separated text column(s), one or two.")]
+LabelColumnOpt = Annotated[str, typer.Option(help="Custom task: the label column.")]
+RegressionOpt = Annotated[bool, typer.Option(help="Custom task: the label is a real number.")]
+MaxLengthOpt = Annotated[int, typer.Option(help="Maximum tokens per example.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed (subsampling, head init, data order).")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Training batch size per device.")]
+EpochsOpt = Annotated[float, typer.Option(help="Training epochs (ignored when --max-steps is set).")]
+MaxStepsOpt = Annotated[int, typer.Option(help="Stop after this many optimiser steps (-1: use epochs).")]
+LearningRateOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
+WarmupOpt = Annotated[int, typer.Option(help="Linear warm-up steps.")]
+MaxTrainOpt = Annotated[int | None, typer.Option(help="Random subset of the train split.")]
+SaveStepsOpt = Annotated[int, typer.Option(help="Checkpoint every N steps (for resuming).")]
+ResumeOpt = Annotated[bool, typer.Option(help="Resume from the last complete checkpoint if there is one.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+
+
+def task_data(
+    model: str,
+    task: str | None,
+    data_dir: Path | None,
+    train_file: Path | None,
+    dev_file: Path | None,
+    text_columns: str,
+    label_column: str,
+    regression: bool,
+    max_train: int | None,
+    max_eval: int | None,
+    seed: int,
+    *,
+    required: bool = True,
+):
+    """The data a command works on: custom files, a GLUE task, or (no task given) the one the model remembers."""
+    from slimformer.api import resolve_data
+    from slimformer.tasks import load_custom_task
+
+    if task == "custom" or train_file or dev_file:
+        if not (train_file or dev_file):
+            raise SlimformerError("--task custom needs --train-file and/or --dev-file.")
+        return load_custom_task(
+            train_file,
+            dev_file,
+            text_columns=[c.strip() for c in text_columns.split(",") if c.strip()],
+            label_column=label_column,
+            regression=regression,
+            name=task or "custom",
+            max_train_samples=max_train,
+            max_eval_samples=max_eval,
+            seed=seed,
+        )
+    return resolve_data(
+        model,
+        task,
+        data_dir=data_dir,
+        required=required,
+        max_train_samples=max_train,
+        max_eval_samples=max_eval,
+        seed=seed,
+    )
