@@ -56,16 +56,9 @@ def _training_inputs(options: dict) -> tuple:
     config = TrainConfig(**{name: options[name] for name in names})
     data = task_data(
         options.get("model") or options["teacher"],
-        options["task"],
-        options["data_dir"],
-        options["train_file"],
-        options["dev_file"],
-        options["text_columns"],
-        options["label_column"],
-        options["regression"],
-        options["max_train_samples"],
-        options["max_eval_samples"],
-        options["seed"],
+        options,
+        max_train=options["max_train_samples"],
+        max_eval=options["max_eval_samples"],
     )
     return config, data
 
@@ -209,9 +202,7 @@ def evaluate(
     from slimformer.api import evaluate as run_evaluate
     from slimformer.io import write_json_atomic
 
-    data = task_data(
-        model, task, data_dir, None, dev_file, text_columns, label_column, regression, None, max_eval_samples, seed
-    )
+    data = task_data(model, locals(), max_eval=max_eval_samples)
     metrics = run_evaluate(model, data, max_length=max_length, batch_size=batch_size)
     if output:
         write_json_atomic(output, metrics)
@@ -282,9 +273,7 @@ def importance(
     from slimformer.models import load_model
     from slimformer.plots import plot_head_importance
 
-    data = task_data(
-        model, task, data_dir, train_file, dev_file, text_columns, label_column, regression, None, None, seed
-    )
+    data = task_data(model, locals())
     loaded = load_model(model, data.spec)
     check_label_set(loaded.model, data)
     scores = score_model(
@@ -439,20 +428,7 @@ def prune(
     from slimformer.report import print_report
 
     settings = _prune_config(locals())  # refuses impossible targets before any data or model is loaded
-    data = task_data(
-        model,
-        task,
-        data_dir,
-        train_file,
-        dev_file,
-        text_columns,
-        label_column,
-        regression,
-        None,
-        max_eval_samples,
-        seed,
-        required=settings.needs_data,
-    )
+    data = task_data(model, locals(), max_eval=max_eval_samples, required=settings.needs_data)
     result = slimformer.prune(
         model,
         settings,

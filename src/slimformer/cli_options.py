@@ -43,42 +43,38 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def task_data(
-    model: str,
-    task: str | None,
-    data_dir: Path | None,
-    train_file: Path | None,
-    dev_file: Path | None,
-    text_columns: str,
-    label_column: str,
-    regression: bool,
-    max_train: int | None,
-    max_eval: int | None,
-    seed: int,
+    model: str | None,
+    options: dict,
     *,
+    max_train: int | None = None,
+    max_eval: int | None = None,
     required: bool = True,
 ):
-    """The data a command works on: custom files, a GLUE task, or (no task given) the one the model remembers."""
+    """The data a command works on, from its options (the command's ``locals()``): custom files, a GLUE task, or
+    (no task given) the task the model folder remembers."""
     from slimformer.api import resolve_data
     from slimformer.tasks import load_custom_task
 
+    task, train_file, dev_file = options.get("task"), options.get("train_file"), options.get("dev_file")
+    seed = options.get("seed", 0)
     if task == "custom" or train_file or dev_file:
         if not (train_file or dev_file):
             raise SlimformerError("--task custom needs --train-file and/or --dev-file.")
         return load_custom_task(
             train_file,
             dev_file,
-            text_columns=[c.strip() for c in text_columns.split(",") if c.strip()],
-            label_column=label_column,
-            regression=regression,
+            text_columns=[c.strip() for c in options.get("text_columns", "text").split(",") if c.strip()],
+            label_column=options.get("label_column", "label"),
+            regression=options.get("regression", False),
             name=task or "custom",
             max_train_samples=max_train,
             max_eval_samples=max_eval,
             seed=seed,
         )
     return resolve_data(
-        model,
+        model or "",
         task,
-        data_dir=data_dir,
+        data_dir=options.get("data_dir"),
         required=required,
         max_train_samples=max_train,
         max_eval_samples=max_eval,

@@ -68,19 +68,7 @@ def _analysis_task(model: str | None, options: dict):
     task = options["task"]
     if task not in (None, "custom") and not (options["train_file"] or options["dev_file"]):
         return task
-    return task_data(
-        model or "",
-        task,
-        options["data_dir"],
-        options["train_file"],
-        options["dev_file"],
-        options["text_columns"],
-        options["label_column"],
-        options["regression"],
-        None,
-        None,
-        options["seed"],
-    )
+    return task_data(model, options)
 
 
 @analyze_app.command()
