@@ -96,10 +96,18 @@ def teacher_summary(task: str, folder: Path) -> dict:
     }
 
 
+def _shown_path(path: str) -> str:
+    """A path inside the repository as a repository-relative one (results tables are committed)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
 def describe_teacher(teacher: dict) -> str:
     """One sentence for a results table: the teacher's dev score and where it came from."""
     text = (
-        f"teacher `{teacher['path']}`: dev {teacher['primary_metric']} {teacher['score'] * 100:.2f}, "
+        f"teacher `{_shown_path(teacher['path'])}`: dev {teacher['primary_metric']} {teacher['score'] * 100:.2f}, "
         f"MiniLM-L6 fine-tuned on {teacher['train_samples']} training examples (max length {teacher['max_length']})"
     )
     if teacher["converged_recipe"]:
