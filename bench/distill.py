@@ -115,8 +115,8 @@ def load_metrics(folder: Path) -> dict:
 
 def check_settings(folder: Path, metrics: dict, config: TrainConfig, settings: DistillConfig) -> None:
     """Refuse to reuse a finished run made with other settings (e.g. another --epochs)."""
-    distilled = {k: v for k, v in (metrics.get("distill") or {}).items() if k in asdict(settings)}
-    if metrics.get("config") != json.loads(json.dumps(asdict(config))) or distilled != asdict(settings):
+    run = metrics.get("config") or {}  # the report keeps the training and distillation settings that made it
+    if run.get("train") != json.loads(json.dumps(asdict(config))) or run.get("distill") != asdict(settings):
         raise SystemExit(
             f"{folder} was trained with other settings than this run asks for; delete it, or pass another --runs-dir."
         )
