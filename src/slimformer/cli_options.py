@@ -20,9 +20,15 @@ TaskOpt = Annotated[
         "Default: the task the model folder was trained on.",
     ),
 ]
+# No envvar here: $GLUE_DIR is the fallback of slimformer.tasks.load_task, so that a model folder's remembered data
+# folder comes before it and only an explicit --data-dir overrides that.
 DataDirOpt = Annotated[
     Path | None,
-    typer.Option("--data-dir", envvar="GLUE_DIR", help="Local GLUE folder (download_glue_data.py layout)."),
+    typer.Option(
+        "--data-dir",
+        help="Local GLUE folder (download_glue_data.py layout). Default: the folder the model was trained from, "
+        "else $GLUE_DIR, else the hub.",
+    ),
 ]
 TrainFileOpt = Annotated[Path | None, typer.Option(help="Custom task: CSV / TSV / JSONL training file.")]
 DevFileOpt = Annotated[Path | None, typer.Option(help="Custom task: CSV / TSV / JSONL dev file.")]
