@@ -98,3 +98,19 @@ def tiny_model_dir(tmp_path_factory) -> str:
     hf.BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def write_review_csvs(folder, repeats: int = 6) -> tuple:
+    """A tiny custom sentiment task: train.csv and dev.csv with columns review, sentiment (pos / neg)."""
+    import csv
+
+    rows = [("a good film", "pos"), ("a bad film", "neg"), ("great acting", "pos"), ("dull plot", "neg")] * repeats
+    paths = []
+    for name in ("train", "dev"):
+        path = folder / f"{name}.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["review", "sentiment"])
+            writer.writerows(rows)
+        paths.append(path)
+    return tuple(paths)

@@ -3,14 +3,13 @@ schema, models that remember their task, and impossible targets refused before a
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 import torch
 
 import slimformer
-from conftest import tiny_inputs
+from conftest import tiny_inputs, write_review_csvs
 from slimformer.configs import ConfigError, config_from_dict, known_methods, load_config
 from slimformer.errors import TaskError
 from slimformer.measure import flops
@@ -144,12 +143,7 @@ def test_every_method_goes_through_one_door_and_writes_one_report(config, tiny_m
 
 
 def test_a_pruned_folder_remembers_its_task_and_later_commands_need_no_data(tiny_model_dir, tmp_path):
-    rows = [("a good film", "pos"), ("a bad film", "neg"), ("great acting", "pos"), ("dull plot", "neg")] * 6
-    for name in ("train", "dev"):
-        with open(tmp_path / f"{name}.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["review", "sentiment"])
-            writer.writerows(rows)
+    write_review_csvs(tmp_path, repeats=6)
     data = load_custom_task(
         tmp_path / "train.csv", tmp_path / "dev.csv", text_columns=["review"], label_column="sentiment"
     )

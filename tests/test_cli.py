@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_inputs
+from conftest import tiny_inputs, write_review_csvs
 from slimformer.cli import app
 from slimformer.models import load_model
 from slimformer.prune import PruningPlan, masked
@@ -180,14 +180,7 @@ def test_budget_pruning_through_the_cli(tiny_model_dir, tmp_path):
 
 
 def test_a_model_fine_tuned_on_a_custom_csv_is_pruned_and_analysed_with_no_data_options(tiny_model_dir, tmp_path):
-    import csv
-
-    rows = [("a good film", "pos"), ("a bad film", "neg"), ("great acting", "pos"), ("dull plot", "neg")] * 8
-    for name in ("train", "dev"):
-        with open(tmp_path / f"{name}.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["review", "sentiment"])
-            writer.writerows(rows)
+    write_review_csvs(tmp_path, repeats=8)
     tuned = tmp_path / "mine"
     data = ["--train-file", tmp_path / "train.csv", "--dev-file", tmp_path / "dev.csv"]
     columns = ["--text-columns", "review", "--label-column", "sentiment"]

@@ -65,7 +65,7 @@ def _training_inputs(options: dict) -> tuple:
 
 def _print_eval(metrics: dict) -> None:
     """Every metric of every dev split: an evaluation's ``eval``, or a report's ``eval.after``."""
-    evaluation = metrics["eval"].get("after", metrics["eval"]) if "after" in metrics["eval"] else metrics["eval"]
+    evaluation = metrics["eval"].get("after") or metrics["eval"]
     task = metrics["task"]["name"] if isinstance(metrics["task"], dict) else metrics["task"]
     source = metrics.get("data_source") or (metrics["task"] or {}).get("data_source", "")
     table = Table(title=f"{task} ({source})")

@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from slimformer.arch import layer_views
 from slimformer.configs import (
     DropLayers,
     Fractions,
@@ -28,7 +29,7 @@ def _dropped_layers(
         return []
     name, k = parse_drop_layers(strategy)
     if name != "contribution":  # fixed positions need no data
-        return layers_to_drop(name, len(PruningPlan.keep_all(model).layout.heads), k)
+        return layers_to_drop(name, len(layer_views(model)), k)
     return choose_layers_to_drop(
         model, tokenizer, ctx.data, strategy, n_examples=n_examples, max_length=ctx.max_length, seed=seed
     )
