@@ -20,6 +20,7 @@ from test_train import write_sst2
 REPORT_KEYS = {
     "schema_version",
     "command",
+    "invocation",
     "slimformer_version",
     "model",
     "task",
@@ -133,6 +134,8 @@ def test_every_method_goes_through_one_door_and_writes_one_report(config, tiny_m
         report["details"]["plan"]["layers"]["after"] < 2
     )
     assert result.plan == PruningPlan.load(out / "plan.json")
+    card = (out / "README.md").read_text()  # every output folder has a model card with the report's numbers
+    assert f"| accuracy | {report['score']['before']:.4f} | {report['score']['after']:.4f} |" in card
     reloaded = slimformer.load_model(out)
     with torch.no_grad():  # save -> reload gives the same model
         torch.testing.assert_close(reloaded.model(**real_ids()).logits, result.model(**real_ids()).logits)

@@ -160,3 +160,15 @@ def test_no_module_level_import_cycle(graph):
 def test_no_import_cycle_between_rooms(graph):
     cycle = find_cycle(room_graph(graph))
     assert cycle is None, "rooms import each other: " + " -> ".join(cycle or [])
+
+
+def test_the_portable_module_needs_only_torch():
+    # its source is copied into saved folders and run where slimformer is not installed (slimformer.remote_code)
+    path = PACKAGE / "portable.py"
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= {"__future__", "collections", "typing", "warnings", "torch"}, imported

@@ -2,7 +2,7 @@
 
 The front door: ``slimformer.prune(model, config, data)`` with a config from :mod:`slimformer.configs`
 (``FlopsBudget``, ``LatencyBudget``, ``Fractions``, ``Iterative``, ``DropLayers``, ``PlanFile``), and
-``finetune``, ``distill``, ``evaluate``, ``measure``, ``save``, ``load_model``, ``export_onnx``.
+``finetune``, ``distill``, ``evaluate``, ``measure``, ``save``, ``load_model``, ``export_onnx``, ``push_to_hub``.
 """
 
 from slimformer._version import __version__
@@ -32,6 +32,7 @@ from slimformer.configs import (
     load_config,
 )
 from slimformer.errors import SlimformerError
+from slimformer.hub import push_to_hub
 from slimformer.models import DEFAULT_MODEL, LoadedModel, load_model
 from slimformer.tasks import TaskData, TaskRef, load_custom_task, load_task
 from slimformer.train import TrainConfig
@@ -63,6 +64,7 @@ __all__ = [
     "load_task",
     "measure",
     "prune",
+    "push_to_hub",
     "remembered_task",
     "save",
 ]

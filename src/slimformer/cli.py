@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -34,7 +35,7 @@ from slimformer.cli_options import (
     task_data,
 )
 from slimformer.errors import SlimformerError
-from slimformer.report import print_report
+from slimformer.report import INVOCATION, print_report
 
 app = typer.Typer(
     name="slimformer",
@@ -461,6 +462,22 @@ def export(
 
 
 @app.command()
+def push(
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub model repo to push to, 'user-or-org/name'.")],
+    model: Annotated[Path, typer.Option("--model", help="The model folder to upload.")],
+    private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
+    token: Annotated[
+        str | None, typer.Option(help="Hub token (default: $HF_TOKEN or the one `hf auth login` stored).")
+    ] = None,
+) -> None:
+    """Upload a model folder to the Hugging Face hub, its model card rewritten for the repo."""
+    from slimformer.hub import push_to_hub
+
+    url = push_to_hub(model, repo_id, private=private, token=token)
+    stdout.print(f"{model} -> {url}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("runs/demo"),
     model: ModelOpt = "minilm-l6",
@@ -513,6 +530,7 @@ app.add_typer(analyze_app, name="analyze")
 
 def main() -> None:
     """Entry point: run the CLI; a SlimformerError prints its message (no traceback) and exits with 2."""
+    INVOCATION.set(shlex.join(["slimformer", *sys.argv[1:]]))
     try:
         app()
     except SlimformerError as error:

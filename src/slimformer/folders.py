@@ -3,14 +3,15 @@
 Every command that writes a model (``finetune``, ``prune``, ``budget``, ``distill``) writes the same kind of folder
 through :func:`save_model_folder`: an ordinary Hugging Face folder (safetensors weights, config, tokenizer) plus
 ``slimformer.json``, the manifest (slimformer version, per-layer shapes, the pruning plan if any, the task if
-known), plus any JSON files the command adds (``metrics.json``, ``plan.json``). The folder appears complete or
-not at all.
+known), plus any JSON files the command adds (``metrics.json``, ``plan.json``), plus a model card (``README.md``,
+:mod:`slimformer.card`). The folder appears complete or not at all.
 
 transformers builds every layer from one config, so a model whose layers differ, or whose heads were pruned
 (BERT-family configs derive the head size from hidden size / head count), records its shapes in the config as
-``slimformer_layout`` and is rebuilt by :func:`load_pruned` (called by :func:`slimformer.load_model`). A model whose
-layers all keep every head and share one FFN width (FFN pruning, layer dropping) needs nothing: plain
-``AutoModelForSequenceClassification.from_pretrained`` loads it.
+``slimformer_layout`` and is rebuilt by :func:`load_pruned` (called by :func:`slimformer.load_model`); such a folder
+also carries ``modeling_slimformer.py`` (:mod:`slimformer.remote_code`), so plain transformers loads it with
+``trust_remote_code=True``. A model whose layers all keep every head and share one FFN width (FFN pruning, layer
+dropping) needs neither: plain ``AutoModelForSequenceClassification.from_pretrained`` loads it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig, P
 from transformers.utils import logging as hf_logging
 
 from slimformer._version import __version__
+from slimformer.aliases import base_model_id
 from slimformer.arch import layer_views
 from slimformer.errors import ModelLoadError
 from slimformer.io import atomic_directory, write_json_atomic
 from slimformer.layout import LAYOUT_KEY, rebuild_layout
+from slimformer.remote_code import MODELING_FILE, auto_map_for_saving, needs_remote_code, write_remote_code
 
 if TYPE_CHECKING:  # prune writes folders, so folders only names its plans
     from slimformer.prune.plan import PruningPlan
@@ -83,19 +86,31 @@ def save_model_folder(
         "model_type": model.config.model_type,
         "layers": [{"heads": v.num_heads, "ffn": v.ffn_size} for v in views],
         "plain_transformers_loadable": not hasattr(model.config, LAYOUT_KEY),
+        # otherwise transformers loads it with trust_remote_code=True through this generated file
+        "remote_code": MODELING_FILE if needs_remote_code(model.config) else None,
+        "base_model": base_model_id(getattr(model.config, "name_or_path", None)),
         "plan": plan.to_dict() if plan is not None else None,
         "task": task,
         **(extra or {}),
     }
     out_dir = Path(out_dir)
     try:
-        with atomic_directory(out_dir, overwrite=overwrite) as staging, quiet_transformers():
+        with (
+            atomic_directory(out_dir, overwrite=overwrite) as staging,
+            quiet_transformers(),
+            auto_map_for_saving(model) as needs_code,
+        ):
             model.save_pretrained(staging)
+            if needs_code:
+                write_remote_code(model, staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             write_json_atomic(staging / MANIFEST, manifest)
             for name, data in (json_files or {}).items():
                 write_json_atomic(staging / name, data)
+            from slimformer.card import write_card  # the card reads this folder's files (and names them)
+
+            write_card(staging, location=str(out_dir))
     except FileExistsError:
         raise ModelLoadError(f"{out_dir} already exists; choose another output folder or overwrite it.") from None
     return out_dir

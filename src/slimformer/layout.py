@@ -27,30 +27,9 @@ from transformers import PreTrainedModel
 
 from slimformer.arch import ArchSpec, LayerView, get_spec, layer_list, layer_views, resolve
 from slimformer.errors import ModelLoadError
+from slimformer.portable import EmptyAttention, empty_attention, reshape_to_layout, set_head_count
 
 LAYOUT_KEY = "slimformer_layout"
-
-
-class EmptyAttention(nn.Module):
-    """Stands in for an attention module whose heads were all removed.
-
-    It keeps the (zero-width) projections under their original names, so the state dict has the same keys as
-    any other pruned layer, and returns a zero-width context; if the family's output projection lives inside the
-    attention module (DistilBERT, MPNet) it is applied, which adds its bias.
-    """
-
-    def __init__(self, projections: dict[str, nn.Linear], out_name: str | None) -> None:
-        super().__init__()
-        for name, module in projections.items():
-            self.add_module(name, module)
-        self.out_name = out_name
-
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("query"))
-        context = hidden.new_zeros(*hidden.shape[:-1], 0)
-        if self.out_name is not None:
-            context = getattr(self, self.out_name)(context)
-        return context, None
 
 
 def _sliced_linear(linear: nn.Linear, *, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
@@ -74,10 +53,6 @@ def _sliced_linear(linear: nn.Linear, *, rows: torch.Tensor | None = None, cols:
     return new
 
 
-def _relative(path: str, prefix: str) -> str | None:
-    return path[len(prefix) + 1 :] if path.startswith(prefix + ".") else None
-
-
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = resolve(root, parent_path) if parent_path else root
@@ -94,21 +69,9 @@ def prune_layer_heads(view: LayerView, spec: ArchSpec, keep: list[int], head_ids
     attention = resolve(view.layer, spec.attention)
     kept_ids = [head_ids[h] for h in keep]
     if not keep:
-        names = ("query", "key", "value", "attn_out")
-        projections = {}
-        for name in names:
-            relative = _relative(getattr(spec, name), spec.attention)
-            if relative is not None:
-                projections[relative] = resolve(view.layer, getattr(spec, name))
-        out_name = _relative(spec.attn_out, spec.attention)
-        _set(view.layer, spec.attention, EmptyAttention(projections, out_name))
+        _set(view.layer, spec.attention, empty_attention(view.layer, spec.paths()))
         return kept_ids
-    # keep the module's bookkeeping truthful (some families reshape with these)
-    for attr in ("num_attention_heads", "n_heads"):
-        if hasattr(attention, attr):
-            setattr(attention, attr, len(keep))
-    if hasattr(attention, "all_head_size"):
-        attention.all_head_size = len(keep) * size
+    set_head_count(attention, len(keep), size)
     if spec.on_heads_pruned is not None:
         spec.on_heads_pruned(attention, kept_ids)
     return kept_ids
@@ -189,19 +152,11 @@ def rebuild_layout(model: PreTrainedModel, layout: dict[str, Any]) -> PreTrained
         raise ModelLoadError(
             f"slimformer_layout asks for more heads or neurons than the config builds in layers {too_wide}."
         )
-    # the weights are overwritten by the checkpoint, so which units are kept here does not matter
-    config = model.config
-    if hasattr(config, LAYOUT_KEY):
-        delattr(config, LAYOUT_KEY)
-    slice_model(model, [list(range(n)) for n in heads], [list(range(n)) for n in ffn])
-    if head_ids is not None:
-        # re-apply the family's per-head bookkeeping with the real original head ids
-        spec = get_spec(model)
-        if spec.on_heads_pruned is not None:
-            for view, ids in zip(layer_views(model, spec), head_ids, strict=True):
-                if ids:
-                    spec.on_heads_pruned(resolve(view.layer, spec.attention), ids)
-    setattr(config, LAYOUT_KEY, dict(layout))
+    if head_ids is not None and [len(ids) for ids in head_ids] != list(heads):
+        raise ModelLoadError("slimformer_layout's head_ids do not match its head counts.")
+    spec = get_spec(model)
+    reshape_to_layout(model, layout, spec.paths(), spec.on_heads_pruned)
+    setattr(model.config, LAYOUT_KEY, dict(layout))
     return model
 
 

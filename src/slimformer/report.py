@@ -2,7 +2,8 @@
 
 ``metrics.json`` in every output folder is such a report::
 
-    schema_version, command, slimformer_version, model, task, primary_metric, config,
+    schema_version, command, invocation (the command line, when run from the CLI), slimformer_version,
+    model, task, primary_metric, config,
     score:   {"before": float | None, "after": float | None[, "teacher": float]}
     eval:    {"before": {split: {metric: value}}, "after": {...}}
     models:  {"before": stats | None, "after": stats}   stats = params, encoder_flops (at flops_seq_len tokens),
@@ -18,6 +19,7 @@ distill, nothing for finetune, whose head starts random).
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 from rich.console import Console
@@ -29,6 +31,11 @@ from slimformer.arch import layer_views
 from slimformer.measure import count_parameters, flops, measure_latency
 
 REPORT_SCHEMA_VERSION = 1
+METRICS_FILE = "metrics.json"  # the report's name in a model folder
+
+# The command line that is running, when slimformer runs from its CLI (set by slimformer.cli.main): reports and
+# model cards quote it so a result says how to make it again.
+INVOCATION: ContextVar[str | None] = ContextVar("slimformer_invocation", default=None)
 
 
 def model_stats(model: PreTrainedModel, *, seq_len: int = 128, disk_bytes: int | None = None) -> dict[str, Any]:
@@ -110,6 +117,7 @@ def build_report(
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "command": command,
+        "invocation": INVOCATION.get(),
         "slimformer_version": __version__,
         "model": model,
         "task": task,
@@ -131,22 +139,23 @@ def _ratio(before: float | None, after: float | None, *, inverse: bool = False) 
     return f"{(before / after if inverse else after / before):.2f}x"
 
 
-def report_table(report: dict[str, Any], title: str | None = None) -> Table:
-    """The report's before / after columns side by side."""
-    name = (report.get("task") or {}).get("name", "") if isinstance(report.get("task"), dict) else ""
-    table = Table(title=title or f"{report['command']} {report['model']}" + (f" on {name}" if name else ""))
-    for column, justify in (("", "left"), ("before", "right"), ("after", "right"), ("after / before", "right")):
-        table.add_column(column, justify=justify)
+def report_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The report's before / after values as text rows ``(label, before, after, after / before)``: what the terminal
+    table and the model card both show."""
+    rows: list[tuple[str, str, str, str]] = []
     score = report.get("score") or {}
     metric = report.get("primary_metric") or "score"
     if "teacher" in score:
-        table.add_row(f"{metric} (teacher)", "", f"{score['teacher']:.4f}", "")
+        rows.append((f"{metric} (teacher)", "", f"{score['teacher']:.4f}", ""))
     if score.get("before") is not None or score.get("after") is not None:
-        table.add_row(
-            metric,
-            "" if score.get("before") is None else f"{score['before']:.4f}",
-            "" if score.get("after") is None else f"{score['after']:.4f}",
-            "",
+        before_score, after_score = score.get("before"), score.get("after")
+        rows.append(
+            (
+                metric,
+                "" if before_score is None else f"{before_score:.4f}",
+                "" if after_score is None else f"{after_score:.4f}",
+                "",
+            )
         )
     models = report.get("models") or {}
     before, after = models.get("before") or {}, models.get("after") or {}
@@ -157,7 +166,7 @@ def report_table(report: dict[str, Any], title: str | None = None) -> Table:
             b, a = (b or {}).get("total"), (a or {}).get("total")
         if b is None and a is None:
             return
-        table.add_row(label, "" if b is None else fmt(b / scale), "" if a is None else fmt(a / scale), _ratio(b, a))
+        rows.append((label, "" if b is None else fmt(b / scale), "" if a is None else fmt(a / scale), _ratio(b, a)))
 
     row("layers", "layers", str)
     row("heads", "heads", str)
@@ -169,7 +178,18 @@ def report_table(report: dict[str, Any], title: str | None = None) -> Table:
     if latency and "before" in latency and "after" in latency:
         label = f"latency ms ({latency['batch_size']}x{latency['seq_len']}, {latency['threads']} threads)"
         b, a = latency["before"]["median_ms"], latency["after"]["median_ms"]
-        table.add_row(label, f"{b:.1f}", f"{a:.1f}", f"speedup {b / a:.2f}x")
+        rows.append((label, f"{b:.1f}", f"{a:.1f}", f"speedup {b / a:.2f}x"))
+    return rows
+
+
+def report_table(report: dict[str, Any], title: str | None = None) -> Table:
+    """The report's before / after columns side by side."""
+    name = (report.get("task") or {}).get("name", "") if isinstance(report.get("task"), dict) else ""
+    table = Table(title=title or f"{report['command']} {report['model']}" + (f" on {name}" if name else ""))
+    for column, justify in (("", "left"), ("before", "right"), ("after", "right"), ("after / before", "right")):
+        table.add_column(column, justify=justify)
+    for row in report_rows(report):
+        table.add_row(*row)
     return table
 
 
@@ -188,10 +208,12 @@ def print_report(report: dict[str, Any], console: Console | None = None, out: st
 
 
 __all__ = [
+    "METRICS_FILE",
     "REPORT_SCHEMA_VERSION",
     "build_report",
     "interleaved_latency",
     "model_stats",
     "print_report",
+    "report_rows",
     "report_table",
 ]

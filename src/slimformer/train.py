@@ -34,12 +34,10 @@ from slimformer.evaluation import evaluate_model
 from slimformer.folders import save_model_folder
 from slimformer.io import write_json_atomic
 from slimformer.models import load_model
-from slimformer.report import build_report
+from slimformer.report import METRICS_FILE, build_report
 from slimformer.tasks import TaskData, load_task, tokenize_task
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.json"
 
 
 @dataclass

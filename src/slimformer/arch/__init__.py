@@ -64,6 +64,21 @@ class ArchSpec:
     def head_size(self, config: PretrainedConfig) -> int:
         return self.hidden_size(config) // self.num_heads(config)
 
+    def paths(self) -> dict[str, str]:
+        """The module paths and config keys as a plain dict: what :mod:`slimformer.portable` takes, and what a
+        saved folder's ``modeling_slimformer.py`` carries."""
+        names = (
+            "layers",
+            "embeddings",
+            "attention",
+            *_LINEAR_PARTS,
+            "heads_key",
+            "ffn_key",
+            "layers_key",
+            "hidden_key",
+        )
+        return {name: getattr(self, name) for name in names}
+
 
 @cache
 def _registry() -> dict[str, ArchSpec]:

@@ -24,7 +24,8 @@ def _slice_position_bias(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def keep_position_bias_heads(attention: nn.Module, head_ids: list[int]) -> None:
-    attention.slimformer_head_ids = torch.tensor(head_ids, dtype=torch.long)
+    # an explicit device: transformers may build the model under a meta-device context, where ids would be lost
+    attention.slimformer_head_ids = torch.tensor(head_ids, dtype=torch.long, device="cpu")
     if not getattr(attention, "_slimformer_bias_hook", False):
         attention.register_forward_pre_hook(_slice_position_bias, with_kwargs=True)
         attention._slimformer_bias_hook = True
