@@ -21,9 +21,11 @@ batch 32 x 128 tokens and batch 1 x 32 tokens (one request): run nothing else me
 
     python bench/distill.py [--tasks sst2,stsb] [--seeds 1] [--students NAME,...] [--skip-latency]
 
-Every training run writes its model folder under ``runs/bench/distill/<teacher>-<hash of its weights>/`` and is
-skipped when that folder exists (its settings are checked), so an interrupted benchmark resumes where it stopped
-and runs against another teacher are never reused. ``--teachers-dir DIR`` (or ``$SLIMFORMER_BENCH_TEACHERS``)
+Results add up: a run keeps the rows of every (task, student) it did not train from the previous ``distill.json``
+(so ``--tasks stsb`` adds STS-B beside SST-2). Every training run writes its model folder under
+``runs/bench/distill/<teacher>-<hash of its weights>/`` and is skipped when that folder exists (its settings are
+checked), so an interrupted benchmark resumes where it stopped and runs against another teacher are never
+reused. ``--teachers-dir DIR`` (or ``$SLIMFORMER_BENCH_TEACHERS``)
 reads the teachers from ``DIR/teacher-<task>`` instead (e.g. another checkout's runs/bench). A smoke run against a
 throwaway teacher must write its runs and results elsewhere (the script refuses otherwise):
 
@@ -304,6 +306,34 @@ def task_section(task: str, summary: list[dict], rows: list[dict], teacher: dict
     )
 
 
+def merge_previous(path: Path, rows, summary, sizes, teachers, task_args):
+    """Keep the results of an earlier run for every (task, student) this run did not train: running
+    ``--tasks stsb`` or ``--students`` adds to ``distill.json`` instead of replacing it. A kept student keeps its
+    own speedups (each measured against the teacher in its own interleaved run); a task whose teacher changed
+    since is dropped, not mixed."""
+    if not path.is_file():
+        return rows, summary, sizes, teachers, task_args
+    previous = json.loads(path.read_text())
+    done = {(r["task"], r["student"]) for r in rows}
+    kept_rows, kept_summary = list(rows), list(summary)
+    merged_sizes = {task: dict(value) for task, value in sizes.items()}
+    merged_teachers, merged_args = dict(teachers), dict(task_args)
+    for task, teacher in previous.get("teachers", {}).items():
+        if task in teachers and teachers[task].get("score") != teacher.get("score"):
+            continue  # another teacher: its students' numbers do not belong next to these
+        old_rows = [r for r in previous.get("rows", []) if r["task"] == task and (task, r["student"]) not in done]
+        if not old_rows:
+            continue
+        students = {r["student"] for r in old_rows}
+        kept_rows += old_rows
+        kept_summary += [e for e in previous.get("summary", []) if e["task"] == task and e["student"] in students]
+        old_sizes = previous.get("sizes", {}).get(task, {})
+        merged_sizes.setdefault(task, {}).update({k: v for k, v in old_sizes.items() if k in students})
+        merged_teachers.setdefault(task, teacher)
+        merged_args.setdefault(task, previous.get("task_args", {}).get(task, previous.get("args", {})))
+    return kept_rows, kept_summary, merged_sizes, merged_teachers, merged_args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="sst2,stsb")
@@ -344,15 +374,30 @@ def main() -> None:
         )
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    rows, summary, sizes, sections = [], [], {}, []
+    args_record = {**vars(args), "runs_dir": str(args.runs_dir), "results_dir": str(args.results_dir)}
+    rows, summary, sizes, task_args = [], [], {}, {}
     for task in tasks:
         teacher = teachers[task]
         task_rows = train_runs(task, TASKS[task], teacher, args)
         sizes[task] = {} if args.skip_latency else measure(task, teacher, task_rows, args)
-        task_summary = summarise(task, task_rows, sizes[task], teacher)
         rows += task_rows
-        summary += task_summary
-        sections.append(task_section(task, task_summary, task_rows, teacher, TASKS[task], args))
+        summary += summarise(task, task_rows, sizes[task], teacher)
+        task_args[task] = args_record
+    rows, summary, sizes, teachers, task_args = merge_previous(
+        args.results_dir / "distill.json", rows, summary, sizes, teachers, task_args
+    )
+    sections = [
+        task_section(
+            task,
+            [e for e in summary if e["task"] == task],
+            [r for r in rows if r["task"] == task],
+            teachers[task],
+            TASKS[task],
+            argparse.Namespace(**task_args[task]),
+        )
+        for task in TASKS
+        if task in teachers
+    ]
 
     markdown = (
         "# Recovery after compression: fine-tuning vs knowledge distillation (MiniLM-L6)\n\n"
@@ -377,12 +422,12 @@ def main() -> None:
         + "".join(sections)
         + f"\nTotal benchmark time {time.perf_counter() - started:.0f} s (runs already on disk are reused).\n"
     )
-    args_record = {**vars(args), "runs_dir": str(args.runs_dir), "results_dir": str(args.results_dir)}
     write_results(
         "distill",
         {
             "machine": machine(),
             "args": args_record,
+            "task_args": task_args,
             "teachers": teachers,
             "summary": summary,
             "rows": rows,

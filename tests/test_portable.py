@@ -295,3 +295,33 @@ def test_push_refuses_a_folder_that_is_not_a_model(tmp_path):
 
     with pytest.raises(ModelLoadError, match="not a model folder"):
         push_to_hub(tmp_path, "me/x")
+
+
+def test_slimformer_loads_a_pruned_model_from_the_hub_without_remote_code(pruned_folder, monkeypatch):
+    import huggingface_hub
+
+    import slimformer.models as models
+
+    fetched = []
+    monkeypatch.setattr(
+        models, "_load_config", lambda source, local, name: hf.AutoConfig.from_pretrained(pruned_folder)
+    )
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: fetched.append(repo_id) or str(pruned_folder)
+    )
+    loaded = load_model("me/tiny-pruned")
+    assert fetched == ["me/tiny-pruned"] and type(loaded.model) is hf.BertForSequenceClassification
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model(**tiny_inputs()).logits, load_model(pruned_folder).model(**tiny_inputs()).logits
+        )
+    assert loaded.model.config.name_or_path == "me/tiny-pruned"
+
+
+def test_push_command_offline_says_so(pruned_folder):
+    from typer.testing import CliRunner
+
+    from slimformer.cli import app
+
+    result = CliRunner().invoke(app, ["push", "--model", str(pruned_folder), "--repo-id", "me/x"])
+    assert result.exit_code != 0 and "offline mode is on" in str(result.exception)

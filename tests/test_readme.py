@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,25 @@ def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch, capsys
     assert scores["fine-tuned"] > 0.7 and scores["distilled"] > 0.7  # it learned SST-2, and the student too
     assert (tmp_path / "runs" / "sst2-half-kd.onnx").stat().st_size > 0
     assert (tmp_path / "runs" / "sst2-half" / "metrics.json").is_file()
+    # the pruned MiniLM (heads per layer differ) loads with plain transformers where slimformer is not installed
+    folder = tmp_path / "runs" / "sst2-half"
+    receiver = (
+        "import sys; sys.modules['slimformer'] = None\n"
+        "import torch, transformers as hf\n"
+        f"tok = hf.AutoTokenizer.from_pretrained({str(folder)!r})\n"
+        f"model = hf.AutoModelForSequenceClassification.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        "batch = tok(['a gripping, funny film', 'dull and far too long'], padding=True, return_tensors='pt')\n"
+        f"torch.save(model.eval()(**batch).logits.detach(), {str(tmp_path / 'plain.pt')!r})\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", receiver], check=True, env=env, timeout=300)
+    import torch
+
+    import slimformer
+
+    loaded = slimformer.load_model(folder)
+    assert len(set(loaded.model.config.slimformer_layout["heads"])) > 1  # an uneven layout, really
+    batch = loaded.tokenizer(["a gripping, funny film", "dull and far too long"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = loaded.model(**batch).logits
+    torch.testing.assert_close(torch.load(tmp_path / "plain.pt"), expected, atol=1e-5, rtol=0)

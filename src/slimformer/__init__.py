@@ -17,6 +17,7 @@ from slimformer.api import (
     finetune,
     measure,
     prune,
+    quantize,
     remembered_task,
     save,
 )
@@ -31,6 +32,7 @@ from slimformer.configs import (
     config_from_dict,
     load_config,
 )
+from slimformer.deploy import Quantize
 from slimformer.errors import SlimformerError
 from slimformer.hub import push_to_hub
 from slimformer.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -48,6 +50,7 @@ __all__ = [
     "PlanFile",
     "PruneConfig",
     "PruneResult",
+    "Quantize",
     "SlimformerError",
     "TaskData",
     "TaskRef",
@@ -65,6 +68,7 @@ __all__ = [
     "measure",
     "prune",
     "push_to_hub",
+    "quantize",
     "remembered_task",
     "save",
 ]

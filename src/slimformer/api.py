@@ -139,6 +139,11 @@ def _loaded(model: ModelLike, tokenizer: PreTrainedTokenizerBase | None, data: T
         return LoadedModel(
             model=model, tokenizer=tokenizer, spec=get_spec(model), source=getattr(model, "name_or_path", "")
         )
+    folder = _folder_of(model)
+    if folder is not None and (read_manifest(folder) or {}).get("format") == "onnx":
+        from slimformer.deploy.runtime import load_onnx_folder  # an int8 artifact: run by its runtime
+
+        return load_onnx_folder(folder)
     return load_model(model, data.spec if data is not None else None)
 
 
@@ -413,6 +418,13 @@ def save(
     return save_model_folder(
         model, tokenizer, out, plan=plan, task=record.to_dict() if record is not None else None, overwrite=overwrite
     )
+
+
+def quantize(model: ModelLike, config=None, data: DataLike = None, **options: Any):
+    """int8 on a runtime, scored and timed through that runtime; see :func:`slimformer.deploy.quantize`."""
+    from slimformer.deploy import quantize as run_quantize
+
+    return run_quantize(model, config, data, **options)
 
 
 def export_onnx(model: ModelLike, path: str | os.PathLike[str], *, opset: int | None = None, check: bool = True):

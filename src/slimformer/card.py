@@ -24,6 +24,7 @@ _DONE_BY = {
     "finetune": "fine-tuned",
     "prune": "pruned",
     "distill": "distilled into a smaller student",
+    "quantize": "quantized to int8",
 }
 
 
@@ -96,7 +97,13 @@ def _method_lines(report: dict[str, Any] | None) -> list[str]:
         lines.append(f"- Training: {settings}")
     quantization = details.get("quantization")
     if quantization:
-        lines.append(f"- Quantization: {quantization}")
+        kept = ", ".join(f"{n} {why}" for why, n in (quantization.get("fp32_nodes") or {}).items() if n)
+        lines.append(
+            f"- Quantization: {quantization.get('runtime')} int8, {quantization.get('mode')}"
+            + (", per-channel weights" if quantization.get("per_channel") else "")
+            + f"; {quantization.get('quantized_nodes')} linear layers in int8"
+            + (f"; kept in fp32: {kept}" if kept else "")
+        )
     return lines
 
 
@@ -104,13 +111,15 @@ def _results(report: dict[str, Any] | None) -> list[str]:
     rows = report_rows(report) if report else []
     if not rows:
         return []
+    chosen = (report.get("latency") or {}).get("runtimes") or {}
+    runtimes = f"before: {chosen['before']}, after: {chosen['after']}" if chosen else "PyTorch"
     lines = ["## Results", "", "| | before | after | after / before |", "|---|---:|---:|---:|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     lines += [
         "",
         "*Before* is the model the command started from (the dense model for pruning, the student before training "
-        "for distillation). Scores are on the dev split; latency is the median of interleaved repeats on CPU in "
-        "PyTorch, measured when the model was made.",
+        "for distillation). Scores are on the dev split; latency is the median of interleaved repeats on CPU "
+        f"({runtimes}), measured when the model was made.",
         "",
     ]
     return lines
@@ -155,9 +164,10 @@ def _how_made(report: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def render_card(folder: str | os.PathLike[str], *, location: str | None = None) -> str:
+def render_card(folder: str | os.PathLike[str], *, location: str | None = None, how_to_load: str | None = None) -> str:
     """The model card for ``folder``; ``location`` is what readers pass to ``from_pretrained`` (a hub id once
-    pushed; the folder's path by default)."""
+    pushed; the folder's path by default). ``how_to_load`` replaces the transformers loading section (an
+    artifact for another runtime says how that runtime runs it)."""
     from huggingface_hub import ModelCardData
 
     folder = Path(folder)
@@ -173,7 +183,7 @@ def render_card(folder: str | os.PathLike[str], *, location: str | None = None) 
 
     data = ModelCardData(
         base_model=base_model,
-        library_name="transformers",
+        library_name="onnx" if manifest.get("format") == "onnx" else "transformers",
         pipeline_tag="text-classification",
         tags=["slimformer", *([_DONE_BY[command].split()[0]] if command in _DONE_BY else [])],
         datasets=["nyu-mll/glue"] if (task or {}).get("kind") == "glue" else None,
@@ -194,7 +204,8 @@ def render_card(folder: str | os.PathLike[str], *, location: str | None = None) 
     if task_line:
         lines.append(f"- Task: {task_line}")
     lines += _method_lines(report) + _shape_lines(manifest, report) + [""]
-    lines += _results(report) + _how_to_load(location, remote_code) + _how_made(report)
+    loading = [how_to_load] if how_to_load else _how_to_load(location, remote_code)
+    lines += _results(report) + loading + _how_made(report)
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n"
 
 

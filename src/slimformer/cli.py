@@ -447,6 +447,55 @@ def prune(
 
 
 @app.command()
+def quantize(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the int8 artifact.")],
+    model: ModelOpt = "minilm-l6",
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    regression: RegressionOpt = False,
+    runtime: Annotated[str, typer.Option(help="Runtime to quantize for: onnxruntime.")] = "onnxruntime",
+    mode: Annotated[
+        str, typer.Option(help="dynamic (no calibration) or static (QDQ, calibrated on training examples).")
+    ] = "dynamic",
+    calibration_examples: Annotated[int, typer.Option(help="Static: training examples to calibrate on.")] = 256,
+    per_channel: Annotated[bool, typer.Option(help="One weight scale per output channel.")] = True,
+    max_length: MaxLengthOpt = 128,
+    max_eval_samples: Annotated[int | None, typer.Option(help="Random subset of each dev split.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence for FLOPs and latency.")] = 128,
+    threads: Annotated[int, typer.Option(help="CPU threads for latency (both runtimes).")] = 2,
+    measure: Annotated[bool, typer.Option(help="Measure latency of the fp32 model and the int8 artifact.")] = True,
+    seed: SeedOpt = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Quantize a (pruned) model to int8 on a runtime: an artifact folder that runs without slimformer, scored
+    and timed through the runtime itself against the PyTorch fp32 model."""
+    import slimformer
+
+    settings = slimformer.Quantize(
+        runtime=runtime, mode=mode, calibration_examples=calibration_examples, per_channel=per_channel, seed=seed
+    )
+    data = task_data(model, locals(), max_eval=max_eval_samples, required=mode == "static")
+    result = slimformer.quantize(
+        model,
+        settings,
+        data,
+        data_dir=data_dir,
+        out=out,
+        max_length=max_length,
+        max_eval_samples=max_eval_samples,
+        measure=measure,
+        seq_len=seq_len,
+        threads=threads,
+        overwrite=overwrite,
+    )
+    print_report(result.report, stdout, out=f"{out} (model.onnx, tokenizer, metrics.json, README.md)")
+
+
+@app.command()
 def export(
     onnx: Annotated[Path, typer.Option("--onnx", help="Path of the .onnx file to write.")],
     model: ModelOpt = "minilm-l6",

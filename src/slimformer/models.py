@@ -123,12 +123,18 @@ def load_model(
     # Re-initialising a fresh head on a pre-trained encoder is expected; hide transformers' warning about it.
     with quiet_transformers():
         try:
-            if local and hasattr(config, LAYOUT_KEY):
-                # unevenly pruned layers: transformers cannot build them from the config alone
+            if hasattr(config, LAYOUT_KEY):
+                # unevenly pruned layers: transformers cannot build them from the config alone; a pruned model on
+                # the hub is fetched whole and rebuilt like a local folder (no remote code runs)
+                if not local:
+                    from huggingface_hub import snapshot_download
+
+                    source = snapshot_download(source, local_files_only=hub_offline())
                 for key, value in overrides.items():
                     setattr(config, key, value)
                 model = load_pruned(source, config)
-                model.config.name_or_path = source  # as from_pretrained records it: model cards trace lineage by it
+                # as from_pretrained records it (the hub id for a hub model): model cards trace lineage by it
+                model.config.name_or_path = source if local else name
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     source, local_files_only=local or hub_offline(), **overrides

@@ -166,7 +166,9 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             b, a = (b or {}).get("total"), (a or {}).get("total")
         if b is None and a is None:
             return
-        rows.append((label, "" if b is None else fmt(b / scale), "" if a is None else fmt(a / scale), _ratio(b, a)))
+        shown_b = None if b is None else (b / scale if scale != 1 else b)
+        shown_a = None if a is None else (a / scale if scale != 1 else a)
+        rows.append((label, "" if b is None else fmt(shown_b), "" if a is None else fmt(shown_a), _ratio(b, a)))
 
     row("layers", "layers", str)
     row("heads", "heads", str)

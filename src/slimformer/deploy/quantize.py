@@ -1,0 +1,247 @@
+"""``slimformer.quantize``: a (pruned) model to an int8 artifact folder that runs without slimformer.
+
+One path, like pruning: load model and task -> export to ONNX (:func:`slimformer.export.export_onnx`, which
+handles unevenly pruned layers) -> calibration examples from the task's training split -> int8 with the runtime's
+own quantizer (:mod:`slimformer.deploy.onnxrt`) -> evaluate the int8 model *through the runtime* on dev and the
+PyTorch model it came from by the same evaluation -> interleaved latency of both -> save -> one report.
+
+The folder holds ``model.onnx`` (int8), the tokenizer, ``config.json``, ``slimformer.json`` (what was done:
+quantization settings, calibration size, the source model's shape and plan), ``metrics.json`` and a README with the
+plain onnxruntime code that runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimformer._version import __version__
+from slimformer.configs import ConfigError
+from slimformer.errors import SlimformerError
+from slimformer.io import atomic_directory, write_json_atomic
+from slimformer.report import METRICS_FILE, build_report, interleaved_latency, model_stats
+
+ONNX_FILE = "model.onnx"
+RUNTIMES = ("onnxruntime",)
+MODES = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """int8 post-training quantization on a runtime.
+
+    ``mode``: ``dynamic`` (int8 weights; activations quantized per batch at run time: no calibration) or
+    ``static`` (QDQ; activation ranges calibrated on ``calibration_examples`` training examples). ``per_channel``:
+    one weight scale per output channel (more accurate than one per tensor, at no speed cost).
+    """
+
+    runtime: str = "onnxruntime"
+    mode: str = "dynamic"
+    calibration_examples: int = 256
+    per_channel: bool = True
+    seed: int = 0
+
+    method = "quantize"
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"Unknown runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}.")
+        if self.mode not in MODES:
+            raise ConfigError(f"Unknown quantization mode {self.mode!r}; choose one of: {', '.join(MODES)}.")
+        if self.calibration_examples < 1:
+            raise ConfigError(f"calibration_examples must be at least 1, got {self.calibration_examples}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "version": 1, **asdict(self)}
+
+
+@dataclass
+class QuantizeResult:
+    """The int8 model (an :class:`~slimformer.deploy.runtime.OnnxClassifier`), its report and folder."""
+
+    model: Any
+    report: dict[str, Any]
+    out_dir: Path | None
+
+    @property
+    def score(self) -> float | None:
+        return self.report["score"]["after"]
+
+
+def _calibration_feeds(tokenizer, data, config: Quantize, max_length: int) -> list[dict[str, Any]]:
+    from slimformer.importance import importance_sample
+
+    split = "train" if "train" in data.splits else None
+    sample = importance_sample(
+        tokenizer,
+        data,
+        n_examples=config.calibration_examples,
+        batch_size=16,
+        max_length=max_length,
+        seed=config.seed,
+        split=split,
+    )
+    return [
+        {name: tensor.numpy().astype("int64") for name, tensor in batch.items() if name != "labels"}
+        for batch in sample.batches
+    ]
+
+
+_HOW_TO_RUN = """## How to run it (onnxruntime only)
+
+```python
+import onnxruntime as ort
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{location}")
+session = ort.InferenceSession("{location}/model.onnx", providers=["CPUExecutionProvider"])
+batch = tokenizer(["a gripping, funny film"], return_tensors="np")
+names = [i.name for i in session.get_inputs()]
+logits = session.run(["logits"], {{n: batch[n].astype("int64") for n in names}})[0]
+```
+"""
+
+
+def quantize(
+    model,
+    config: Quantize | None = None,
+    data=None,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    tokenizer=None,
+    data_dir: str | os.PathLike[str] | None = None,
+    max_length: int = 128,
+    max_eval_samples: int | None = None,
+    evaluate: bool = True,
+    measure: bool = True,
+    seq_len: int = 128,
+    threads: int | None = 2,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantize ``model`` (folder, hub id, alias, loaded or transformers model) to int8 on ``config.runtime``;
+    score it through the runtime on the task's dev split (``data``, else the task the folder remembers), time it
+    against the PyTorch fp32 model (interleaved, batch 32 x ``seq_len``, ``threads`` threads) and, with ``out``,
+    save the artifact folder atomically."""
+    from slimformer.api import _loaded, _task_record, check_label_set, resolve_data
+    from slimformer.deploy.onnxrt import quantize_onnx_file
+    from slimformer.deploy.runtime import OnnxClassifier
+    from slimformer.evaluation import evaluate_model
+    from slimformer.export import export_onnx
+
+    config = config or Quantize()
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and not overwrite:
+        raise SlimformerError(f"Output folder {out_dir} already exists. Choose another --out or pass --overwrite.")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    needs_data = config.mode == "static" or evaluate
+    task = (
+        resolve_data(
+            model, data, data_dir=data_dir, required=config.mode == "static", max_eval_samples=max_eval_samples
+        )
+        if needs_data
+        else None
+    )
+    loaded = _loaded(model, tokenizer, task)
+    net, tokenizer = loaded.model.eval(), loaded.tokenizer
+    if task is not None:
+        check_label_set(net, task)
+    seconds["load"] = round(time.perf_counter() - clock, 2)
+
+    work = Path(tempfile.mkdtemp(prefix="slimformer-quantize-"))
+    try:
+        clock = time.perf_counter()
+        fp32 = export_onnx(net, work / "fp32.onnx", check=False)
+        seconds["export"] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+        feeds = _calibration_feeds(tokenizer, task, config, max_length) if config.mode == "static" else None
+        info = quantize_onnx_file(
+            fp32.path, work / ONNX_FILE, mode=config.mode, calibration=feeds, per_channel=config.per_channel
+        )
+        info["calibration_examples"] = sum(len(f["input_ids"]) for f in feeds) if feeds else 0
+        seconds["quantize"] = round(time.perf_counter() - clock, 2)
+        int8 = OnnxClassifier(work / ONNX_FILE, net.config, threads=threads)
+
+        def evaluation(target) -> dict[str, dict[str, float]] | None:
+            if not evaluate or task is None or not task.dev:
+                return None
+            return evaluate_model(target, tokenizer, task, max_length=max_length, progress=progress)
+
+        clock = time.perf_counter()
+        eval_before, eval_after = evaluation(net), evaluation(int8)
+        seconds["evaluate"] = round(time.perf_counter() - clock, 2)
+        before_stats = model_stats(net, seq_len=seq_len)
+        after_stats = {**before_stats, "disk_bytes": (work / ONNX_FILE).stat().st_size}
+        before_stats["disk_bytes"] = fp32.size_bytes
+        latency = None
+        if measure:
+            clock = time.perf_counter()
+            with torch.inference_mode():
+                latency = interleaved_latency({"before": net, "after": int8}, seq_len=seq_len, threads=threads)
+            latency["speedup"] = latency["speedup"]["after"]
+            latency["runtimes"] = {"before": "pytorch fp32", "after": f"{config.runtime} int8 ({config.mode})"}
+            seconds["measure"] = round(time.perf_counter() - clock, 2)
+        record = _task_record(task, model)
+        report = build_report(
+            "quantize",
+            model=str(loaded.source),
+            task=record,
+            primary_metric=task.spec.primary_metric if task is not None else None,
+            config=config.to_dict(),
+            before=before_stats,
+            after=after_stats,
+            eval_before=eval_before,
+            eval_after=eval_after,
+            latency=latency,
+            seconds=seconds,
+            details={"quantization": info},
+            seq_len=seq_len,
+        )
+        if out_dir is not None:
+            _save_artifact(work / ONNX_FILE, net, tokenizer, out_dir, report, info, record, overwrite)
+            int8 = OnnxClassifier(out_dir / ONNX_FILE, net.config, threads=threads)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return QuantizeResult(model=int8, report=report, out_dir=out_dir)
+
+
+def _save_artifact(onnx_path, net, tokenizer, out_dir: Path, report, info, task, overwrite: bool) -> None:
+    from slimformer.aliases import base_model_id
+    from slimformer.arch import layer_views
+    from slimformer.card import render_card
+    from slimformer.folders import MANIFEST
+
+    views = layer_views(net)
+    manifest = {
+        "slimformer_version": __version__,
+        "model_type": net.config.model_type,
+        "format": "onnx",
+        "onnx_file": ONNX_FILE,
+        "base_model": base_model_id(getattr(net.config, "name_or_path", None)),
+        "layers": [{"heads": v.num_heads, "ffn": v.ffn_size} for v in views],
+        "quantization": info,
+        "task": task,
+    }
+    with atomic_directory(out_dir, overwrite=overwrite) as staging:
+        shutil.copyfile(onnx_path, staging / ONNX_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        config = net.config.to_dict()
+        config.pop("auto_map", None)  # no PyTorch weights here: nothing for remote code to load
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        write_json_atomic(staging / MANIFEST, manifest)
+        write_json_atomic(staging / METRICS_FILE, report)
+        how_to_run = _HOW_TO_RUN.format(location=out_dir)
+        (staging / "README.md").write_text(render_card(staging, location=str(out_dir), how_to_load=how_to_run))
+
+
+__all__ = ["ONNX_FILE", "Quantize", "QuantizeResult", "quantize"]

@@ -1,0 +1,142 @@
+"""int8 on ONNX Runtime: the artifact folder, its numbers against PyTorch, which nodes stay fp32, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import slimformer
+from conftest import tiny_inputs
+from slimformer.configs import ConfigError
+from slimformer.errors import TaskError
+from slimformer.prune import Layout, PruningPlan, remove
+from slimformer.tasks import load_task
+from test_train import write_sst2
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture()
+def sst2(tmp_path):
+    return load_task("sst2", write_sst2(tmp_path / "glue"))
+
+
+def pruned_tiny(tiny_model_dir):
+    """The tiny BERT with an SST-2 head, layer 0 headless and layer 1 FFN-less (zero-width linear layers)."""
+    loaded = slimformer.load_model(tiny_model_dir, "sst2")
+    layout = Layout.of(loaded.model)
+    plan = PruningPlan(
+        layout=layout,
+        kept_heads=[[], [0, 2]],
+        kept_neurons=[list(range(layout.ffn[0])), []],
+        model_type="bert",
+    )
+    remove(loaded.model, plan)
+    return loaded
+
+
+def real_ids() -> dict[str, torch.Tensor]:
+    inputs = tiny_inputs(seed=3)
+    inputs["input_ids"] = inputs["input_ids"] + 1000  # word pieces of the MiniLM vocabulary
+    return inputs
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_int8_artifact_runs_without_slimformer_and_stays_close_to_pytorch(mode, tiny_model_dir, sst2, tmp_path):
+    loaded = pruned_tiny(tiny_model_dir)
+    with torch.no_grad():
+        expected = loaded.model(**real_ids()).logits.numpy()
+    out = tmp_path / f"int8-{mode}"
+    result = slimformer.quantize(
+        loaded,
+        slimformer.Quantize(mode=mode, calibration_examples=16),
+        sst2,
+        out=out,
+        max_length=16,
+        seq_len=16,
+        measure=False,
+        progress=False,
+    )
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "config.json", "slimformer.json", "metrics.json"}
+    info = result.report["details"]["quantization"]
+    # int8: layer 0's FFN up and down, layer 1's q, k, v and attention output, the pooler and the classifier
+    assert info["quantized_nodes"] == 8
+    # zero-width: layer 0's attention output (no heads feed it; its q, k, v never run) and layer 1's FFN up, down
+    assert info["fp32_nodes"]["zero-width linear layers (no weights)"] == 3
+    assert info["fp32_nodes"]["attention products (two activations)"] == 2  # layer 1 only: Q K^T and A V
+    assert info["calibration_examples"] == (16 if mode == "static" else 0)
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    inputs = real_ids()
+    feed = {n: (inputs[n] if n in inputs else torch.zeros_like(inputs["input_ids"])).numpy() for n in names}
+    logits = session.run(["logits"], feed)[0]
+    # int8 is an approximation: a random tiny model's logits are ~0.01 and its int8 error ~10% of them (a broken
+    # graph would be off by ~100%); the real MiniLM's accuracy under int8 is measured in bench/, not here
+    scale = float(np.abs(expected).max())
+    assert np.abs(logits - expected).max() <= 0.25 * scale
+    assert np.abs(logits - expected).max() > 0
+
+    report = json.loads((out / "metrics.json").read_text())
+    assert (
+        report["command"] == "quantize"
+        and report["config"] == slimformer.Quantize(mode=mode, calibration_examples=16).to_dict()
+    )
+    assert report["models"]["after"]["disk_bytes"] < report["models"]["before"]["disk_bytes"]
+    # the artifact folder is a model for evaluate: scored through onnxruntime, as the report says
+    evaluated = slimformer.evaluate(out, sst2, max_length=16)
+    assert evaluated["eval"]["dev"]["accuracy"] == pytest.approx(report["eval"]["after"]["dev"]["accuracy"])
+    card = (out / "README.md").read_text()
+    assert "library_name: onnx" in card and "ort.InferenceSession" in card and "kept in fp32" in card
+
+
+def test_quantize_reports_interleaved_latency_of_both_runtimes(tiny_model_dir, sst2, tmp_path):
+    result = slimformer.quantize(
+        tiny_model_dir, slimformer.Quantize(), sst2, max_length=16, seq_len=16, threads=1, progress=False
+    )
+    latency = result.report["latency"]
+    assert latency["runtimes"] == {"before": "pytorch fp32", "after": "onnxruntime int8 (dynamic)"}
+    assert latency["before"]["median_ms"] > 0 and latency["after"]["median_ms"] > 0 and latency["speedup"] > 0
+    assert result.out_dir is None
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: slimformer.Quantize(runtime="tensorrt"), "Unknown runtime"),
+        (lambda: slimformer.Quantize(mode="int4"), "Unknown quantization mode"),
+        (lambda: slimformer.Quantize(calibration_examples=0), "at least 1"),
+    ],
+)
+def test_impossible_quantization_settings_are_refused_up_front(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_static_quantization_needs_task_data(tiny_model_dir):
+    with pytest.raises(TaskError, match="No task given"):
+        slimformer.quantize(tiny_model_dir, slimformer.Quantize(mode="static"), evaluate=False, measure=False)
+
+
+def test_quantize_command_writes_the_artifact(tiny_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slimformer.cli import app
+
+    glue = write_sst2(tmp_path / "glue")
+    out = tmp_path / "int8"
+    result = CliRunner().invoke(
+        app,
+        ["quantize", "--model", tiny_model_dir, "--task", "sst2", "--data-dir", str(glue), "--out", str(out)]
+        + ["--mode", "static", "--calibration-examples", "8", "--max-length", "16", "--seq-len", "16", "--no-measure"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "slimformer.json").read_text())
+    assert manifest["format"] == "onnx" and manifest["quantization"]["mode"] == "static"
+    assert manifest["quantization"]["calibration_examples"] == 8
