@@ -132,8 +132,11 @@ def test_quantize_command_writes_the_artifact(tiny_model_dir, tmp_path, monkeypa
     out = tmp_path / "int8"
     result = CliRunner().invoke(
         app,
-        ["quantize", "--model", tiny_model_dir, "--task", "sst2", "--data-dir", str(glue), "--out", str(out)]
-        + ["--mode", "static", "--calibration-examples", "8", "--max-length", "16", "--seq-len", "16", "--no-measure"],
+        [
+            *("quantize", "--model", tiny_model_dir, "--task", "sst2", "--data-dir", str(glue), "--out", str(out)),
+            *("--mode", "static", "--calibration-examples", "8", "--max-length", "16", "--seq-len", "16"),
+            "--no-measure",
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
