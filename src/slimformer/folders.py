@@ -63,6 +63,16 @@ def quiet_transformers() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------ writing
 
 
+def model_record(model: PreTrainedModel) -> dict[str, Any]:
+    """What every manifest says about the model itself: slimformer version, family, per-layer shapes, base model."""
+    return {
+        "slimformer_version": __version__,
+        "model_type": model.config.model_type,
+        "layers": [{"heads": v.num_heads, "ffn": v.ffn_size} for v in layer_views(model)],
+        "base_model": base_model_id(getattr(model.config, "name_or_path", None)),
+    }
+
+
 def save_model_folder(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -80,15 +90,12 @@ def save_model_folder(
     The manifest records the per-layer shapes, ``plan`` (the pruning plan the model was made with, if any),
     ``task`` (a JSON-able description of the task the model was trained or pruned for, if known) and ``extra``.
     """
-    views = layer_views(model)
+    needs_code = needs_remote_code(model.config)
     manifest = {
-        "slimformer_version": __version__,
-        "model_type": model.config.model_type,
-        "layers": [{"heads": v.num_heads, "ffn": v.ffn_size} for v in views],
-        "plain_transformers_loadable": not hasattr(model.config, LAYOUT_KEY),
+        **model_record(model),
+        "plain_transformers_loadable": not needs_code,
         # otherwise transformers loads it with trust_remote_code=True through this generated file
-        "remote_code": MODELING_FILE if needs_remote_code(model.config) else None,
-        "base_model": base_model_id(getattr(model.config, "name_or_path", None)),
+        "remote_code": MODELING_FILE if needs_code else None,
         "plan": plan.to_dict() if plan is not None else None,
         "task": task,
         **(extra or {}),
@@ -194,6 +201,7 @@ __all__ = [
     "damaged_weights_error",
     "load_pruned",
     "load_weights",
+    "model_record",
     "quiet_transformers",
     "read_manifest",
     "save_model_folder",

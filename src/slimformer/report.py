@@ -166,9 +166,11 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             b, a = (b or {}).get("total"), (a or {}).get("total")
         if b is None and a is None:
             return
-        shown_b = None if b is None else (b / scale if scale != 1 else b)
-        shown_a = None if a is None else (a / scale if scale != 1 else a)
-        rows.append((label, "" if b is None else fmt(shown_b), "" if a is None else fmt(shown_a), _ratio(b, a)))
+
+        def text(value: float | None) -> str:  # counts stay integers: only scaled values are divided
+            return "" if value is None else fmt(value if scale == 1 else value / scale)
+
+        rows.append((label, text(b), text(a), _ratio(b, a)))
 
     row("layers", "layers", str)
     row("heads", "heads", str)

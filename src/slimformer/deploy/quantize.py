@@ -21,9 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from slimformer._version import __version__
 from slimformer.configs import ConfigError
 from slimformer.errors import SlimformerError
 from slimformer.io import atomic_directory, write_json_atomic
@@ -185,8 +182,7 @@ def quantize(
         latency = None
         if measure:
             clock = time.perf_counter()
-            with torch.inference_mode():
-                latency = interleaved_latency({"before": net, "after": int8}, seq_len=seq_len, threads=threads)
+            latency = interleaved_latency({"before": net, "after": int8}, seq_len=seq_len, threads=threads)
             latency["speedup"] = latency["speedup"]["after"]
             latency["runtimes"] = {"before": "pytorch fp32", "after": f"{config.runtime} int8 ({config.mode})"}
             seconds["measure"] = round(time.perf_counter() - clock, 2)
@@ -208,29 +204,17 @@ def quantize(
         )
         if out_dir is not None:
             _save_artifact(work / ONNX_FILE, net, tokenizer, out_dir, report, info, record, overwrite)
-            int8 = OnnxClassifier(out_dir / ONNX_FILE, net.config, threads=threads)
+            int8.path = out_dir / ONNX_FILE  # the session already holds the graph; the work copy is deleted below
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(model=int8, report=report, out_dir=out_dir)
 
 
 def _save_artifact(onnx_path, net, tokenizer, out_dir: Path, report, info, task, overwrite: bool) -> None:
-    from slimformer.aliases import base_model_id
-    from slimformer.arch import layer_views
     from slimformer.card import render_card
-    from slimformer.folders import MANIFEST
+    from slimformer.folders import MANIFEST, model_record
 
-    views = layer_views(net)
-    manifest = {
-        "slimformer_version": __version__,
-        "model_type": net.config.model_type,
-        "format": "onnx",
-        "onnx_file": ONNX_FILE,
-        "base_model": base_model_id(getattr(net.config, "name_or_path", None)),
-        "layers": [{"heads": v.num_heads, "ffn": v.ffn_size} for v in views],
-        "quantization": info,
-        "task": task,
-    }
+    manifest = {**model_record(net), "format": "onnx", "onnx_file": ONNX_FILE, "quantization": info, "task": task}
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         shutil.copyfile(onnx_path, staging / ONNX_FILE)
         if tokenizer is not None:
