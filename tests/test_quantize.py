@@ -38,6 +38,17 @@ def pruned_tiny(tiny_model_dir):
     return loaded
 
 
+def quantized_pruned_tiny(tiny_model_dir, sst2, out, config):
+    """The pruned tiny model's fp32 logits on :func:`real_ids`, and the result of quantizing it into ``out``."""
+    loaded = pruned_tiny(tiny_model_dir)
+    with torch.no_grad():
+        expected = loaded.model(**real_ids()).logits.numpy()
+    result = slimformer.quantize(
+        loaded, config, sst2, out=out, max_length=16, seq_len=16, measure=False, progress=False
+    )
+    return expected, result
+
+
 def real_ids() -> dict[str, torch.Tensor]:
     inputs = tiny_inputs(seed=3)
     inputs["input_ids"] = inputs["input_ids"] + 1000  # word pieces of the MiniLM vocabulary
@@ -46,20 +57,9 @@ def real_ids() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_int8_artifact_runs_without_slimformer_and_stays_close_to_pytorch(mode, tiny_model_dir, sst2, tmp_path):
-    loaded = pruned_tiny(tiny_model_dir)
-    with torch.no_grad():
-        expected = loaded.model(**real_ids()).logits.numpy()
     out = tmp_path / f"int8-{mode}"
-    result = slimformer.quantize(
-        loaded,
-        slimformer.Quantize(mode=mode, calibration_examples=16),
-        sst2,
-        out=out,
-        max_length=16,
-        seq_len=16,
-        measure=False,
-        progress=False,
-    )
+    config = slimformer.Quantize(mode=mode, calibration_examples=16)
+    expected, result = quantized_pruned_tiny(tiny_model_dir, sst2, out, config)
     assert {p.name for p in out.iterdir()} >= {"model.onnx", "config.json", "slimformer.json", "metrics.json"}
     info = result.report["details"]["quantization"]
     # int8: layer 0's FFN up and down, layer 1's q, k, v and attention output, the pooler and the classifier
@@ -143,3 +143,62 @@ def test_quantize_command_writes_the_artifact(tiny_model_dir, tmp_path, monkeypa
     manifest = json.loads((out / "slimformer.json").read_text())
     assert manifest["format"] == "onnx" and manifest["quantization"]["mode"] == "static"
     assert manifest["quantization"]["calibration_examples"] == 8
+
+
+def test_openvino_int8_artifact_runs_with_openvino_alone(tiny_model_dir, sst2, tmp_path):
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    out = tmp_path / "int8-openvino"  # uneven, with a headless layer and an FFN-less one
+    config = slimformer.Quantize(runtime="openvino", calibration_examples=16)
+    expected, result = quantized_pruned_tiny(tiny_model_dir, sst2, out, config)
+    assert {p.name for p in out.iterdir()} >= {"model.xml", "model.bin", "config.json", "slimformer.json"}
+    info = result.report["details"]["quantization"]
+    assert info["runtime"] == "openvino" and info["mode"] == "static" and info["calibration_examples"] == 16
+    # layer 1's q, k, v, attention output, layer 0's FFN up and down, pooler, classifier: all int8
+    assert info["int8_nodes"]["linear layers"] >= 8
+
+    compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU")
+    inputs = real_ids()
+    names = [p.get_any_name() for p in compiled.inputs]
+    feed = {n: (inputs[n] if n in inputs else torch.zeros_like(inputs["input_ids"])).numpy() for n in names}
+    logits = compiled(feed)[0]
+    # NNCF's int8 (SmoothQuant and bias correction fitted on 16 examples) of a random tiny model whose logits are
+    # ~0.02 is coarse; the exactness of the conversion itself is checked in fp32 below
+    scale = float(np.abs(expected).max())
+    assert 0 < np.abs(logits - expected).max() <= 0.5 * scale
+
+    manifest = json.loads((out / "slimformer.json").read_text())
+    assert manifest["format"] == "openvino" and manifest["model_file"] == "model.xml"
+    evaluated = slimformer.evaluate(out, sst2, max_length=16)  # run by OpenVINO, as the report says
+    assert evaluated["eval"]["dev"]["accuracy"] == pytest.approx(result.report["eval"]["after"]["dev"]["accuracy"])
+    card = (out / "README.md").read_text()
+    assert "library_name: openvino" in card and "compile_model" in card
+
+
+def test_openvino_has_no_dynamic_mode():
+    with pytest.raises(ConfigError, match="openvino has no dynamic int8"):
+        slimformer.Quantize(runtime="openvino", mode="dynamic")
+    assert slimformer.Quantize(runtime="openvino").mode == "static"
+    assert slimformer.Quantize().mode == "dynamic"
+
+
+def test_openvino_export_drops_zero_width_layers_without_changing_the_function(tiny_model_dir, tmp_path):
+    from slimformer.deploy.openvino import without_zero_width_layers
+    from slimformer.export import export_onnx
+
+    loaded = pruned_tiny(tiny_model_dir)
+    copy = without_zero_width_layers(loaded.model).eval()
+    linears = [m for m in copy.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.in_features and m.out_features for m in linears)
+    inputs = real_ids()
+    with torch.no_grad():
+        expected, got = loaded.model.eval()(**inputs).logits, copy(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert any(m.in_features == 0 for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))  # untouched
+
+    ov = pytest.importorskip("openvino")  # and OpenVINO reads and runs it in fp32 exactly
+    export_onnx(copy, tmp_path / "fp32.onnx", check=False)
+    compiled = ov.Core().compile_model(ov.convert_model(str(tmp_path / "fp32.onnx")), "CPU")
+    names = [p.get_any_name() for p in compiled.inputs]
+    feed = {n: (inputs[n] if n in inputs else torch.zeros_like(inputs["input_ids"])).numpy() for n in names}
+    np.testing.assert_allclose(compiled(feed)[0], expected.numpy(), atol=1e-5, rtol=0)

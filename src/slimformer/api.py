@@ -140,10 +140,10 @@ def _loaded(model: ModelLike, tokenizer: PreTrainedTokenizerBase | None, data: T
             model=model, tokenizer=tokenizer, spec=get_spec(model), source=getattr(model, "name_or_path", "")
         )
     folder = _folder_of(model)
-    if folder is not None and (read_manifest(folder) or {}).get("format") == "onnx":
-        from slimformer.deploy.runtime import load_onnx_folder  # an int8 artifact: run by its runtime
+    if folder is not None and (read_manifest(folder) or {}).get("format") is not None:
+        from slimformer.deploy.runtime import load_artifact_folder  # an int8 artifact: run by its runtime
 
-        return load_onnx_folder(folder)
+        return load_artifact_folder(folder)
     return load_model(model, data.spec if data is not None else None)
 
 

@@ -101,7 +101,7 @@ def _method_lines(report: dict[str, Any] | None) -> list[str]:
         lines.append(
             f"- Quantization: {quantization.get('runtime')} int8, {quantization.get('mode')}"
             + (", per-channel weights" if quantization.get("per_channel") else "")
-            + f"; {quantization.get('quantized_nodes')} linear layers in int8"
+            + f"; {quantization.get('quantized_nodes')} matrix products in int8"
             + (f"; kept in fp32: {kept}" if kept else "")
         )
     return lines
@@ -183,7 +183,7 @@ def render_card(folder: str | os.PathLike[str], *, location: str | None = None, 
 
     data = ModelCardData(
         base_model=base_model,
-        library_name="onnx" if manifest.get("format") == "onnx" else "transformers",
+        library_name=manifest.get("format") or "transformers",  # onnx, openvino or transformers
         pipeline_tag="text-classification",
         tags=["slimformer", *([_DONE_BY[command].split()[0]] if command in _DONE_BY else [])],
         datasets=["nyu-mll/glue"] if (task or {}).get("kind") == "glue" else None,

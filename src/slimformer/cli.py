@@ -457,10 +457,14 @@ def quantize(
     text_columns: TextColumnsOpt = "text",
     label_column: LabelColumnOpt = "label",
     regression: RegressionOpt = False,
-    runtime: Annotated[str, typer.Option(help="Runtime to quantize for: onnxruntime.")] = "onnxruntime",
+    runtime: Annotated[str, typer.Option(help="Runtime to quantize for: onnxruntime or openvino.")] = "onnxruntime",
     mode: Annotated[
-        str, typer.Option(help="dynamic (no calibration) or static (QDQ, calibrated on training examples).")
-    ] = "dynamic",
+        str | None,
+        typer.Option(
+            help="dynamic (ONNX Runtime; no calibration) or static (calibrated on training examples); "
+            "default: dynamic on onnxruntime, static on openvino."
+        ),
+    ] = None,
     calibration_examples: Annotated[int, typer.Option(help="Static: training examples to calibrate on.")] = 256,
     per_channel: Annotated[bool, typer.Option(help="One weight scale per output channel.")] = True,
     max_length: MaxLengthOpt = 128,
@@ -478,7 +482,7 @@ def quantize(
     settings = slimformer.Quantize(
         runtime=runtime, mode=mode, calibration_examples=calibration_examples, per_channel=per_channel, seed=seed
     )
-    data = task_data(model, locals(), max_eval=max_eval_samples, required=mode == "static")
+    data = task_data(model, locals(), max_eval=max_eval_samples, required=settings.mode == "static")
     result = slimformer.quantize(
         model,
         settings,
@@ -492,7 +496,8 @@ def quantize(
         threads=threads,
         overwrite=overwrite,
     )
-    print_report(result.report, stdout, out=f"{out} (model.onnx, tokenizer, metrics.json, README.md)")
+    files = "model.xml + model.bin" if settings.runtime == "openvino" else "model.onnx"
+    print_report(result.report, stdout, out=f"{out} ({files}, tokenizer, metrics.json, README.md)")
 
 
 @app.command()

@@ -69,14 +69,12 @@ class OnnxExportResult:
     seconds: float
 
 
-def _require(module: str, purpose: str) -> ModuleType:
-    """Import an optional dependency, or say how to install it."""
+def _require(module: str, purpose: str, install: str = INSTALL_HINT) -> ModuleType:
+    """Import an optional dependency, or say which ``pip install`` line brings it."""
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise SlimformerError(
-            f"{purpose} needs the package {module!r}, which is not installed: {INSTALL_HINT}"
-        ) from error
+        raise SlimformerError(f"{purpose} needs the package {module!r}, which is not installed: {install}") from error
 
 
 # Families whose forward accepts token_type_ids but whose tokenizers never produce them (RoBERTa, XLM-R: real

@@ -1,13 +1,14 @@
 """``slimformer.quantize``: a (pruned) model to an int8 artifact folder that runs without slimformer.
 
-One path, like pruning: load model and task -> export to ONNX (:func:`slimformer.export.export_onnx`, which
-handles unevenly pruned layers) -> calibration examples from the task's training split -> int8 with the runtime's
-own quantizer (:mod:`slimformer.deploy.onnxrt`) -> evaluate the int8 model *through the runtime* on dev and the
-PyTorch model it came from by the same evaluation -> interleaved latency of both -> save -> one report.
+One path, like pruning: load model and task -> calibration examples from the task's training split -> int8 with the
+runtime's own quantizer (ONNX Runtime: our ONNX export, which handles unevenly pruned layers, then
+:mod:`slimformer.deploy.onnxrt`; OpenVINO: ``openvino.convert_model`` and NNCF, :mod:`slimformer.deploy.openvino`)
+-> evaluate the int8 model *through the runtime* on dev and the PyTorch model it came from by the same evaluation
+-> interleaved latency of both -> save -> one report.
 
-The folder holds ``model.onnx`` (int8), the tokenizer, ``config.json``, ``slimformer.json`` (what was done:
-quantization settings, calibration size, the source model's shape and plan), ``metrics.json`` and a README with the
-plain onnxruntime code that runs it.
+The folder holds the int8 model (``model.onnx``, or the OpenVINO IR ``model.xml`` + ``model.bin``), the tokenizer,
+``config.json``, ``slimformer.json`` (what was done: quantization settings, calibration size, the source model's
+shape and plan), ``metrics.json`` and a README with the plain onnxruntime / openvino code that runs it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from slimformer.io import atomic_directory, write_json_atomic
 from slimformer.report import METRICS_FILE, build_report, interleaved_latency, model_stats
 
 ONNX_FILE = "model.onnx"
-RUNTIMES = ("onnxruntime",)
+IR_FILE = "model.xml"
+# the modes each runtime offers; the first is the default
+RUNTIME_MODES = {"onnxruntime": ("dynamic", "static"), "openvino": ("static",)}
+RUNTIMES = tuple(RUNTIME_MODES)
 MODES = ("dynamic", "static")
 
 
@@ -35,13 +39,15 @@ MODES = ("dynamic", "static")
 class Quantize:
     """int8 post-training quantization on a runtime.
 
-    ``mode``: ``dynamic`` (int8 weights; activations quantized per batch at run time: no calibration) or
-    ``static`` (QDQ; activation ranges calibrated on ``calibration_examples`` training examples). ``per_channel``:
-    one weight scale per output channel (more accurate than one per tensor, at no speed cost).
+    ``runtime``: ``onnxruntime`` or ``openvino``. ``mode``: ``dynamic`` (ONNX Runtime only: int8 weights,
+    activations quantized per batch at run time, no calibration) or ``static`` (activation ranges calibrated on
+    ``calibration_examples`` training examples: QDQ on ONNX Runtime, NNCF's FakeQuantize on OpenVINO); default:
+    the runtime's first (dynamic on ONNX Runtime, static on OpenVINO). ``per_channel``: one weight scale per
+    output channel (more accurate than one per tensor, at no speed cost; NNCF always does this).
     """
 
     runtime: str = "onnxruntime"
-    mode: str = "dynamic"
+    mode: str | None = None
     calibration_examples: int = 256
     per_channel: bool = True
     seed: int = 0
@@ -51,8 +57,15 @@ class Quantize:
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"Unknown runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}.")
-        if self.mode not in MODES:
-            raise ConfigError(f"Unknown quantization mode {self.mode!r}; choose one of: {', '.join(MODES)}.")
+        if self.mode is None:
+            object.__setattr__(self, "mode", RUNTIME_MODES[self.runtime][0])
+        if self.mode not in RUNTIME_MODES[self.runtime]:
+            if self.mode not in MODES:
+                raise ConfigError(f"Unknown quantization mode {self.mode!r}; choose one of: {', '.join(MODES)}.")
+            raise ConfigError(
+                f"{self.runtime} has no {self.mode} int8 for these models; choose --mode "
+                f"{' or '.join(RUNTIME_MODES[self.runtime])}."
+            )
         if self.calibration_examples < 1:
             raise ConfigError(f"calibration_examples must be at least 1, got {self.calibration_examples}.")
 
@@ -92,6 +105,19 @@ def _calibration_feeds(tokenizer, data, config: Quantize, max_length: int) -> li
     ]
 
 
+_HOW_TO_RUN_OPENVINO = """## How to run it (openvino only)
+
+```python
+import openvino as ov
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{location}")
+model = ov.Core().compile_model("{location}/model.xml", "CPU")
+batch = tokenizer(["a gripping, funny film"], return_tensors="np")
+logits = model({{p.get_any_name(): batch[p.get_any_name()].astype("int64") for p in model.inputs}})[0]
+```
+"""
+
 _HOW_TO_RUN = """## How to run it (onnxruntime only)
 
 ```python
@@ -129,10 +155,7 @@ def quantize(
     against the PyTorch fp32 model (interleaved, batch 32 x ``seq_len``, ``threads`` threads) and, with ``out``,
     save the artifact folder atomically."""
     from slimformer.api import _loaded, _task_record, check_label_set, resolve_data
-    from slimformer.deploy.onnxrt import quantize_onnx_file
-    from slimformer.deploy.runtime import OnnxClassifier
     from slimformer.evaluation import evaluate_model
-    from slimformer.export import export_onnx
 
     config = config or Quantize()
     out_dir = Path(out) if out is not None else None
@@ -156,17 +179,9 @@ def quantize(
 
     work = Path(tempfile.mkdtemp(prefix="slimformer-quantize-"))
     try:
-        clock = time.perf_counter()
-        fp32 = export_onnx(net, work / "fp32.onnx", check=False)
-        seconds["export"] = round(time.perf_counter() - clock, 2)
-        clock = time.perf_counter()
         feeds = _calibration_feeds(tokenizer, task, config, max_length) if config.mode == "static" else None
-        info = quantize_onnx_file(
-            fp32.path, work / ONNX_FILE, mode=config.mode, calibration=feeds, per_channel=config.per_channel
-        )
+        int8, info, fp32_bytes = _quantize_on_runtime(net, config, feeds, work, seconds, threads, progress)
         info["calibration_examples"] = sum(len(f["input_ids"]) for f in feeds) if feeds else 0
-        seconds["quantize"] = round(time.perf_counter() - clock, 2)
-        int8 = OnnxClassifier(work / ONNX_FILE, net.config, threads=threads)
 
         def evaluation(target) -> dict[str, dict[str, float]] | None:
             if not evaluate or task is None or not task.dev:
@@ -177,8 +192,8 @@ def quantize(
         eval_before, eval_after = evaluation(net), evaluation(int8)
         seconds["evaluate"] = round(time.perf_counter() - clock, 2)
         before_stats = model_stats(net, seq_len=seq_len)
-        after_stats = {**before_stats, "disk_bytes": (work / ONNX_FILE).stat().st_size}
-        before_stats["disk_bytes"] = fp32.size_bytes
+        after_stats = {**before_stats, "disk_bytes": sum(p.stat().st_size for p in _model_files(int8.path))}
+        before_stats["disk_bytes"] = fp32_bytes
         latency = None
         if measure:
             clock = time.perf_counter()
@@ -203,20 +218,61 @@ def quantize(
             seq_len=seq_len,
         )
         if out_dir is not None:
-            _save_artifact(work / ONNX_FILE, net, tokenizer, out_dir, report, info, record, overwrite)
-            int8.path = out_dir / ONNX_FILE  # the session already holds the graph; the work copy is deleted below
+            _save_artifact(int8.path, config.runtime, net, tokenizer, out_dir, report, info, record, overwrite)
+            int8.path = out_dir / int8.path.name  # the runtime already holds the graph; the work copy goes below
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(model=int8, report=report, out_dir=out_dir)
 
 
-def _save_artifact(onnx_path, net, tokenizer, out_dir: Path, report, info, task, overwrite: bool) -> None:
+def _model_files(path: Path) -> list[Path]:
+    """The files of a runtime model: the ``.onnx`` file, or an OpenVINO IR's ``.xml`` and ``.bin``."""
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
+def _quantize_on_runtime(net, config: Quantize, feeds, work: Path, seconds: dict[str, float], threads, progress):
+    """The int8 model in ``work``, wrapped for evaluation and latency, what became int8, and the size of the fp32
+    model in the same runtime's format."""
+    from slimformer.deploy.onnxrt import quantize_onnx_file
+    from slimformer.deploy.runtime import OnnxClassifier, OpenVinoClassifier
+    from slimformer.export import export_onnx
+
+    clock = time.perf_counter()
+    if config.runtime == "openvino":
+        from slimformer.deploy.openvino import quantize_openvino, without_zero_width_layers
+
+        # both runtimes start from the one checked export
+        fp32 = export_onnx(without_zero_width_layers(net), work / "fp32.onnx", check=False)
+        seconds["export"] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+        info = quantize_openvino(fp32.path, work / IR_FILE, calibration=feeds or [], progress=progress)
+        seconds["quantize"] = round(time.perf_counter() - clock, 2)
+        return OpenVinoClassifier(work / IR_FILE, net.config, threads=threads), info, fp32.size_bytes
+    fp32 = export_onnx(net, work / "fp32.onnx", check=False)
+    seconds["export"] = round(time.perf_counter() - clock, 2)
+    clock = time.perf_counter()
+    info = quantize_onnx_file(
+        fp32.path, work / ONNX_FILE, mode=config.mode, calibration=feeds, per_channel=config.per_channel
+    )
+    seconds["quantize"] = round(time.perf_counter() - clock, 2)
+    return OnnxClassifier(work / ONNX_FILE, net.config, threads=threads), info, fp32.size_bytes
+
+
+def _save_artifact(model_path: Path, runtime, net, tokenizer, out_dir: Path, report, info, task, overwrite) -> None:
     from slimformer.card import render_card
     from slimformer.folders import MANIFEST, model_record
 
-    manifest = {**model_record(net), "format": "onnx", "onnx_file": ONNX_FILE, "quantization": info, "task": task}
+    file_format = "openvino" if runtime == "openvino" else "onnx"
+    manifest = {
+        **model_record(net),
+        "format": file_format,
+        "model_file": model_path.name,
+        "quantization": info,
+        "task": task,
+    }
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
-        shutil.copyfile(onnx_path, staging / ONNX_FILE)
+        for path in _model_files(model_path):
+            shutil.copyfile(path, staging / path.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         config = net.config.to_dict()
@@ -224,8 +280,8 @@ def _save_artifact(onnx_path, net, tokenizer, out_dir: Path, report, info, task,
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         write_json_atomic(staging / MANIFEST, manifest)
         write_json_atomic(staging / METRICS_FILE, report)
-        how_to_run = _HOW_TO_RUN.format(location=out_dir)
+        how_to_run = (_HOW_TO_RUN_OPENVINO if file_format == "openvino" else _HOW_TO_RUN).format(location=out_dir)
         (staging / "README.md").write_text(render_card(staging, location=str(out_dir), how_to_load=how_to_run))
 
 
-__all__ = ["ONNX_FILE", "Quantize", "QuantizeResult", "quantize"]
+__all__ = ["IR_FILE", "ONNX_FILE", "RUNTIMES", "Quantize", "QuantizeResult", "quantize"]

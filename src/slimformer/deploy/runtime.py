@@ -1,10 +1,10 @@
 """A deployed model seen through PyTorch's eyes, so that evaluation and latency have one path for every runtime.
 
-:class:`OnnxClassifier` wraps an ONNX Runtime session in an ``nn.Module`` whose ``forward`` takes the tokenizer's
-tensors and returns ``.logits``, exactly what :mod:`slimformer.evaluation` and
-:func:`slimformer.measure.measure_latency` call on a transformers model: the scores are computed by the runtime
-itself, and the latency is the runtime's (plus a copy of the inputs to numpy, microseconds). ONNX Runtime keeps its
-own thread pool: ``threads`` is fixed when the session is made.
+:class:`OnnxClassifier` (an ONNX Runtime session) and :class:`OpenVinoClassifier` (an OpenVINO compiled model) are
+``nn.Module`` s whose ``forward`` takes the tokenizer's tensors and returns ``.logits``, exactly what
+:mod:`slimformer.evaluation` and :func:`slimformer.measure.measure_latency` call on a transformers model: the scores
+are computed by the runtime itself, and the latency is the runtime's (plus a copy of the inputs to numpy,
+microseconds). Both runtimes keep their own thread pools: ``threads`` is fixed when the session is made.
 """
 
 from __future__ import annotations
@@ -22,37 +22,72 @@ from transformers import PretrainedConfig
 from slimformer.export import _require
 
 
-class OnnxClassifier(nn.Module):
+class _RuntimeClassifier(nn.Module):
+    """What both runtime wrappers share: the config, the input names, the thread count, a CPU anchor."""
+
+    def __init__(self, path: str | os.PathLike[str], config: PretrainedConfig, threads: int | None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.config = config
+        self.threads = threads
+        # evaluation and latency read the device from the first parameter; the runtime lives on the CPU
+        self._anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def _arrays(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, inputs: dict[str, Any]):
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
+        if "token_type_ids" in self.input_names and feed.get("token_type_ids") is None:
+            feed["token_type_ids"] = torch.zeros_like(input_ids)
+        return {name: np.asarray(feed[name].cpu().numpy(), dtype=np.int64) for name in self.input_names}
+
+
+class OnnxClassifier(_RuntimeClassifier):
     """An ONNX sequence classifier (inputs ``input_ids``, ``attention_mask`` [, ``token_type_ids``]; output
     ``logits``) run by ONNX Runtime on CPU with ``threads`` intra-op threads."""
 
     def __init__(self, path: str | os.PathLike[str], config: PretrainedConfig, *, threads: int | None = 2) -> None:
-        super().__init__()
+        super().__init__(path, config, threads)
         ort = _require("onnxruntime", "Running an ONNX model")
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.config = config
-        self.threads = threads
-        # evaluation and latency read the device from the first parameter; the runtime lives on the CPU
-        self._anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **inputs: Any):
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
-        if "token_type_ids" in self.input_names and feed.get("token_type_ids") is None:
-            feed["token_type_ids"] = torch.zeros_like(input_ids)
-        arrays = {name: np.asarray(feed[name].cpu().numpy(), dtype=np.int64) for name in self.input_names}
-        (logits,) = self.session.run(["logits"], arrays)
+        (logits,) = self.session.run(["logits"], self._arrays(input_ids, attention_mask, inputs))
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
 
-def load_onnx_folder(folder: str | os.PathLike[str], *, threads: int | None = 2):
-    """A :class:`~slimformer.models.LoadedModel` for an artifact folder written by :func:`slimformer.quantize`."""
+class OpenVinoClassifier(_RuntimeClassifier):
+    """An OpenVINO IR sequence classifier (same inputs, output ``logits``) compiled for the CPU with ``threads``
+    inference threads, one stream, latency hint: what a single service process would run."""
+
+    def __init__(self, path: str | os.PathLike[str], config: PretrainedConfig, *, threads: int | None = 2) -> None:
+        super().__init__(path, config, threads)
+        from slimformer.deploy.openvino import require
+
+        ov = require("openvino", "Running an OpenVINO model")
+        properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if threads is not None:
+            properties["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        self._request = self.compiled.create_infer_request()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **inputs: Any):
+        outputs = self._request.infer(self._arrays(input_ids, attention_mask, inputs))
+        logits = next(iter(outputs.values()))
+        return SimpleNamespace(logits=torch.from_numpy(np.array(logits)))
+
+
+ARTIFACT_FORMATS = ("onnx", "openvino")
+
+
+def load_artifact_folder(folder: str | os.PathLike[str], *, threads: int | None = 2):
+    """A :class:`~slimformer.models.LoadedModel` for an artifact folder written by :func:`slimformer.quantize`
+    (ONNX Runtime or OpenVINO), its model run by that runtime."""
     import json
 
     from transformers import AutoConfig, AutoTokenizer
@@ -64,13 +99,17 @@ def load_onnx_folder(folder: str | os.PathLike[str], *, threads: int | None = 2)
 
     folder = Path(folder)
     manifest = json.loads((folder / MANIFEST).read_text())
-    onnx_file = folder / manifest.get("onnx_file", "model.onnx")
-    if not onnx_file.is_file():
-        raise ModelLoadError(f"{folder} is an ONNX artifact folder but has no {onnx_file.name}.")
+    runtime = manifest.get("format")
+    if runtime not in ARTIFACT_FORMATS:
+        raise ModelLoadError(f"{folder}: unknown artifact format {runtime!r}; expected one of {ARTIFACT_FORMATS}.")
+    model_file = folder / manifest.get("model_file", manifest.get("onnx_file", "model.onnx"))
+    if not model_file.is_file():
+        raise ModelLoadError(f"{folder} is a {runtime} artifact folder but has no {model_file.name}.")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = OnnxClassifier(onnx_file, config, threads=threads)
+    wrapper = OnnxClassifier if runtime == "onnx" else OpenVinoClassifier
+    model = wrapper(model_file, config, threads=threads)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=get_spec(config), source=str(folder))
 
 
-__all__ = ["OnnxClassifier", "load_onnx_folder"]
+__all__ = ["ARTIFACT_FORMATS", "OnnxClassifier", "OpenVinoClassifier", "load_artifact_folder"]
