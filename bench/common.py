@@ -22,6 +22,16 @@ def glue_dir() -> Path:
     return Path(os.environ.get("GLUE_DIR") or DEFAULT_GLUE)
 
 
+def cpu_features() -> list[str]:
+    """The CPU's vector extensions that decide which int8 kernels run (AVX2 only, AVX-512, VNNI, AMX)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return [flag for flag in flags.split(":", 1)[1].split() if flag in wanted]
+
+
 def machine() -> dict:
     return {
         "python": platform.python_version(),
@@ -29,6 +39,7 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        "cpu_features": cpu_features(),
     }
 
 

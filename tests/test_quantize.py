@@ -76,11 +76,18 @@ def test_int8_artifact_runs_without_slimformer_and_stays_close_to_pytorch(mode, 
     inputs = real_ids()
     feed = {n: (inputs[n] if n in inputs else torch.zeros_like(inputs["input_ids"])).numpy() for n in names}
     logits = session.run(["logits"], feed)[0]
-    # int8 is an approximation: a random tiny model's logits are ~0.01 and its int8 error ~10% of them (a broken
-    # graph would be off by ~100%); the real MiniLM's accuracy under int8 is measured in bench/, not here
+    # int8 is an approximation: a random tiny model's logits are ~0.01, a small difference of large hidden values,
+    # and its int8 error ~10% of them with run-time ranges, up to ~60% with ranges calibrated on 16 examples (a
+    # broken graph is off by ~100% or more); the real MiniLM's accuracy under int8 is measured in bench/, not here
     scale = float(np.abs(expected).max())
-    assert np.abs(logits - expected).max() <= 0.25 * scale
-    assert np.abs(logits - expected).max() > 0
+    assert 0 < np.abs(logits - expected).max() <= (0.25 if mode == "dynamic" else 0.75) * scale
+    if mode == "static":  # every quantized linear layer reads its weight through a DequantizeLinear (QDQ format)
+        import onnx
+
+        graph = onnx.load(str(out / "model.onnx")).graph
+        dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        weights_in_int8 = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in dequantized]
+        assert len(weights_in_int8) == info["quantized_nodes"]
 
     report = json.loads((out / "metrics.json").read_text())
     assert (
@@ -202,3 +209,16 @@ def test_openvino_export_drops_zero_width_layers_without_changing_the_function(t
     names = [p.get_any_name() for p in compiled.inputs]
     feed = {n: (inputs[n] if n in inputs else torch.zeros_like(inputs["input_ids"])).numpy() for n in names}
     np.testing.assert_allclose(compiled(feed)[0], expected.numpy(), atol=1e-5, rtol=0)
+
+
+def test_measure_times_an_artifact_through_its_runtime_with_the_source_models_size(tiny_model_dir, sst2, tmp_path):
+    out = tmp_path / "int8"
+    loaded = pruned_tiny(tiny_model_dir)
+    source = slimformer.measure(loaded, seq_len=16, batch_size=2, repeats=2, warmup=1, latency=False)
+    slimformer.quantize(loaded, slimformer.Quantize(), sst2, out=out, max_length=16, measure=False, progress=False)
+    measured = slimformer.measure(out, seq_len=16, batch_size=2, repeats=2, warmup=1)
+    assert measured["runtime"] == "onnx"
+    assert measured["params"] == source["params"] and measured["flops"] == source["flops"]
+    assert measured["config"]["heads"] == [0, 2] and measured["config"]["ffn"][1] == 0
+    assert measured["latency"]["median_ms"] > 0 and measured["latency"]["batch_size"] == 2
+    assert measured["disk"]["total_bytes"] > (out / "model.onnx").stat().st_size

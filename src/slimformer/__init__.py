@@ -11,6 +11,7 @@ from slimformer._version import __version__
 # these names stay the front-door functions (a later first import of a subpackage would rebind them).
 from slimformer.api import (
     PruneResult,
+    compress,
     distill,
     evaluate,
     export_onnx,
@@ -32,7 +33,7 @@ from slimformer.configs import (
     config_from_dict,
     load_config,
 )
-from slimformer.deploy import Quantize
+from slimformer.deploy import Compress, Quantize
 from slimformer.errors import SlimformerError
 from slimformer.hub import push_to_hub
 from slimformer.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -41,6 +42,7 @@ from slimformer.train import TrainConfig
 
 __all__ = [
     "DEFAULT_MODEL",
+    "Compress",
     "DropLayers",
     "FlopsBudget",
     "Fractions",
@@ -56,6 +58,7 @@ __all__ = [
     "TaskRef",
     "TrainConfig",
     "__version__",
+    "compress",
     "config_from_dict",
     "distill",
     "evaluate",

@@ -381,21 +381,32 @@ def measure(
     latency: bool = True,
 ) -> dict[str, Any]:
     """Parameters, analytic FLOPs by component (one sequence of ``seq_len`` tokens), latency (median over
-    ``repeats``, batch ``batch_size`` x ``seq_len``, ``threads`` threads) and size on disk."""
+    ``repeats``, batch ``batch_size`` x ``seq_len``, ``threads`` threads) and size on disk. An int8 artifact
+    folder is timed through its runtime; its parameters and FLOPs are those of the model it was made from."""
+    from slimformer.deploy.runtime import is_runtime_model, shape_skeleton
     from slimformer.measure import measure_model
+    from slimformer.measure.latency import measure_latency
 
     loaded = _loaded(model, None, None)
     folder = _folder_of(model)
+    runtime = is_runtime_model(loaded.model)
     result = measure_model(
-        loaded.model,
+        shape_skeleton(loaded.model.config) if runtime else loaded.model,
         seq_len=seq_len,
         batch_size=batch_size,
         threads=threads,
         repeats=repeats,
         warmup=warmup,
         model_dir=folder,
-        latency=latency,
+        latency=latency and not runtime,
     )
+    if runtime:
+        if latency:
+            timing = measure_latency(
+                loaded.model, batch_size=batch_size, seq_len=seq_len, threads=threads, warmup=warmup, repeats=repeats
+            )
+            result["latency"] = timing.as_dict()
+        result["runtime"] = (read_manifest(folder) or {}).get("format") if folder is not None else None
     result["model"] = str(loaded.source)
     return result
 
@@ -425,6 +436,14 @@ def quantize(model: ModelLike, config=None, data: DataLike = None, **options: An
     from slimformer.deploy import quantize as run_quantize
 
     return run_quantize(model, config, data, **options)
+
+
+def compress(model: ModelLike, config, data: DataLike = None, **options: Any):
+    """Budget pruning, optional recovery and int8 to a measured target speedup, every stage side by side; see
+    :func:`slimformer.deploy.compress`."""
+    from slimformer.deploy import compress as run_compress
+
+    return run_compress(model, config, data, **options)
 
 
 def export_onnx(model: ModelLike, path: str | os.PathLike[str], *, opset: int | None = None, check: bool = True):

@@ -25,6 +25,7 @@ _DONE_BY = {
     "prune": "pruned",
     "distill": "distilled into a smaller student",
     "quantize": "quantized to int8",
+    "compress": "pruned and quantized to int8",
 }
 
 

@@ -501,6 +501,66 @@ def quantize(
 
 
 @app.command()
+def compress(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the final int8 artifact and report.md.")],
+    model: ModelOpt = "minilm-l6",
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    regression: RegressionOpt = False,
+    target_speedup: Annotated[
+        float | None, typer.Option(help="Speedup to reach, measured on the runtime against dense PyTorch fp32.")
+    ] = None,
+    budget_flops: Annotated[float | None, typer.Option(help="Or: the fraction of FLOPs to keep.")] = None,
+    runtime: Annotated[str, typer.Option(help="onnxruntime or openvino.")] = "onnxruntime",
+    mode: Annotated[str | None, typer.Option(help="int8 mode (default: the runtime's default).")] = None,
+    recover: Annotated[str | None, typer.Option(help="Recovery after pruning: kd or finetune.")] = None,
+    epochs: Annotated[float, typer.Option(help="Recovery epochs.")] = 1.0,
+    calibration_examples: Annotated[int, typer.Option(help="Examples the budget pruner calibrates on.")] = 2048,
+    max_attempts: Annotated[int, typer.Option(help="Pruning attempts while the measured speedup falls short.")] = 3,
+    max_length: MaxLengthOpt = 128,
+    max_eval_samples: Annotated[int | None, typer.Option(help="Random subset of each dev split.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence for FLOPs and throughput latency.")] = 128,
+    threads: Annotated[int, typer.Option(help="CPU threads for latency.")] = 2,
+    seed: SeedOpt = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Prune to a target speedup (or FLOPs budget), optionally recover, quantize to int8 on a runtime, and
+    evaluate and time every stage side by side (report.md, pareto.png)."""
+    import slimformer
+    from slimformer.deploy.compress import render_markdown
+
+    settings = slimformer.Compress(
+        target_speedup=target_speedup,
+        budget_flops=budget_flops,
+        runtime=runtime,
+        mode=mode,
+        recover=recover,
+        epochs=epochs,
+        calibration_examples=calibration_examples,
+        max_attempts=max_attempts,
+        seed=seed,
+    )
+    data = task_data(model, locals(), max_eval=max_eval_samples)
+    result = slimformer.compress(
+        model,
+        settings,
+        data,
+        data_dir=data_dir,
+        out=out,
+        max_length=max_length,
+        seq_len=seq_len,
+        threads=threads,
+        overwrite=overwrite,
+    )
+    stdout.print(render_markdown(result.report))
+    stdout.print(f"Saved to {out} (int8 model, tokenizer, report.md, pareto.png, pruned/)")
+
+
+@app.command()
 def export(
     onnx: Annotated[Path, typer.Option("--onnx", help="Path of the .onnx file to write.")],
     model: ModelOpt = "minilm-l6",

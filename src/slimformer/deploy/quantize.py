@@ -74,8 +74,9 @@ class Quantize:
 
 
 @dataclass
-class QuantizeResult:
-    """The int8 model (an :class:`~slimformer.deploy.runtime.OnnxClassifier`), its report and folder."""
+class DeployResult:
+    """The int8 model (run by its runtime: :class:`~slimformer.deploy.runtime.OnnxClassifier` or
+    :class:`~slimformer.deploy.runtime.OpenVinoClassifier`), its report and folder."""
 
     model: Any
     report: dict[str, Any]
@@ -84,6 +85,9 @@ class QuantizeResult:
     @property
     def score(self) -> float | None:
         return self.report["score"]["after"]
+
+
+QuantizeResult = DeployResult  # what quantize returns
 
 
 def _calibration_feeds(tokenizer, data, config: Quantize, max_length: int) -> list[dict[str, Any]]:
@@ -149,7 +153,7 @@ def quantize(
     threads: int | None = 2,
     overwrite: bool = False,
     progress: bool = True,
-) -> QuantizeResult:
+) -> DeployResult:
     """Quantize ``model`` (folder, hub id, alias, loaded or transformers model) to int8 on ``config.runtime``;
     score it through the runtime on the task's dev split (``data``, else the task the folder remembers), time it
     against the PyTorch fp32 model (interleaved, batch 32 x ``seq_len``, ``threads`` threads) and, with ``out``,
@@ -222,7 +226,7 @@ def quantize(
             int8.path = out_dir / int8.path.name  # the runtime already holds the graph; the work copy goes below
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return QuantizeResult(model=int8, report=report, out_dir=out_dir)
+    return DeployResult(model=int8, report=report, out_dir=out_dir)
 
 
 def _model_files(path: Path) -> list[Path]:
@@ -259,7 +263,6 @@ def _quantize_on_runtime(net, config: Quantize, feeds, work: Path, seconds: dict
 
 
 def _save_artifact(model_path: Path, runtime, net, tokenizer, out_dir: Path, report, info, task, overwrite) -> None:
-    from slimformer.card import render_card
     from slimformer.folders import MANIFEST, model_record
 
     file_format = "openvino" if runtime == "openvino" else "onnx"
@@ -280,8 +283,15 @@ def _save_artifact(model_path: Path, runtime, net, tokenizer, out_dir: Path, rep
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         write_json_atomic(staging / MANIFEST, manifest)
         write_json_atomic(staging / METRICS_FILE, report)
-        how_to_run = (_HOW_TO_RUN_OPENVINO if file_format == "openvino" else _HOW_TO_RUN).format(location=out_dir)
-        (staging / "README.md").write_text(render_card(staging, location=str(out_dir), how_to_load=how_to_run))
+        write_artifact_card(staging, out_dir, file_format)
 
 
-__all__ = ["IR_FILE", "ONNX_FILE", "RUNTIMES", "Quantize", "QuantizeResult", "quantize"]
+def write_artifact_card(folder: Path, location: Path, file_format: str) -> None:
+    """The README of an artifact folder, from its manifest and report, with the runtime's own loading code."""
+    from slimformer.card import CARD_FILE, render_card
+
+    how_to_run = (_HOW_TO_RUN_OPENVINO if file_format == "openvino" else _HOW_TO_RUN).format(location=location)
+    (folder / CARD_FILE).write_text(render_card(folder, location=str(location), how_to_load=how_to_run))
+
+
+__all__ = ["IR_FILE", "ONNX_FILE", "RUNTIMES", "DeployResult", "Quantize", "QuantizeResult", "quantize"]

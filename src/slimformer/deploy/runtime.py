@@ -85,6 +85,26 @@ class OpenVinoClassifier(_RuntimeClassifier):
 ARTIFACT_FORMATS = ("onnx", "openvino")
 
 
+def is_runtime_model(model: Any) -> bool:
+    """True for a model run by ONNX Runtime or OpenVINO (an artifact folder), not by PyTorch."""
+    return isinstance(model, _RuntimeClassifier)
+
+
+def shape_skeleton(config: PretrainedConfig) -> nn.Module:
+    """The PyTorch model an artifact was made from, as shapes only (on the meta device: no memory, no weights), so
+    that its parameters and FLOPs come from the same formulas as every other model's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from slimformer.layout import LAYOUT_KEY, rebuild_layout
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout:
+        rebuild_layout(model, layout)
+    return model
+
+
 def load_artifact_folder(folder: str | os.PathLike[str], *, threads: int | None = 2):
     """A :class:`~slimformer.models.LoadedModel` for an artifact folder written by :func:`slimformer.quantize`
     (ONNX Runtime or OpenVINO), its model run by that runtime."""
@@ -112,4 +132,11 @@ def load_artifact_folder(folder: str | os.PathLike[str], *, threads: int | None 
     return LoadedModel(model=model, tokenizer=tokenizer, spec=get_spec(config), source=str(folder))
 
 
-__all__ = ["ARTIFACT_FORMATS", "OnnxClassifier", "OpenVinoClassifier", "load_artifact_folder"]
+__all__ = [
+    "ARTIFACT_FORMATS",
+    "OnnxClassifier",
+    "OpenVinoClassifier",
+    "is_runtime_model",
+    "load_artifact_folder",
+    "shape_skeleton",
+]

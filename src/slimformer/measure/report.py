@@ -98,7 +98,7 @@ def measurement_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         for label, key in (("qkv", "qkv"), ("attention", "attn_scores"), ("out", "attn_out"), ("ffn", "ffn"))
     )
     rows = [
-        ("Model", model),
+        ("Model", model + (f", run by {result['runtime']}" if result.get("runtime") else "")),
         ("Heads per layer", _per_layer(config["heads"])),
         ("FFN per layer", _per_layer(config["ffn"])),
         ("Parameters", f"{_millions(params['total'])} ({param_split})"),
