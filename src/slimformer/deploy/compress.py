@@ -324,6 +324,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{row['encoder_flops_fraction']:.0%} | {row['ms_32x128']:.1f} | {row['ms_1x32']:.1f} | "
             f"{row['speedup_32x128']:.2f}x | {row['speedup_1x32']:.2f}x | {size} |"
         )
+    reached = details["stages"][-1]["speedup_32x128"]
+    if config.get("target_speedup") and reached < config["target_speedup"]:
+        lines += [
+            "",
+            f"The target was not reached: {reached:.2f}x after {len(details['attempts'])} attempt(s); the fastest "
+            "attempt is kept. Allow more attempts (--max-attempts), add recovery to prune deeper, or pick a runtime "
+            "with faster int8 kernels on this CPU.",
+        ]
     if len(details["attempts"]) > 1:
         tried = ", ".join(f"{a['flops_fraction']:.0%} -> {a['measured_speedup']:.2f}x" for a in details["attempts"])
         lines += ["", f"FLOPs fractions tried (measured int8 speedup): {tried}."]
