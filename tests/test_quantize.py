@@ -218,7 +218,7 @@ def test_measure_times_an_artifact_through_its_runtime_with_the_source_models_si
     source = slimformer.measure(loaded, seq_len=16, batch_size=2, repeats=2, warmup=1, latency=False)
     slimformer.quantize(loaded, slimformer.Quantize(), sst2, out=out, max_length=16, measure=False, progress=False)
     measured = slimformer.measure(out, seq_len=16, batch_size=2, repeats=2, warmup=1)
-    assert measured["runtime"] == "onnx"
+    assert measured["runtime"] == "onnxruntime"
     assert measured["params"] == source["params"] and measured["flops"] == source["flops"]
     assert measured["config"]["heads"] == [0, 2] and measured["config"]["ffn"][1] == 0
     assert measured["latency"]["median_ms"] > 0 and measured["latency"]["batch_size"] == 2

@@ -406,7 +406,8 @@ def measure(
                 loaded.model, batch_size=batch_size, seq_len=seq_len, threads=threads, warmup=warmup, repeats=repeats
             )
             result["latency"] = timing.as_dict()
-        result["runtime"] = (read_manifest(folder) or {}).get("format") if folder is not None else None
+        file_format = (read_manifest(folder) or {}).get("format") if folder is not None else None
+        result["runtime"] = {"onnx": "onnxruntime"}.get(file_format, file_format)
     result["model"] = str(loaded.source)
     return result
 
