@@ -156,7 +156,9 @@ def compress(
             pruned, plan = _pruned(
                 loaded,
                 task,
-                FlopsBudget(fraction, calibration_examples=config.calibration_examples, seed=config.seed),
+                FlopsBudget(
+                    fraction, calibration_examples=config.calibration_examples, seq_len=seq_len, seed=config.seed
+                ),  # FLOPs counted at the length the report counts them at,
                 max_length,
             )
             pruned_int8 = int8_of(pruned, f"pruned-int8-{len(attempts)}")

@@ -22,7 +22,6 @@ import logging
 import os
 from collections import Counter
 from copy import deepcopy
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -33,7 +32,6 @@ from torch import nn
 from slimformer.errors import SlimformerError
 from slimformer.export import _require
 
-IR_FILE = "model.xml"
 INSTALL_HINT = "pip install slimformer[openvino]"
 
 
@@ -154,17 +152,9 @@ def _is_weight(node: Any, depth: int = 4) -> bool:
     return all(_is_weight(port.get_source_output().get_node(), depth - 1) for port in node.inputs()[:1])
 
 
-def ir_files(xml_path: str | os.PathLike[str]) -> list[Path]:
-    """The two files of an OpenVINO IR."""
-    xml_path = Path(xml_path)
-    return [xml_path, xml_path.with_suffix(".bin")]
-
-
 __all__ = [
     "INSTALL_HINT",
-    "IR_FILE",
     "fake_quantize_summary",
-    "ir_files",
     "quantize_openvino",
     "require",
     "without_zero_width_layers",
