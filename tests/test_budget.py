@@ -9,15 +9,20 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import slimformer
 from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
+from reference_refit import reconstruct_weights as reference_reconstruct_weights
+from reference_refit import tune_masks as reference_tune_masks
 from slimformer.arch import layer_views
 from slimformer.budget.fisher import collect_mask_gradients
 from slimformer.budget.latency_table import LatencyTable
 from slimformer.budget.method import plan_for_budget
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, rearrange_layer, search_masks
-from slimformer.budget.tune import _normal_equations, dense_targets, fold_scales, reconstruct_weights, tune_masks
+from slimformer.budget.stream import walk_sublayers
+from slimformer.budget.tune import _normal_equations, fold_scales, reconstruct_weights, tune_masks
+from slimformer.configs import ConfigError, parse_memory
 from slimformer.errors import SlimformerError
 from slimformer.gates import gated
 from slimformer.measure import flops
@@ -166,10 +171,12 @@ def test_normal_equations_equal_the_measured_reconstruction_error():
         model_type="bert",
     )
     gates = plan_gates(model, plan)
-    view = layer_views(model)[0]
     kept = plan.kept_heads[0]
-    targets = dense_targets(model, data, torch.device("cpu"))[(0, "attention")]
-    gram, rhs, residual_sq, _ = _normal_equations(model, view, "attention", kept, gates, data, targets, "cpu")
+    steps = walk_sublayers(model, gates, data, torch.device("cpu"))
+    view, part, source = next(steps)
+    assert (view.index, part) == (0, "attention")
+    gram, rhs, residual_sq, _ = _normal_equations(view, part, kept, source())
+    steps.close()
     scales = torch.tensor([0.7, 1.3], dtype=torch.float64)
     predicted = float(scales @ gram @ scales - 2 * scales @ rhs + residual_sq)
     gates.heads[0][kept] = scales.float()
@@ -339,3 +346,99 @@ def test_weight_reconstruction_solves_the_first_sublayers_least_squares_problem(
     got = layer_views(model)[0].attn_out
     torch.testing.assert_close(got.weight[:, columns].double(), expected[:, :-1].to(torch.float64), atol=1e-4, rtol=0)
     torch.testing.assert_close(got.bias.double(), expected[:, -1], atol=1e-4, rtol=0)
+
+
+def uneven_plan(model) -> PruningPlan:
+    return PruningPlan(
+        layout=Layout.of(model),
+        kept_heads=[[0, 2], [1, 2, 3]],
+        kept_neurons=[list(range(0, 64, 3)), list(range(40))],
+        model_type=model.config.model_type,
+    )
+
+
+def projection_weights(model) -> list[torch.Tensor]:
+    return [
+        t.detach().clone() for v in layer_views(model) for m in (v.attn_out, v.ffn_down) for t in (m.weight, m.bias)
+    ]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_streamed_refit_equals_the_refit_that_reruns_the_model_for_every_sublayer(family):
+    # float64 throughout, so that the comparison is about the algorithm, not rounding
+    dense = tiny_model(family).double()
+    data = batches(4)
+    plan = uneven_plan(dense)
+    streamed, reference = copy.deepcopy(dense), copy.deepcopy(dense)
+    report = reconstruct_weights(streamed, plan, data, progress=False)
+    reference_reconstruct_weights(reference, plan, data, progress=False)
+    for got, expected in zip(projection_weights(streamed), projection_weights(reference), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert report.memory["bytes_spilled"] == 0 and report.memory["peak_bytes_in_ram"] > 0
+    assert projection_weights(streamed)[0].ne(projection_weights(dense)[0]).any()  # something was refit
+
+
+@pytest.mark.parametrize("target", ["global", "local"])
+def test_streamed_mask_tuning_equals_the_rerunning_one(target):
+    dense = tiny_model("mpnet").double()
+    data = batches(3)
+    plan = uneven_plan(dense)
+    gates, _ = tune_masks(dense, plan, data, target=target, progress=False)
+    expected, _ = reference_tune_masks(dense, plan, data, target=target, progress=False)
+    for got, want in zip(gates.heads + gates.neurons, expected.heads + expected.neurons, strict=True):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=0)
+
+
+def test_activations_beyond_the_memory_budget_are_spilled_to_disk_with_the_same_result(tmp_path):
+    dense = tiny_model("bert")
+    data = batches(3)
+    plan = uneven_plan(dense)
+    in_ram, spilled = copy.deepcopy(dense), copy.deepcopy(dense)
+    reconstruct_weights(in_ram, plan, data, progress=False)
+    report = reconstruct_weights(spilled, plan, data, max_memory=0, progress=False)
+    assert report.memory["peak_bytes_in_ram"] == 0 and report.memory["bytes_spilled"] > 0
+    for got, expected in zip(projection_weights(spilled), projection_weights(in_ram), strict=True):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_spill_folder_is_removed_afterwards(tmp_path):
+    dense = tiny_model("bert")
+    plan = uneven_plan(dense)
+    gates = plan_gates(dense, plan)
+    seen = []
+    for _view, _part, source in walk_sublayers(
+        dense, gates, batches(2), torch.device("cpu"), max_memory=0, spill_dir=tmp_path
+    ):
+        list(source())
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+    assert seen[0] and all(len(names) == 1 and names[0].startswith("refit-") for names in seen)
+    assert not list(tmp_path.iterdir())
+
+
+def test_refit_runs_every_layer_the_same_number_of_times():
+    # O(L) layer passes: the first layer is not re-run for every later sub-layer
+    config = TINY_CONFIGS["bert"]()
+    config.num_hidden_layers = 5
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    layout = Layout.of(model)
+    plan = PruningPlan(layout=layout, kept_heads=[[0, 1]] * 5, kept_neurons=[list(range(32))] * 5, model_type="bert")
+    calls = [0] * 5  # per layer: how often its attention really ran (the query projection is its first step)
+    handles = [
+        view.query.register_forward_pre_hook(lambda m, a, i=view.index: calls.__setitem__(i, calls[i] + 1))
+        for view in layer_views(model)
+    ]
+    reconstruct_weights(model, plan, batches(2), progress=False)
+    for handle in handles:
+        handle.remove()
+    # per batch: the dense layer once, the pruned layer up to each of its two projections, then in full
+    assert calls == [4 * 2] * 5
+
+
+def test_max_memory_is_a_human_size_or_a_clear_error():
+    assert parse_memory("6GB") == 6 * 10**9 and parse_memory("512 MiB") == 512 * 2**20
+    assert parse_memory("2e9") == 2 * 10**9 and parse_memory(None) is None
+    assert slimformer.FlopsBudget(0.5, max_memory="1.5GiB").max_memory == "1.5GiB"
+    for bad in ("lots", "-3GB", "6TB"):
+        with pytest.raises(ConfigError, match="not a size"):
+            slimformer.FlopsBudget(0.5, max_memory=bad)

@@ -336,6 +336,7 @@ def _prune_config(options: dict):
         "label_free": options["label_free"],
         "seq_len": options["seq_len"],
         "seed": options["seed"],
+        "max_memory": options["max_memory"],
     }
     if options["budget_flops"] is not None:
         return configs.FlopsBudget(fraction=options["budget_flops"], **budget)
@@ -400,6 +401,13 @@ def prune(
     ] = None,
     calibration_examples: Annotated[int, typer.Option(help="Budget pruning: calibration examples.")] = 2048,
     rearrange: Annotated[bool, typer.Option(help="Budget pruning: rearrange masks by the layer Fisher.")] = True,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Budget pruning: RAM the refit's activations may take before they spill to disk (e.g. 6GB); "
+            "default half of the free memory."
+        ),
+    ] = None,
     tune: Annotated[
         str,
         typer.Option(

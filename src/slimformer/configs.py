@@ -172,6 +172,25 @@ def _positive(option: str, value: int) -> None:
         raise ConfigError(f"{option} must be a positive whole number, got {value!r}.")
 
 
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_memory(text: str | None) -> int | None:
+    """Bytes from a human size such as ``"6GB"``, ``"512MiB"`` or ``"2e9"`` (None stays None: the default)."""
+    if text is None:
+        return None
+    value = str(text).strip().replace(" ", "").upper()
+    number = value.rstrip("KMGIB")
+    unit = value[len(number) :]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in _BYTE_UNITS or amount < 0:
+        raise ConfigError(f"max_memory {text!r} is not a size: write e.g. 6GB, 512MiB or a number of bytes.")
+    return int(amount * _BYTE_UNITS[unit])
+
+
 def _check_drop_layers(strategy: str | None) -> None:
     if strategy is not None:
         from slimformer.prune.layers import parse_drop_layers
@@ -288,8 +307,11 @@ class _Budget(PruneConfig):
     seq_len: int = 128
     batch_size: int = 32
     seed: int = 0
+    # RAM the refit's streamed activations may take before they spill to disk ("6GB"); None: half of what is free
+    max_memory: str | None = None
 
     def check(self) -> None:
+        parse_memory(self.max_memory)
         _fraction(f"the {self.method} fraction", self.fraction, low_open=True, what="of the dense model's cost to keep")
         if self.tune not in _TUNE_CHOICES:
             raise ConfigError(f"Unknown tune {self.tune!r}: choose one of {', '.join(_TUNE_CHOICES)}.")
@@ -342,6 +364,7 @@ __all__ = [
     "handler_for",
     "known_methods",
     "load_config",
+    "parse_memory",
     "register_config",
     "register_handler",
 ]

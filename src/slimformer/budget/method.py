@@ -14,7 +14,7 @@ from typing import Any
 from slimformer.budget.fisher import MaskGradients, collect_mask_gradients
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, search_masks
 from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
-from slimformer.configs import FlopsBudget, LatencyBudget, PruneContext, PruneOutcome, register_handler
+from slimformer.configs import FlopsBudget, LatencyBudget, PruneContext, PruneOutcome, parse_memory, register_handler
 from slimformer.errors import SlimformerError
 from slimformer.importance import importance_sample
 from slimformer.prune.plan import Layout, PruningPlan
@@ -131,10 +131,11 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
     lap("rearrange")
     loss_estimate = {"searched": fisher_loss(gradients, searched), "rearranged": fisher_loss(gradients, plan)}
     tuning = None
+    max_memory = parse_memory(config.max_memory)
     if config.tune == "weights":
-        tuning = reconstruct_weights(model, plan, sample.batches, progress=ctx.progress)
+        tuning = reconstruct_weights(model, plan, sample.batches, max_memory=max_memory, progress=ctx.progress)
     elif config.tune == "scales":
-        gates, tuning = tune_masks(model, plan, sample.batches, progress=ctx.progress)
+        gates, tuning = tune_masks(model, plan, sample.batches, max_memory=max_memory, progress=ctx.progress)
         fold_scales(model, gates)
     lap("tune")
     details = {
@@ -145,6 +146,7 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
         "calibration": {**sample.description, "label_free": config.label_free},
         "fisher_loss_estimate": loss_estimate,
         "tuning": tuning.layers if tuning else None,
+        "refit_memory": tuning.memory if tuning else None,
     }
     return PruneOutcome(plan=plan, details=details, seconds=seconds)
 

@@ -92,33 +92,42 @@ def rearrange_layer(fisher_block: torch.Tensor, kept: list[int], max_swaps: int 
 
     Local search with pairwise swaps: each step swaps the pruned/kept pair that lowers J(P) = 1_P^T I 1_P most,
     until no swap helps. Returns the kept indices and the number of swaps made.
+
+    The block I[P, K] between pruned and kept units and the sums s = I 1_P are updated by one row, one column and
+    one vector per swap instead of being gathered again, so a swap costs one pass over |P| x |K| numbers (the
+    search for the best pair) rather than several over n x n: a 3,072-neuron FFN rearranges in seconds.
     """
     n = fisher_block.shape[0]
     if not kept or len(kept) == n:
         return sorted(kept), 0
     fisher = fisher_block.double()
-    pruned_mask = torch.ones(n, dtype=torch.bool)
-    pruned_mask[kept] = False
+    kept_mask = torch.zeros(n, dtype=torch.bool)
+    kept_mask[kept] = True
+    pruned = (~kept_mask).nonzero().squeeze(1)  # position -> unit; swaps exchange units at fixed positions
+    keep = kept_mask.nonzero().squeeze(1)
     diagonal = fisher.diagonal()
+    s = fisher[:, pruned].sum(dim=1)  # s_k = sum_{j in P} I_kj
+    between = fisher[pruned][:, keep].clone()  # I[P, K]
+    delta = torch.empty_like(between)
+    tolerance = -1e-12 * max(float(diagonal.abs().max()), 1e-30)
     swaps = 0
     for swaps in range(max_swaps):  # noqa: B007 - the count is returned
-        pruned = pruned_mask.nonzero().squeeze(1)
-        keep = (~pruned_mask).nonzero().squeeze(1)
-        s = fisher[:, pruned].sum(dim=1)  # s_k = sum_{j in P} I_kj
         # J(P - i + j) - J(P) = -2 s_i + I_ii + 2 s_j - 2 I_ij + I_jj, for i pruned and j kept
-        delta = (
-            (-2 * s[pruned] + diagonal[pruned])[:, None]
-            + (2 * s[keep] + diagonal[keep])[None, :]
-            - 2 * fisher[pruned][:, keep]
-        )
+        torch.mul(between, -2, out=delta)
+        delta += (-2 * s[pruned] + diagonal[pruned])[:, None]
+        delta += (2 * s[keep] + diagonal[keep])[None, :]
         flat = int(torch.argmin(delta))
-        if delta.reshape(-1)[flat] >= -1e-12 * max(float(diagonal.abs().max()), 1e-30):
+        if delta.reshape(-1)[flat] >= tolerance:
             break
-        i, j = pruned[flat // keep.numel()], keep[flat % keep.numel()]
-        pruned_mask[i], pruned_mask[j] = False, True
+        row, column = divmod(flat, keep.numel())
+        i, j = int(pruned[row]), int(keep[column])  # i is kept from now on, j pruned
+        pruned[row], keep[column] = j, i
+        s += fisher[:, j] - fisher[:, i]
+        between[row] = fisher[j, keep]
+        between[:, column] = fisher[pruned, i]
     else:
         swaps = max_swaps
-    return sorted((~pruned_mask).nonzero().squeeze(1).tolist()), swaps
+    return sorted(keep.tolist()), swaps
 
 
 def pruned_fisher(fisher_block: torch.Tensor, kept: list[int]) -> float:

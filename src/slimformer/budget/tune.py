@@ -20,134 +20,46 @@ Either way the result is an ordinary physically pruned model in slimformer's for
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from slimformer.arch import LayerView, layer_views
-from slimformer.gates import Gates, gated
-from slimformer.gradients import model_inputs
+from slimformer.budget.stream import MemoryBudget, SublayerBatch, projection, walk_sublayers
+from slimformer.gates import Gates
 from slimformer.prune.apply import plan_gates
 from slimformer.prune.plan import PruningPlan
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layer being tuned has been seen."""
-
-
 @dataclass
 class TuningReport:
-    """Per sub-layer: relative reconstruction error with all-ones masks and with the tuned masks."""
+    """Per sub-layer: relative reconstruction error with all-ones masks and with the tuned masks; ``memory``: what
+    the streamed activations took (peak bytes in RAM, bytes spilled to disk, the budget)."""
 
     layers: list[dict] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
 
 
-def _capture(module: nn.Module, store: dict, key: str, *, output: bool = False, stop: bool = False):
-    """Register a hook that stores the module's first input (or its output) in ``store[key]``."""
-    if output:
-
-        def hook(mod, args, result):
-            store[key] = result[0] if isinstance(result, tuple) else result
-            if stop:
-                raise _Stop
-
-        return module.register_forward_hook(hook)
-
-    def pre_hook(mod, args, kwargs):
-        store[key] = args[0] if args else kwargs["hidden_states"]
-
-    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-
-def _setup(model: PreTrainedModel, plan: PruningPlan) -> tuple[torch.device, Gates, list[tuple[LayerView, str]]]:
-    """The model's device, the plan's 0/1 gates on it, and the sub-layers (view, part) in the order to fit."""
-    views = layer_views(model)
+def _setup(model: PreTrainedModel, plan: PruningPlan) -> tuple[torch.device, Gates]:
+    """The model's device and the plan's 0/1 gates on it."""
     device = next(model.parameters()).device
     gates = plan_gates(model, plan)
-    gates = Gates(heads=[g.to(device) for g in gates.heads], neurons=[g.to(device) for g in gates.neurons])
-    return device, gates, [(view, part) for view in views for part in ("attention", "ffn")]
+    return device, Gates(heads=[g.to(device) for g in gates.heads], neurons=[g.to(device) for g in gates.neurons])
 
 
-def _projection(view: LayerView, part: str) -> nn.Linear:
-    """The sub-layer's output projection: attention output (o) or FFN down."""
-    return view.attn_out if part == "attention" else view.ffn_down
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Per-batch products in float32 (float64 for a float64 model); they are summed over batches in float64."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _sublayer_inputs(
-    model: PreTrainedModel,
-    view: LayerView,
-    part: str,
-    gates: Gates,
-    batches: Sequence[dict[str, torch.Tensor]],
-    device: torch.device,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch, for the real tokens: the sub-layer's residual input x and its projection's input (un-gated
-    contexts or activations), from the pruned model (``gates``) run only up to that projection."""
-    # sub-layer input: the layer's input (attention) or the FFN input; the projection: o or down
-    entry, proj = (view.layer, view.attn_out) if part == "attention" else (view.ffn_up, view.ffn_down)
-    for batch in batches:
-        inputs = model_inputs(batch, device)
-        valid = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
-        student: dict = {}
-        # capture hooks are registered before the gates, so they see the un-gated context / activation
-        handles = [_capture(entry, student, "x"), _capture(proj, student, "units")]
-        handles.append(_capture(proj, student, "stop", output=True, stop=True))
-        try:
-            with gated(model, gates):
-                _run(model, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        yield _select_tokens(student["x"].float(), valid), _select_tokens(student["units"].float(), valid)
+def _memory_report(report: TuningReport):
+    def record(budget: MemoryBudget) -> None:
+        report.memory = {"peak_bytes_in_ram": budget.peak, "bytes_spilled": budget.spilled, "limit": budget.limit}
 
-
-def _run(model: PreTrainedModel, inputs: dict) -> None:
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    except _Stop:
-        pass
-
-
-def _select_tokens(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Real (unpadded) tokens only, as [tokens, width] on the CPU."""
-    t = t[valid] if valid is not None else t.reshape(-1, t.shape[-1])
-    return t.detach().cpu()
-
-
-def dense_targets(
-    model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]], device: torch.device
-) -> dict[tuple[int, str], list[torch.Tensor]]:
-    """What every sub-layer of the dense model outputs before its LayerNorm (its residual input plus its
-    projection's output), for the real tokens of each batch: ``{(layer, "attention" | "ffn"): [per batch]}``.
-    One dense pass serves the tuning of every sub-layer."""
-    targets: dict[tuple[int, str], list[torch.Tensor]] = {}
-    for batch in batches:
-        inputs = model_inputs(batch, device)
-        valid = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
-        seen: dict = {}
-        handles = []
-        for view in layer_views(model):
-            handles += [
-                _capture(view.layer, seen, (view.index, "attention", "x")),
-                _capture(view.attn_out, seen, (view.index, "attention", "out"), output=True),
-                _capture(view.ffn_up, seen, (view.index, "ffn", "x")),
-                _capture(view.ffn_down, seen, (view.index, "ffn", "out"), output=True),
-            ]
-        try:
-            _run(model, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for view in layer_views(model):
-            for part in ("attention", "ffn"):
-                total = seen[(view.index, part, "x")] + seen[(view.index, part, "out")]
-                targets.setdefault((view.index, part), []).append(_select_tokens(total.float(), valid))
-    return targets
+    return record
 
 
 def tune_masks(
@@ -158,29 +70,36 @@ def tune_masks(
     damping: float = 1e-2,
     clamp: float = 10.0,
     target: str = "global",
+    max_memory: int | None = None,
     progress: bool = True,
 ) -> tuple[Gates, TuningReport]:
-    """Real-valued gates for ``plan`` (kept units scaled, pruned units 0) that best reconstruct each sub-layer."""
-    device, gates, steps = _setup(model, plan)
+    """Real-valued gates for ``plan`` (kept units scaled, pruned units 0) that best reconstruct each sub-layer.
+
+    ``target="global"``: the dense model's own sub-layer output; ``"local"``: the dense sub-layer applied to the
+    pruned model's own input (every unit at 1), which needs no dense stream."""
+    device, gates = _setup(model, plan)
     report = TuningReport()
     was_training = model.training
     model.eval()
+    steps = walk_sublayers(
+        model,
+        gates,
+        batches,
+        device,
+        dense_targets=target == "global",
+        max_memory=max_memory,
+        on_budget=_memory_report(report),
+    )
     try:
-        targets = dense_targets(model, batches, device) if target == "global" else None
-        for view, part in tqdm(steps, desc="mask tuning (least squares)", disable=not progress, leave=False):
+        bar = tqdm(
+            total=2 * len(plan.kept_heads), desc="mask tuning (least squares)", disable=not progress, leave=False
+        )
+        for view, part, source in steps:
+            bar.update()
             kept = plan.kept_heads[view.index] if part == "attention" else plan.kept_neurons[view.index]
             if not kept:
                 continue
-            gram, rhs, residual_sq, signal_sq = _normal_equations(
-                model,
-                view,
-                part,
-                kept,
-                gates,
-                batches,
-                targets[(view.index, part)] if targets else [None] * len(batches),
-                device,
-            )
+            gram, rhs, residual_sq, signal_sq = _normal_equations(view, part, kept, source())
             ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
             # ridge towards the untuned masks (all ones), not towards zero
             system = gram + ridge * torch.eye(len(kept), dtype=gram.dtype)
@@ -192,8 +111,8 @@ def tune_masks(
             if error_tuned >= error_ones:  # never make a sub-layer worse on the calibration set
                 scales = ones
                 error_tuned = error_ones
-            target = gates.heads[view.index] if part == "attention" else gates.neurons[view.index]
-            target[kept] = scales.to(target.dtype).to(device)
+            gate = gates.heads[view.index] if part == "attention" else gates.neurons[view.index]
+            gate[kept] = scales.to(gate.dtype).to(device)  # later sub-layers see the tuned scales
             report.layers.append(
                 {
                     "layer": view.index,
@@ -205,35 +124,32 @@ def tune_masks(
                     "scale_max": float(scales.max()),
                 }
             )
+        bar.close()
     finally:
+        steps.close()
         model.train(was_training)
     return gates, report
 
 
 def _normal_equations(
-    model: PreTrainedModel,
-    view: LayerView,
-    part: str,
-    kept: list[int],
-    gates: Gates,
-    batches: Sequence[dict[str, torch.Tensor]],
-    targets: list[torch.Tensor] | list[None],
-    device: torch.device,
+    view: LayerView, part: str, kept: list[int], data: Iterable[SublayerBatch]
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """A^T A, A^T r, r^T r (float64) and the squared norm of the targets (for a relative error), accumulated
-    over the batches; the pruned model runs with ``gates`` only up to the sub-layer being tuned."""
+    over the calibration batches of one sub-layer."""
     n = len(kept)
     gram = torch.zeros(n, n, dtype=torch.float64)
     rhs = torch.zeros(n, dtype=torch.float64)
     residual_sq = signal_sq = 0.0
     index = torch.tensor(kept, dtype=torch.long)
-    proj = _projection(view, part)
-    weight = proj.weight.detach().float().cpu()  # [hidden, width]
-    bias = proj.bias.detach().float().cpu() if proj.bias is not None else 0.0
-    for (x, units), target in zip(_sublayer_inputs(model, view, part, gates, batches, device), targets, strict=True):
+    proj = projection(view, part)
+    for batch in data:
+        dtype = _compute_dtype(batch.units)
+        units, x = batch.units.to("cpu", dtype), batch.x.to("cpu", dtype)
+        weight = proj.weight.detach().to("cpu", dtype)  # [hidden, width]
+        bias = proj.bias.detach().to("cpu", dtype) if proj.bias is not None else 0.0
         # global: the dense model's own sub-layer output, which also corrects earlier layers' drift;
         # local: the dense sub-layer applied to the pruned model's own input (every unit at 1)
-        residual = units @ weight.T if target is None else target - x - bias  # [tokens, hidden]
+        residual = units @ weight.T if batch.target is None else batch.target.to("cpu", dtype) - x - bias
         if part == "attention":
             size = view.head_size
             context = units.reshape(units.shape[0], -1, size)[:, index]  # [tokens, n, size]
@@ -247,7 +163,8 @@ def _normal_equations(
             gram += ((act.T @ act) * (w.T @ w)).double()
             rhs += (act * (residual @ w)).sum(0).double()
         residual_sq += float(residual.double().pow(2).sum())
-        signal_sq += float((target if target is not None else residual).double().pow(2).sum())
+        signal = residual if batch.target is None else batch.target
+        signal_sq += float(signal.double().pow(2).sum())
     return gram, rhs, residual_sq, signal_sq
 
 
@@ -269,6 +186,7 @@ def reconstruct_weights(
     *,
     damping: float = 1e-2,
     fit_bias: bool = True,
+    max_memory: int | None = None,
     progress: bool = True,
 ) -> TuningReport:
     """Refit, in place, the kept columns (and the bias) of every output and down projection by least squares, so
@@ -279,27 +197,29 @@ def reconstruct_weights(
     et al. 2023): with X the kept units' outputs (contexts or activations) and R the target residual, the
     projection becomes W^T = (X^T X + lambda I)^-1 (X^T R + lambda W0^T), a ridge towards the original W0.
     The pruned columns are untouched: physically removing them afterwards (``remove(model, plan)``) gives the
-    final model.
+    final model. The calibration set is streamed layer by layer (:func:`~slimformer.budget.stream.walk_sublayers`):
+    O(L) layer passes, at most ``max_memory`` bytes of activations in RAM (default: half the available memory).
     """
-    device, gates, steps = _setup(model, plan)
+    device, gates = _setup(model, plan)
     report = TuningReport()
     was_training = model.training
     model.eval()
+    steps = walk_sublayers(model, gates, batches, device, max_memory=max_memory, on_budget=_memory_report(report))
     try:
-        targets = dense_targets(model, batches, device)
-        for view, part in tqdm(steps, desc="weight reconstruction (least squares)", disable=not progress, leave=False):
+        total = 2 * len(plan.kept_heads)
+        bar = tqdm(total=total, desc="weight reconstruction (least squares)", disable=not progress, leave=False)
+        for view, part, source in steps:
+            bar.update()
             kept = plan.kept_heads[view.index] if part == "attention" else plan.kept_neurons[view.index]
             if not kept:
                 continue
-            proj = _projection(view, part)
+            proj = projection(view, part)
             if part == "attention":
                 columns = torch.cat([torch.arange(h * view.head_size, (h + 1) * view.head_size) for h in kept])
             else:
                 columns = torch.tensor(kept, dtype=torch.long)
             with_bias = fit_bias and proj.bias is not None
-            gram, cross, residual_sq, signal_sq = _regression_statistics(
-                model, view, part, columns, gates, batches, targets[(view.index, part)], device, with_bias
-            )
+            gram, cross, residual_sq, signal_sq = _regression_statistics(proj, columns, source(), with_bias)
             w0 = proj.weight.detach().double().cpu()[:, columns]  # [hidden, n]
             start = torch.cat([w0.T, torch.zeros(1, w0.shape[0], dtype=w0.dtype)]) if with_bias else w0.T
             error_start = float((start * (gram @ start)).sum() - 2 * (start * cross).sum() + residual_sq)
@@ -326,37 +246,31 @@ def reconstruct_weights(
                     "relative_error_tuned": error_fit / max(signal_sq, 1e-30),
                 }
             )
+        bar.close()
     finally:
+        steps.close()
         model.train(was_training)
     return report
 
 
 def _regression_statistics(
-    model: PreTrainedModel,
-    view: LayerView,
-    part: str,
-    columns: torch.Tensor,
-    gates: Gates,
-    batches: Sequence[dict[str, torch.Tensor]],
-    targets: list[torch.Tensor],
-    device: torch.device,
-    with_ones: bool,
+    proj: torch.nn.Linear, columns: torch.Tensor, data: Iterable[SublayerBatch], with_ones: bool
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """X^T X, X^T R, ||R||^2 and ||targets||^2 (float64) over the real tokens, with X the kept columns of the
     projection's input (plus a column of ones when ``with_ones``) and R = dense output - residual input - bias."""
-    proj = _projection(view, part)
     n = len(columns) + (1 if with_ones else 0)
     gram = torch.zeros(n, n, dtype=torch.float64)
     cross = torch.zeros(n, proj.out_features, dtype=torch.float64)
     residual_sq = signal_sq = 0.0
-    bias = proj.bias.detach().float().cpu() if proj.bias is not None else 0.0
-    for (x, units), target in zip(_sublayer_inputs(model, view, part, gates, batches, device), targets, strict=True):
-        features = units[:, columns].double()
+    for batch in data:
+        dtype = _compute_dtype(batch.units)
+        features = batch.units[:, columns.to(batch.units.device)].to("cpu", dtype)
         if with_ones:
-            features = torch.cat([features, torch.ones(features.shape[0], 1, dtype=features.dtype)], dim=1)
-        residual = (target - x - bias).double()
-        gram += features.T @ features
-        cross += features.T @ residual
-        residual_sq += float(residual.pow(2).sum())
-        signal_sq += float(target.double().pow(2).sum())
+            features = torch.cat([features, torch.ones(features.shape[0], 1, dtype=dtype)], dim=1)
+        bias = proj.bias.detach().to("cpu", dtype) if proj.bias is not None else 0.0
+        residual = batch.target.to("cpu", dtype) - batch.x.to("cpu", dtype) - bias
+        gram += (features.T @ features).double()
+        cross += (features.T @ residual).double()
+        residual_sq += float(residual.double().pow(2).sum())
+        signal_sq += float(batch.target.double().pow(2).sum())
     return gram, cross, residual_sq, signal_sq

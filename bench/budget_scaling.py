@@ -1,0 +1,280 @@
+"""Cost of retraining-free budget pruning against model size and depth (issue 18): peak resident memory and wall
+time of ``FlopsBudget(0.5)`` (Fisher, search, least-squares refit, removal) on real and randomly initialised
+models, for slimformer's streamed layer-by-layer refit and, with ``--before SRC``, for another checkout's ``src/``
+(the refit that kept every dense sub-layer output and re-ran the model up to each sub-layer).
+
+Each run is a fresh process (its peak resident memory is its own). Models:
+
+- ``minilm-l6``: the converged STS-B teacher of bench/teachers.py (scored on STS-B dev before and after);
+- ``mpnet``: all-mpnet-base-v2 (``../shared/models/all-mpnet-base-v2.sh``) with a new classification head;
+- ``bert-base`` / ``bert-large`` / ``bert-base-L<n>``: BERT shapes from a config, random weights (the score means
+  nothing, the cost is real), the MiniLM word-piece tokenizer.
+
+Calibration data: the task's training examples (MRPC sentence pairs unless the model has its own task), max length
+128, length-grouped batches of 32 as the pruner takes them. Writes ``bench/results/budget_scaling.{json,md,png}``.
+
+    python bench/budget_scaling.py --models minilm-l6,mpnet,bert-base,bert-large --examples 2048 \
+        [--depths 2,4,8,12] [--before /tmp/slimformer-before/src]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from common import RESULTS, ROOT, RUNS, glue_dir, machine, markdown_table, teacher_folder, write_results
+
+SHAPES = {  # hidden, layers, heads, FFN
+    "bert-base": (768, 12, 12, 3072),
+    "bert-large": (1024, 24, 16, 4096),
+}
+RESULT_MARK = "BUDGET_SCALING_RESULT "
+
+
+def shape_of(name: str) -> tuple[int, int, int, int] | None:
+    """A random BERT shape: ``bert-base``, ``bert-large`` or ``bert-base-L<layers>``."""
+    base, _, depth = name.partition("-L")
+    if base not in SHAPES:
+        return None
+    hidden, layers, heads, ffn = SHAPES[base]
+    return hidden, int(depth) if depth else layers, heads, ffn
+
+
+def random_model_folder(name: str) -> Path:
+    """A BERT of the given shape with random weights, saved once under runs/bench/scaling/."""
+    folder = RUNS / "scaling" / name
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    import transformers
+
+    import slimformer
+
+    hidden, layers, heads, ffn = shape_of(name)
+    config = transformers.BertConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn, num_labels=2
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    tokenizer = slimformer.load_model("minilm-l6").tokenizer
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(folder)
+    return folder
+
+
+def mpnet_folder() -> Path:
+    script = ROOT.parent / "shared" / "models" / "all-mpnet-base-v2.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, check=True)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def model_and_task(name: str) -> tuple[str, str, bool]:
+    """(model folder, task, whether its score means something)."""
+    if name == "minilm-l6":
+        return str(teacher_folder("stsb")), "stsb", True
+    if name == "mpnet":
+        return str(mpnet_folder()), "mrpc", False
+    if shape_of(name) is not None:
+        return str(random_model_folder(name)), "mrpc", False
+    raise SystemExit(f"Unknown model {name!r}: minilm-l6, mpnet, bert-base, bert-large or bert-base-L<n>.")
+
+
+def worker(spec: dict) -> dict:
+    """One pruning run in this process (called with the slimformer under test first on sys.path)."""
+    import resource
+
+    import torch
+
+    import slimformer
+
+    torch.set_num_threads(spec["threads"])
+    data = slimformer.load_task(spec["task"], data_dir=spec["glue_dir"])
+    config = slimformer.FlopsBudget(spec["fraction"], calibration_examples=spec["examples"])
+    result = slimformer.prune(spec["model"], config, data, max_length=128, evaluate=spec["evaluate"], progress=False)
+    seconds = result.report["seconds"]
+    details = result.report.get("details") or {}
+    return {
+        "slimformer": slimformer.__file__,
+        "seconds": seconds,
+        "pruning_seconds": sum(v for k, v in seconds.items() if k != "total" and not k.startswith("evaluate")),
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # kilobytes on Linux
+        "score": result.score if spec["evaluate"] else None,
+        "score_before": result.report.get("score", {}).get("before") if spec["evaluate"] else None,
+        "calibration": details.get("calibration"),
+        "refit_memory": details.get("refit_memory"),
+        "layers": len(result.plan.kept_heads),
+        "kept_heads": sum(len(h) for h in result.plan.kept_heads),
+        "kept_neurons": sum(len(n) for n in result.plan.kept_neurons),
+    }
+
+
+def run_fresh(spec: dict, src: Path, log: Path) -> dict:
+    """``worker(spec)`` in a new Python process with ``src`` first on its path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(ROOT / "bench")])}
+    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    with log.open("a") as out:
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=out, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if done.returncode != 0 or not lines:
+        return {"error": f"exit {done.returncode}; see {log}"}
+    return json.loads(lines[-1][len(RESULT_MARK) :])
+
+
+def fit_line(xs: list[float], ys: list[float]) -> dict | None:
+    """Least-squares line y = a + b x and its R^2 (None for fewer than 3 points)."""
+    if len(xs) < 3:
+        return None
+    import numpy as np
+
+    b, a = np.polyfit(xs, ys, 1)
+    predicted = a + b * np.asarray(xs)
+    total = float(((np.asarray(ys) - np.mean(ys)) ** 2).sum())
+    r2 = 1 - float(((np.asarray(ys) - predicted) ** 2).sum()) / total if total else 1.0
+    return {"intercept": float(a), "slope": float(b), "r2": r2}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth_rows = [r for r in rows if r["model"].startswith("bert-base") and "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for implementation, marker in (("streamed", "o"), ("before", "s")):
+        points = sorted((r["layers"], r) for r in depth_rows if r["implementation"] == implementation)
+        if not points:
+            continue
+        layers = [p[0] for p in points]
+        axes[0].plot(layers, [p[1]["seconds"]["tune"] for p in points], marker=marker, label=implementation)
+        axes[1].plot(layers, [p[1]["peak_mib"] / 1024 for p in points], marker=marker, label=implementation)
+    axes[0].set(xlabel="layers (BERT-base width)", ylabel="refit seconds", title="Refit time against depth")
+    axes[1].set(xlabel="layers (BERT-base width)", ylabel="peak GiB (whole run)", title="Peak memory against depth")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--models", default="minilm-l6,mpnet,bert-base,bert-large")
+    parser.add_argument("--depths", default="", help="also BERT-base width at these depths, e.g. 2,4,8,12")
+    parser.add_argument("--examples", type=int, default=2048)
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--before", type=Path, default=None, help="src/ of the checkout to compare against")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--redo", action="store_true", help="re-run rows the results file already has")
+    args = parser.parse_args()
+    if args.worker:
+        print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    names += [f"bert-base-L{d.strip()}" for d in args.depths.split(",") if d.strip()]
+    implementations = [("streamed", ROOT / "src")] + ([("before", args.before.resolve())] if args.before else [])
+    results_file = args.results_dir / "budget_scaling.json"
+    rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
+    log = RUNS / "scaling" / "runs.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        model, task, scored = model_and_task(name)
+        for implementation, src in implementations:
+            key = (name, implementation, args.examples)
+            done = [r for r in rows if (r["model"], r["implementation"], r["examples"]) == key]
+            if done and not args.redo and "error" not in done[0]:
+                continue
+            rows = [r for r in rows if (r["model"], r["implementation"], r["examples"]) != key]
+            spec = {
+                "model": model,
+                "task": task,
+                "examples": args.examples,
+                "fraction": args.fraction,
+                "threads": args.threads,
+                "evaluate": scored,
+                "glue_dir": str(glue_dir()),
+            }
+            print(f"{name} / {implementation} / {args.examples} examples ...", flush=True)
+            row = {"model": name, "implementation": implementation, "examples": args.examples, "task": task}
+            rows.append({**row, **run_fresh(spec, src, log)})
+            print(rows[-1], flush=True)
+            write(rows, args)
+    write(rows, args)
+
+
+def write(rows: list[dict], args) -> None:
+    table = []
+    for r in sorted(rows, key=lambda r: (r["model"], r["examples"], r["implementation"])):
+        if "error" in r:
+            table.append([r["model"], r["implementation"], r["examples"], r["task"], "failed", "", "", "", ""])
+            continue
+        refit = (r.get("refit_memory") or {}).get("peak_bytes_in_ram")
+        score = "" if r.get("score") is None else f"{r['score_before'] * 100:.2f} -> {r['score'] * 100:.2f}"
+        table.append(
+            [
+                r["model"],
+                r["implementation"],
+                r["examples"],
+                r["task"],
+                f"{r['pruning_seconds']:.0f}",
+                f"{r['seconds']['fisher']:.0f} / {r['seconds']['tune']:.0f}",
+                f"{r['peak_mib'] / 1024:.2f}",
+                "" if refit is None else f"{refit / 2**30:.2f}",
+                score,
+            ]
+        )
+    fits = {}
+    for implementation in ("streamed", "before"):
+        depth_rows = [
+            r
+            for r in rows
+            if r["model"].startswith("bert-base") and r["implementation"] == implementation and "error" not in r
+        ]
+        fit = fit_line([r["layers"] for r in depth_rows], [r["seconds"]["tune"] for r in depth_rows])
+        if fit:
+            fits[implementation] = fit
+    fit_text = "".join(
+        f"- {impl}: refit seconds = {f['intercept']:.1f} + {f['slope']:.2f} x layers (R^2 {f['r2']:.3f})\n"
+        for impl, f in fits.items()
+    )
+    markdown = (
+        f"# Cost of budget pruning ({args.fraction:.0%} of the FLOPs) against model size\n\n"
+        "Peak resident memory and wall time of one `FlopsBudget` run (Fisher, search, least-squares refit, removal; "
+        "dev evaluation not counted) in a fresh process, 2 threads. `streamed`: the layer-by-layer refit; `before`: "
+        "the refit that kept every dense sub-layer output and re-ran the model up to each sub-layer (slimformer "
+        "243dd31). Random BERT shapes score nothing; their cost is real. MRPC sentence pairs at max length 128 "
+        "unless the model has its own task.\n\n"
+        + markdown_table(
+            [
+                "model",
+                "refit",
+                "calibration examples",
+                "task",
+                "seconds",
+                "Fisher / refit s",
+                "peak GiB",
+                "refit activations GiB",
+                "score before -> after",
+            ],
+            table,
+        )
+        + ("\nRefit time against depth (BERT-base width, least-squares line):\n\n" + fit_text if fit_text else "")
+    )
+    write_results("budget_scaling", {"machine": machine(), "fits": fits, "rows": rows}, markdown, args.results_dir)
+    if fits:
+        plot(rows, args.results_dir / "budget_scaling.png")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

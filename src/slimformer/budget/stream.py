@@ -1,0 +1,302 @@
+"""Calibration activations advanced one transformer layer at a time, for the layer-wise least-squares refit.
+
+The refit (:mod:`slimformer.budget.tune`) needs, for every sub-layer in order, the pruned model's input to that
+sub-layer and the dense model's output of it, over the whole calibration set. Running both models from the
+embeddings up to each sub-layer costs O(L^2) layer passes, and keeping every dense sub-layer output costs
+calibration tokens x 2L x hidden floats (about 19 GB for all-mpnet-base-v2 at 2,048 x 128 tokens). Instead,
+:func:`walk_sublayers` keeps only the current layer's input of both models (the *dense* and the *pruned*
+stream) and calls that one layer directly, so memory is one layer's activations and time is O(L) layer passes.
+
+Calling one layer needs the arguments the encoder gives every layer besides the hidden states (the prepared
+attention mask, MPNet's relative-position bias, ...). They are the same for every layer in all supported families,
+so they are read off the first layer's call with a forward pre-hook, per batch, when needed (recomputing them is
+an embedding lookup, cheaper than keeping MPNet's [batch, heads, seq, seq] position bias for every batch).
+
+Activations live in RAM while they fit ``max_memory`` bytes, and are spilled to memory-mapped files in a
+temporary folder beyond it (:class:`ActivationStore`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from slimformer.arch import LayerView, layer_list, layer_views
+from slimformer.gates import Gates, gated
+from slimformer.gradients import model_inputs
+
+# of the memory available when the refit starts, the share its stored activations may take by default
+DEFAULT_MEMORY_SHARE = 0.5
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what is needed has been seen."""
+
+
+def default_max_memory() -> int:
+    """Bytes the refit's stored activations may take when the user names no budget: a share of available RAM."""
+    return int(DEFAULT_MEMORY_SHARE * psutil.virtual_memory().available)
+
+
+class MemoryBudget:
+    """Bytes the activation stores of one refit hold in RAM, against a limit shared by all of them."""
+
+    def __init__(self, limit_bytes: int | None):
+        self.limit = default_max_memory() if limit_bytes is None else int(limit_bytes)
+        self.used = 0
+        self.peak = 0
+        self.spilled = 0  # bytes written to disk instead
+
+    def take(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def give_back(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
+class ActivationStore:
+    """One tensor per calibration batch, in RAM while the shared :class:`MemoryBudget` allows, else in a
+    memory-mapped file of ``spill_dir`` (read back lazily by the operating system, never all at once)."""
+
+    def __init__(self, budget: MemoryBudget, spill_dir: Callable[[], Path], name: str):
+        self._budget = budget
+        self._spill_dir = spill_dir
+        self._name = name
+        self._items: dict[int, torch.Tensor] = {}
+        self._devices: dict[int, torch.device] = {}  # where a spilled tensor came from (and goes back to)
+        self._in_ram: dict[int, int] = {}  # index -> bytes counted against the budget
+
+    def __setitem__(self, index: int, tensor: torch.Tensor) -> None:
+        self._drop(index)
+        tensor = tensor.detach()
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._budget.take(nbytes):
+            self._items[index] = tensor
+            self._in_ram[index] = nbytes
+            return
+        path = self._spill_dir() / f"{self._name}-{index}.pt"
+        torch.save(tensor.cpu().contiguous(), path)
+        self._items[index] = torch.load(path, mmap=True, weights_only=True)
+        self._devices[index] = tensor.device
+        self._budget.spilled += nbytes
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        tensor = self._items[index]
+        return tensor.to(self._devices[index]) if index in self._devices else tensor
+
+    def _drop(self, index: int) -> None:
+        self._items.pop(index, None)
+        self._devices.pop(index, None)
+        if index in self._in_ram:
+            self._budget.give_back(self._in_ram.pop(index))
+
+    def clear(self) -> None:
+        for index in list(self._items):
+            self._drop(index)
+
+
+@dataclass
+class SublayerBatch:
+    """For the real tokens of one calibration batch: the sub-layer's residual input ``x`` and its projection's
+    un-gated input ``units`` in the pruned model, and the dense model's sub-layer output before its LayerNorm
+    (``target``; None when no dense stream is kept)."""
+
+    x: torch.Tensor
+    units: torch.Tensor
+    target: torch.Tensor | None
+
+
+def _capture(module: nn.Module, store: dict, key: str, *, output: bool = False, stop: bool = False):
+    """A hook that stores the module's first input (or its output) in ``store[key]``, optionally ending the pass."""
+    if output:
+
+        def hook(mod, args, result):
+            store[key] = result[0] if isinstance(result, tuple) else result
+            if stop:
+                raise _Stop
+
+        return module.register_forward_hook(hook)
+
+    def pre_hook(mod, args, kwargs):
+        store[key] = args[0] if args else kwargs["hidden_states"]
+        if stop:
+            raise _Stop
+
+    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def _real_tokens(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The real (unpadded) tokens only, as [tokens, width]."""
+    return t[valid] if valid is not None else t.reshape(-1, t.shape[-1])
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def projection(view: LayerView, part: str) -> nn.Linear:
+    """The sub-layer's output projection: attention output (o) or FFN down."""
+    return view.attn_out if part == "attention" else view.ffn_down
+
+
+class _LayerCalls:
+    """What the encoder passes each layer for one batch: the embeddings' output and the other arguments."""
+
+    def __init__(self, model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]], device: torch.device):
+        self.model = model
+        self.batches = batches
+        self.device = device
+        self.first_layer = layer_list(model)[0]
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, tuple, dict, torch.Tensor | None]:
+        inputs = model_inputs(self.batches[index], self.device)
+        seen: dict = {}
+
+        def pre_hook(module, args, kwargs):
+            seen["args"], seen["kwargs"] = args, kwargs
+            raise _Stop
+
+        handle = self.first_layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.model(**inputs)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        args, kwargs = seen["args"], dict(seen["kwargs"])
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        valid = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
+        return hidden, tuple(args[1:]), kwargs, valid
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """One layer's output (None when a hook stopped it early)."""
+    try:
+        with torch.no_grad():
+            return _first(layer(hidden, *args, **kwargs))
+    except _Stop:
+        return None
+
+
+def walk_sublayers(
+    model: PreTrainedModel,
+    gates: Gates,
+    batches: Sequence[dict[str, torch.Tensor]],
+    device: torch.device,
+    *,
+    dense_targets: bool = True,
+    max_memory: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
+    on_budget: Callable[[MemoryBudget], None] | None = None,
+) -> Iterator[tuple[LayerView, str, Callable[[], Iterator[SublayerBatch]]]]:
+    """Yield every sub-layer in order, ``(view, "attention" | "ffn", batches)``, where ``batches()`` iterates
+    the calibration set as :class:`SublayerBatch` es with the pruned model (``gates`` in place) up to that
+    sub-layer. The caller may change the sub-layer's projection before asking for the next one: later sub-layers
+    see the change. The dense targets of a layer are taken before any of its weights change.
+
+    Memory: the dense and pruned inputs of the current layer and the dense targets of its two sub-layers, at most
+    ``max_memory`` bytes of them in RAM (default: half the memory available), the rest memory-mapped from
+    ``spill_dir`` (default: a temporary folder, removed at the end).
+    """
+    budget = MemoryBudget(max_memory)
+    calls = _LayerCalls(model, batches, device)
+    with ExitStack() as stack:
+        folder: list[Path] = []
+
+        def spill() -> Path:
+            if not folder:
+                folder.append(Path(stack.enter_context(tempfile.TemporaryDirectory(dir=spill_dir, prefix="refit-"))))
+            return folder[0]
+
+        # the hooks of one refit's stores; cleared before the temporary folder goes (Windows keeps mapped files)
+        dense, pruned = ActivationStore(budget, spill, "dense"), ActivationStore(budget, spill, "pruned")
+        targets = {part: ActivationStore(budget, spill, f"target-{part}") for part in ("attention", "ffn")}
+        stores = [dense, pruned, *targets.values()]
+        stack.callback(lambda: [store.clear() for store in stores])
+        for index in range(len(batches)):
+            hidden = calls(index)[0]
+            pruned[index] = hidden
+            if dense_targets:
+                dense[index] = hidden.clone()  # its own copy: the budget counts both streams
+        for view in layer_views(model):
+            if dense_targets:
+                _advance_dense(view, calls, dense, targets)
+            for part in ("attention", "ffn"):
+                yield view, part, _pruned_source(model, view, part, gates, calls, pruned, targets, dense_targets)
+            with gated(model, gates):
+                for index in range(len(batches)):
+                    _, args, kwargs, _ = calls(index)
+                    pruned[index] = _run_layer(view.layer, pruned[index], args, kwargs)
+        if on_budget is not None:
+            on_budget(budget)
+
+
+def _advance_dense(view: LayerView, calls: _LayerCalls, dense: ActivationStore, targets: dict) -> None:
+    """Run the dense layer on every batch: keep its two sub-layer outputs (before LayerNorm) as the targets and
+    move the dense stream to the layer's output."""
+    for index in range(len(calls.batches)):
+        _, args, kwargs, valid = calls(index)
+        seen: dict = {}
+        handles = [
+            _capture(view.attn_out, seen, "attention", output=True),
+            _capture(view.ffn_up, seen, "ffn x"),
+            _capture(view.ffn_down, seen, "ffn", output=True),
+        ]
+        hidden = dense[index]
+        try:
+            out = _run_layer(view.layer, hidden, args, kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        targets["attention"][index] = _real_tokens(hidden + seen["attention"], valid)
+        targets["ffn"][index] = _real_tokens(seen["ffn x"] + seen["ffn"], valid)
+        dense[index] = out
+
+
+def _pruned_source(
+    model: PreTrainedModel,
+    view: LayerView,
+    part: str,
+    gates: Gates,
+    calls: _LayerCalls,
+    pruned: ActivationStore,
+    targets: dict,
+    with_targets: bool,
+) -> Callable[[], Iterator[SublayerBatch]]:
+    def source() -> Iterator[SublayerBatch]:
+        proj = projection(view, part)
+        for index in range(len(calls.batches)):
+            _, args, kwargs, valid = calls(index)
+            seen: dict = {}
+            # capture hooks go in before the gates' hooks, so they see the un-gated contexts / activations
+            handles = [_capture(proj, seen, "units", stop=True)]
+            if part == "ffn":
+                handles.append(_capture(view.ffn_up, seen, "x"))
+            try:
+                with gated(model, gates):
+                    _run_layer(view.layer, pruned[index], args, kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            x = pruned[index] if part == "attention" else seen["x"]
+            yield SublayerBatch(
+                x=_real_tokens(x, valid),
+                units=_real_tokens(seen["units"], valid),
+                target=targets[part][index] if with_targets else None,
+            )
+
+    return source
