@@ -7,6 +7,7 @@ Each run is a fresh process (its peak resident memory is its own). Models:
 
 - ``minilm-l6``: the converged STS-B teacher of bench/teachers.py (scored on STS-B dev before and after);
 - ``mpnet``: all-mpnet-base-v2 (``../shared/models/all-mpnet-base-v2.sh``) with a new classification head;
+  ``mpnet-sst2``: the same on SST-2 sentences with the label-free Fisher (the issue's first measurement);
 - ``bert-base`` / ``bert-large`` / ``bert-base-L<n>``: BERT shapes from a config, random weights (the score means
   nothing, the cost is real), the MiniLM word-piece tokenizer.
 
@@ -75,15 +76,17 @@ def mpnet_folder() -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-def model_and_task(name: str) -> tuple[str, str, bool]:
-    """(model folder, task, whether its score means something)."""
+def model_and_task(name: str) -> tuple[str, str, bool, bool]:
+    """(model folder, task, whether its score means something, whether the Fisher is label-free)."""
     if name == "minilm-l6":
-        return str(teacher_folder("stsb")), "stsb", True
+        return str(teacher_folder("stsb")), "stsb", True, False
     if name == "mpnet":
-        return str(mpnet_folder()), "mrpc", False
+        return str(mpnet_folder()), "mrpc", False, False
+    if name == "mpnet-sst2":  # the issue's first measurement: a new SST-2 head, label-free Fisher, short sentences
+        return str(mpnet_folder()), "sst2", False, True
     if shape_of(name) is not None:
-        return str(random_model_folder(name)), "mrpc", False
-    raise SystemExit(f"Unknown model {name!r}: minilm-l6, mpnet, bert-base, bert-large or bert-base-L<n>.")
+        return str(random_model_folder(name)), "mrpc", False, False
+    raise SystemExit(f"Unknown model {name!r}: minilm-l6, mpnet, mpnet-sst2, bert-base, bert-large, bert-base-L<n>.")
 
 
 def worker(spec: dict) -> dict:
@@ -96,7 +99,9 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     data = slimformer.load_task(spec["task"], data_dir=spec["glue_dir"])
-    config = slimformer.FlopsBudget(spec["fraction"], calibration_examples=spec["examples"])
+    config = slimformer.FlopsBudget(
+        spec["fraction"], calibration_examples=spec["examples"], label_free=spec.get("label_free", False)
+    )
     result = slimformer.prune(spec["model"], config, data, max_length=128, evaluate=spec["evaluate"], progress=False)
     seconds = result.report["seconds"]
     details = result.report.get("details") or {}
@@ -188,7 +193,7 @@ def main() -> None:
     log = RUNS / "scaling" / "runs.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
-        model, task, scored = model_and_task(name)
+        model, task, scored, label_free = model_and_task(name)
         for implementation, src in implementations:
             key = (name, implementation, args.examples)
             done = [r for r in rows if (r["model"], r["implementation"], r["examples"]) == key]
@@ -202,6 +207,7 @@ def main() -> None:
                 "fraction": args.fraction,
                 "threads": args.threads,
                 "evaluate": scored,
+                "label_free": label_free,
                 "glue_dir": str(glue_dir()),
             }
             print(f"{name} / {implementation} / {args.examples} examples ...", flush=True)

@@ -117,12 +117,13 @@ class EarlyStopOnDev(TrainerCallback):
             model.load_state_dict(torch.load(self.best_file, weights_only=True))
 
 
-def build_teacher(task: str) -> dict:
+def build_teacher(task: str, data=None, recipe: TeacherRecipe | None = None) -> dict:
+    """The converged teacher of ``task`` (a GLUE task of RECIPES, or any ``data`` with its own ``recipe``)."""
     out = teacher_dir(task)
     if (out / METRICS_FILE).is_file():
         return json.loads((out / METRICS_FILE).read_text())
-    recipe = RECIPES[task]
-    data = load_task(task, glue_dir(), seed=recipe.config.seed)
+    recipe = recipe or RECIPES[task]
+    data = data or load_task(task, glue_dir(), seed=recipe.config.seed)
     from slimformer.models import load_model
 
     tokenizer = load_model("minilm-l6", data.spec).tokenizer

@@ -20,7 +20,7 @@ from slimformer.budget.fisher import collect_mask_gradients
 from slimformer.budget.latency_table import LatencyTable
 from slimformer.budget.method import plan_for_budget
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, rearrange_layer, search_masks
-from slimformer.budget.stream import walk_sublayers
+from slimformer.budget.stream import _LayerCalls, head_io, output_layer, walk_sublayers
 from slimformer.budget.tune import _normal_equations, fold_scales, reconstruct_weights, tune_masks
 from slimformer.configs import ConfigError, parse_memory
 from slimformer.errors import SlimformerError
@@ -442,3 +442,59 @@ def test_max_memory_is_a_human_size_or_a_clear_error():
     for bad in ("lots", "-3GB", "6TB"):
         with pytest.raises(ConfigError, match="not a size"):
             slimformer.FlopsBudget(0.5, max_memory=bad)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_the_task_head_alone_on_the_final_hidden_states_gives_the_models_logits(family):
+    model = tiny_model(family)
+    data = batches(2)
+    calls = _LayerCalls(model, data, torch.device("cpu"))
+    for index, batch in enumerate(data):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            full = model(**inputs, output_hidden_states=True)
+        _, logits = head_io(model, calls, index, full.hidden_states[-1])
+        torch.testing.assert_close(logits, full.logits, atol=1e-6, rtol=0)
+    assert len(layer_views(model)) == 2  # the layers are back
+
+
+def logit_error(model, reference, data) -> float:
+    total = 0.0
+    for batch in data:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            total += float(((model(**inputs).logits - reference(**inputs).logits) ** 2).sum())
+    return total
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_refitting_the_head_brings_the_logits_closer_to_the_dense_ones(family):
+    dense = tiny_model(family)
+    data = batches(8)
+    plan = uneven_plan(dense)
+    without, with_head = copy.deepcopy(dense), copy.deepcopy(dense)
+    reconstruct_weights(without, plan, data, progress=False)
+    report = reconstruct_weights(with_head, plan, data, fit_head=True, progress=False)
+    assert report.layers[-1]["layer"] == "head" and report.layers[-1]["units"] == output_layer(dense).in_features
+    # everything but the output layer is refit identically
+    for got, expected in zip(projection_weights(with_head), projection_weights(without), strict=True):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    remove(without, plan)
+    remove(with_head, plan)
+    assert logit_error(with_head, dense, data) < logit_error(without, dense, data)
+
+
+def test_fisher_micro_batches_give_the_same_per_example_gradients():
+    model = tiny_model("bert")
+    data = batches(n=2, size=6, seq=9)
+    whole = collect_mask_gradients(model, data, max_tokens_per_pass=10**6, progress=False)
+    split = collect_mask_gradients(model, data, max_tokens_per_pass=20, progress=False)  # 2 rows of 9 per pass
+    assert split.n_examples == whole.n_examples == 12
+    for got, expected in zip(split.heads + split.neurons, whole.heads + whole.neurons, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    from slimformer.budget.fisher import micro_batches
+
+    pieces = micro_batches(data, 20)
+    assert [len(p["input_ids"]) for p in pieces] == [2, 2, 2] * 2 and torch.equal(
+        pieces[1]["labels"], data[0]["labels"][2:4]
+    )

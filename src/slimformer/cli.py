@@ -337,6 +337,7 @@ def _prune_config(options: dict):
         "seq_len": options["seq_len"],
         "seed": options["seed"],
         "max_memory": options["max_memory"],
+        "refit_head": options["refit_head"],
     }
     if options["budget_flops"] is not None:
         return configs.FlopsBudget(fraction=options["budget_flops"], **budget)
@@ -401,6 +402,9 @@ def prune(
     ] = None,
     calibration_examples: Annotated[int, typer.Option(help="Budget pruning: calibration examples.")] = 2048,
     rearrange: Annotated[bool, typer.Option(help="Budget pruning: rearrange masks by the layer Fisher.")] = True,
+    refit_head: Annotated[
+        bool, typer.Option(help="Budget pruning: also refit the task head's output layer to the dense logits.")
+    ] = False,
     max_memory: Annotated[
         str | None,
         typer.Option(

@@ -309,6 +309,8 @@ class _Budget(PruneConfig):
     seed: int = 0
     # RAM the refit's streamed activations may take before they spill to disk ("6GB"); None: half of what is free
     max_memory: str | None = None
+    # also refit the task head's output layer to the dense model's logits (with tune="weights")
+    refit_head: bool = False
 
     def check(self) -> None:
         parse_memory(self.max_memory)

@@ -301,6 +301,7 @@ def importance_sample(
     batches = [dict(batch) for batch in batches]
     description.update(
         n_examples=len(features),
+        tokens=sum(len(row["input_ids"]) for row in features),  # real tokens: what a least-squares refit fits on
         batch_size=batch_size,
         max_length=description.get("max_length", max_length),
         seed=seed,

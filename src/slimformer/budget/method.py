@@ -133,7 +133,9 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
     tuning = None
     max_memory = parse_memory(config.max_memory)
     if config.tune == "weights":
-        tuning = reconstruct_weights(model, plan, sample.batches, max_memory=max_memory, progress=ctx.progress)
+        tuning = reconstruct_weights(
+            model, plan, sample.batches, fit_head=config.refit_head, max_memory=max_memory, progress=ctx.progress
+        )
     elif config.tune == "scales":
         gates, tuning = tune_masks(model, plan, sample.batches, max_memory=max_memory, progress=ctx.progress)
         fold_scales(model, gates)

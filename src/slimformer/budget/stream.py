@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from slimformer.arch import LayerView, layer_list, layer_views
+from slimformer.arch import LayerView, classifier_modules, get_spec, layer_list, layer_views, resolve
 from slimformer.gates import Gates, gated
 from slimformer.gradients import model_inputs
 
@@ -112,9 +112,10 @@ class ActivationStore:
 class SublayerBatch:
     """For the real tokens of one calibration batch: the sub-layer's residual input ``x`` and its projection's
     un-gated input ``units`` in the pruned model, and the dense model's sub-layer output before its LayerNorm
-    (``target``; None when no dense stream is kept)."""
+    (``target``; None when no dense stream is kept). For the task head's output layer, one row per example: its
+    input in the pruned model, the dense model's logits, and no residual (``x`` None)."""
 
-    x: torch.Tensor
+    x: torch.Tensor | None
     units: torch.Tensor
     target: torch.Tensor | None
 
@@ -202,11 +203,14 @@ def walk_sublayers(
     max_memory: int | None = None,
     spill_dir: str | os.PathLike | None = None,
     on_budget: Callable[[MemoryBudget], None] | None = None,
-) -> Iterator[tuple[LayerView, str, Callable[[], Iterator[SublayerBatch]]]]:
+    head: bool = False,
+) -> Iterator[tuple[LayerView | None, str, Callable[[], Iterator[SublayerBatch]]]]:
     """Yield every sub-layer in order, ``(view, "attention" | "ffn", batches)``, where ``batches()`` iterates
     the calibration set as :class:`SublayerBatch` es with the pruned model (``gates`` in place) up to that
     sub-layer. The caller may change the sub-layer's projection before asking for the next one: later sub-layers
-    see the change. The dense targets of a layer are taken before any of its weights change.
+    see the change. The dense targets of a layer are taken before any of its weights change. With ``head``, a
+    last step ``(None, "classifier", batches)`` gives the task head's output layer: its input in the pruned model
+    and the dense model's logits, one row per example.
 
     Memory: the dense and pruned inputs of the current layer and the dense targets of its two sub-layers, at most
     ``max_memory`` bytes of them in RAM (default: half the memory available), the rest memory-mapped from
@@ -241,8 +245,63 @@ def walk_sublayers(
                 for index in range(len(batches)):
                     _, args, kwargs, _ = calls(index)
                     pruned[index] = _run_layer(view.layer, pruned[index], args, kwargs)
+        if head and dense_targets:
+            logits = [head_io(model, calls, index, dense[index])[1] for index in range(len(batches))]
+
+            def head_source() -> Iterator[SublayerBatch]:
+                for index in range(len(batches)):
+                    features = head_io(model, calls, index, pruned[index])[0]
+                    yield SublayerBatch(x=None, units=features, target=logits[index])
+
+            yield None, "classifier", head_source
         if on_budget is not None:
             on_budget(budget)
+
+
+def output_layer(model: PreTrainedModel) -> nn.Linear:
+    """The task head's last linear layer: the one that computes the logits."""
+    linears = [m for head in classifier_modules(model) for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__}'s task head has no linear layer")
+    return linears[-1]
+
+
+@contextmanager
+def _head_only(model: PreTrainedModel, final_hidden: torch.Tensor):
+    """Inside the block the model runs its embeddings and task head only, on ``final_hidden`` as the encoder's
+    output: the encoder's layers are taken out and its output replaced."""
+    spec = get_spec(model)
+    parent_path, _, name = spec.layers.rpartition(".")
+    encoder = resolve(model.base_model, parent_path) if parent_path else model.base_model
+    layers = getattr(encoder, name)
+
+    def replace_output(module, args, output):
+        if isinstance(output, tuple):
+            return (final_hidden, *output[1:])
+        output.last_hidden_state = final_hidden
+        return output
+
+    handle = encoder.register_forward_hook(replace_output)
+    setattr(encoder, name, nn.ModuleList())
+    try:
+        yield
+    finally:
+        setattr(encoder, name, layers)
+        handle.remove()
+
+
+def head_io(model: PreTrainedModel, calls: _LayerCalls, index: int, final_hidden: torch.Tensor):
+    """The output layer's input and output (logits) for one batch, from the encoder's final hidden states."""
+    seen: dict = {}
+    out_layer = output_layer(model)
+    handles = [_capture(out_layer, seen, "input"), _capture(out_layer, seen, "output", output=True)]
+    try:
+        with torch.no_grad(), _head_only(model, final_hidden):
+            model(**model_inputs(calls.batches[index], calls.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen["input"], seen["output"]
 
 
 def _advance_dense(view: LayerView, calls: _LayerCalls, dense: ActivationStore, targets: dict) -> None:

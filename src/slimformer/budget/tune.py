@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from slimformer.arch import LayerView, layer_views
-from slimformer.budget.stream import MemoryBudget, SublayerBatch, projection, walk_sublayers
+from slimformer.budget.stream import MemoryBudget, SublayerBatch, output_layer, projection, walk_sublayers
 from slimformer.gates import Gates
 from slimformer.prune.apply import plan_gates
 from slimformer.prune.plan import PruningPlan
@@ -186,6 +186,7 @@ def reconstruct_weights(
     *,
     damping: float = 1e-2,
     fit_bias: bool = True,
+    fit_head: bool = False,
     max_memory: int | None = None,
     progress: bool = True,
 ) -> TuningReport:
@@ -199,24 +200,35 @@ def reconstruct_weights(
     The pruned columns are untouched: physically removing them afterwards (``remove(model, plan)``) gives the
     final model. The calibration set is streamed layer by layer (:func:`~slimformer.budget.stream.walk_sublayers`):
     O(L) layer passes, at most ``max_memory`` bytes of activations in RAM (default: half the available memory).
+
+    ``fit_head`` also refits the task head's output layer (the one computing the logits) the same way, on one row
+    per example: its input in the pruned model against the dense model's logits. The sub-layer fits weigh every
+    token alike while the head reads one pooled vector, so what they leave on that vector reaches the logits
+    uncorrected; with many classes close together that costs accuracy (bench/results/many_class.md).
     """
     device, gates = _setup(model, plan)
     report = TuningReport()
     was_training = model.training
     model.eval()
-    steps = walk_sublayers(model, gates, batches, device, max_memory=max_memory, on_budget=_memory_report(report))
+    steps = walk_sublayers(
+        model, gates, batches, device, max_memory=max_memory, on_budget=_memory_report(report), head=fit_head
+    )
     try:
-        total = 2 * len(plan.kept_heads)
+        total = 2 * len(plan.kept_heads) + int(fit_head)
         bar = tqdm(total=total, desc="weight reconstruction (least squares)", disable=not progress, leave=False)
         for view, part, source in steps:
             bar.update()
-            kept = plan.kept_heads[view.index] if part == "attention" else plan.kept_neurons[view.index]
-            if not kept:
-                continue
-            proj = projection(view, part)
+            if part == "classifier":
+                proj = output_layer(model)
+                kept = columns = torch.arange(proj.in_features)
+            else:
+                kept = plan.kept_heads[view.index] if part == "attention" else plan.kept_neurons[view.index]
+                if not kept:
+                    continue
+                proj = projection(view, part)
             if part == "attention":
                 columns = torch.cat([torch.arange(h * view.head_size, (h + 1) * view.head_size) for h in kept])
-            else:
+            elif part == "ffn":
                 columns = torch.tensor(kept, dtype=torch.long)
             with_bias = fit_bias and proj.bias is not None
             gram, cross, residual_sq, signal_sq = _regression_statistics(proj, columns, source(), with_bias)
@@ -239,7 +251,7 @@ def reconstruct_weights(
                 error_fit = error_start
             report.layers.append(
                 {
-                    "layer": view.index,
+                    "layer": "head" if view is None else view.index,
                     "part": part,
                     "units": len(kept),
                     "relative_error_ones": error_start / max(signal_sq, 1e-30),
@@ -268,7 +280,9 @@ def _regression_statistics(
         if with_ones:
             features = torch.cat([features, torch.ones(features.shape[0], 1, dtype=dtype)], dim=1)
         bias = proj.bias.detach().to("cpu", dtype) if proj.bias is not None else 0.0
-        residual = batch.target.to("cpu", dtype) - batch.x.to("cpu", dtype) - bias
+        residual = batch.target.to("cpu", dtype) - bias
+        if batch.x is not None:  # a sub-layer with a residual connection (not the task head)
+            residual = residual - batch.x.to("cpu", dtype)
         gram += (features.T @ features).double()
         cross += (features.T @ residual).double()
         residual_sq += float(residual.double().pow(2).sum())
