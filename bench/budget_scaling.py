@@ -105,8 +105,13 @@ def worker(spec: dict) -> dict:
     result = slimformer.prune(spec["model"], config, data, max_length=128, evaluate=spec["evaluate"], progress=False)
     seconds = result.report["seconds"]
     details = result.report.get("details") or {}
+    try:  # how many tokens one backward pass of the Fisher takes (older checkouts: whole batches)
+        from slimformer.budget.fisher import FISHER_TOKENS_PER_PASS as fisher_tokens
+    except ImportError:
+        fisher_tokens = None
     return {
         "slimformer": slimformer.__file__,
+        "fisher_tokens_per_pass": fisher_tokens,
         "seconds": seconds,
         "pruning_seconds": sum(v for k, v in seconds.items() if k != "total" and not k.startswith("evaluate")),
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # kilobytes on Linux
@@ -222,7 +227,7 @@ def write(rows: list[dict], args) -> None:
     table = []
     for r in sorted(rows, key=lambda r: (r["model"], r["examples"], r["implementation"])):
         if "error" in r:
-            table.append([r["model"], r["implementation"], r["examples"], r["task"], "failed", "", "", "", ""])
+            table.append([r["model"], r["implementation"], r["examples"], r["task"], "", "failed", "", "", "", ""])
             continue
         refit = (r.get("refit_memory") or {}).get("peak_bytes_in_ram")
         score = "" if r.get("score") is None else f"{r['score_before'] * 100:.2f} -> {r['score'] * 100:.2f}"
@@ -232,6 +237,7 @@ def write(rows: list[dict], args) -> None:
                 r["implementation"],
                 r["examples"],
                 r["task"],
+                r.get("fisher_tokens_per_pass") or "batch of 32",
                 f"{r['pruning_seconds']:.0f}",
                 f"{r['seconds']['fisher']:.0f} / {r['seconds']['tune']:.0f}",
                 f"{r['peak_mib'] / 1024:.2f}",
@@ -259,13 +265,15 @@ def write(rows: list[dict], args) -> None:
         "dev evaluation not counted) in a fresh process, 2 threads. `streamed`: the layer-by-layer refit; `before`: "
         "the refit that kept every dense sub-layer output and re-ran the model up to each sub-layer (slimformer "
         "243dd31). Random BERT shapes score nothing; their cost is real. MRPC sentence pairs at max length 128 "
-        "unless the model has its own task.\n\n"
+        "unless the model has its own task. `Fisher tokens per pass`: the backward passes of the Fisher were whole "
+        "batches of 32 examples before they were cut to 1,024 tokens; that backward is most of the peak memory.\n\n"
         + markdown_table(
             [
                 "model",
                 "refit",
                 "calibration examples",
                 "task",
+                "Fisher tokens per pass",
                 "seconds",
                 "Fisher / refit s",
                 "peak GiB",

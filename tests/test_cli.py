@@ -202,3 +202,29 @@ def test_a_model_fine_tuned_on_a_custom_csv_is_pruned_and_analysed_with_no_data_
     glue = write_sst2(tmp_path / "glue")
     result = runner.invoke(app, ["evaluate", "--model", str(tuned), "--task", "sst2", "--data-dir", str(glue)])
     assert result.exit_code != 0 and "labels ['neg', 'pos'] differ" in str(result.exception)
+
+
+def test_budget_pruning_with_a_memory_limit_spills_and_says_so(tiny_model_dir, tmp_path):
+    glue = write_sst2(tmp_path / "glue")
+    common = ["--task", "sst2", "--data-dir", glue, "--max-length", "16", "--calibration-examples", "16"]
+    out = tmp_path / "budget"
+    invoke("prune", "--model", tiny_model_dir, *common, "--out", out, "--budget-flops", "0.5", "--max-memory", "0")
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["config"]["max_memory"] == "0"
+    assert report["details"]["refit_memory"]["bytes_spilled"] > 0 and report["details"]["refit_memory"]["limit"] == 0
+    bad = runner.invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            tiny_model_dir,
+            *common,
+            "--out",
+            tmp_path / "x",
+            "--budget-flops",
+            "0.5",
+            "--max-memory",
+            "lots",
+        ],
+    )
+    assert bad.exit_code != 0 and "not a size" in str(bad.exception) and not (tmp_path / "x").exists()
