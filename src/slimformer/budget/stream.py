@@ -224,13 +224,15 @@ def walk_sublayers(
         def spill() -> Path:
             if not folder:
                 folder.append(Path(stack.enter_context(tempfile.TemporaryDirectory(dir=spill_dir, prefix="refit-"))))
+                # registered after the folder, so it runs first: mapped files are released before the folder goes
+                # (Windows cannot delete a mapped file)
+                stack.callback(lambda: [store.clear() for store in stores])
             return folder[0]
 
-        # the hooks of one refit's stores; cleared before the temporary folder goes (Windows keeps mapped files)
         dense, pruned = ActivationStore(budget, spill, "dense"), ActivationStore(budget, spill, "pruned")
         targets = {part: ActivationStore(budget, spill, f"target-{part}") for part in ("attention", "ffn")}
         stores = [dense, pruned, *targets.values()]
-        stack.callback(lambda: [store.clear() for store in stores])
+        stack.callback(lambda: [store.clear() for store in stores])  # RAM back to the budget in every case
         for index in range(len(batches)):
             hidden = calls(index)[0]
             pruned[index] = hidden
