@@ -142,11 +142,11 @@ def _normal_equations(
     residual_sq = signal_sq = 0.0
     index = torch.tensor(kept, dtype=torch.long)
     proj = projection(view, part)
+    dtype = _compute_dtype(proj.weight)  # the activations come in the model's dtype too
+    weight = proj.weight.detach().to("cpu", dtype)  # [hidden, width]
+    bias = proj.bias.detach().to("cpu", dtype) if proj.bias is not None else 0.0
     for batch in data:
-        dtype = _compute_dtype(batch.units)
         units, x = batch.units.to("cpu", dtype), batch.x.to("cpu", dtype)
-        weight = proj.weight.detach().to("cpu", dtype)  # [hidden, width]
-        bias = proj.bias.detach().to("cpu", dtype) if proj.bias is not None else 0.0
         # global: the dense model's own sub-layer output, which also corrects earlier layers' drift;
         # local: the dense sub-layer applied to the pruned model's own input (every unit at 1)
         residual = units @ weight.T if batch.target is None else batch.target.to("cpu", dtype) - x - bias
@@ -274,12 +274,12 @@ def _regression_statistics(
     gram = torch.zeros(n, n, dtype=torch.float64)
     cross = torch.zeros(n, proj.out_features, dtype=torch.float64)
     residual_sq = signal_sq = 0.0
+    dtype = _compute_dtype(proj.weight)  # the activations come in the model's dtype too
+    bias = proj.bias.detach().to("cpu", dtype) if proj.bias is not None else 0.0
     for batch in data:
-        dtype = _compute_dtype(batch.units)
         features = batch.units[:, columns.to(batch.units.device)].to("cpu", dtype)
         if with_ones:
             features = torch.cat([features, torch.ones(features.shape[0], 1, dtype=dtype)], dim=1)
-        bias = proj.bias.detach().to("cpu", dtype) if proj.bias is not None else 0.0
         residual = batch.target.to("cpu", dtype) - bias
         if batch.x is not None:  # a sub-layer with a residual connection (not the task head)
             residual = residual - batch.x.to("cpu", dtype)
