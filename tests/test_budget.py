@@ -498,3 +498,25 @@ def test_fisher_micro_batches_give_the_same_per_example_gradients():
     assert [len(p["input_ids"]) for p in pieces] == [2, 2, 2] * 2 and torch.equal(
         pieces[1]["labels"], data[0]["labels"][2:4]
     )
+
+
+def test_layer_scaled_fisher_spreads_the_budget_more_evenly_across_layers():
+    from slimformer.budget.fisher import MaskGradients
+
+    model = tiny_model("bert")
+    generator = torch.Generator().manual_seed(0)
+    # layer 0's units look 1000x more important than layer 1's (as early vs late layers of an embedding model)
+    scale = [30.0, 1.0]
+    gradients = MaskGradients(
+        heads=[s * torch.rand(16, 4, generator=generator) for s in scale],
+        neurons=[s * torch.rand(16, 64, generator=generator) for s in scale],
+    )
+    kept = {}
+    for fisher_scale in ("global", "layer"):
+        plan, _ = plan_for_budget(model, gradients, budget_flops=0.5, seq_len=16, fisher_scale=fisher_scale)
+        layout = plan.result_layout()
+        assert flops(remove(copy.deepcopy(model), plan), seq_len=16).encoder <= 0.5 * flops(model, seq_len=16).encoder
+        kept[fisher_scale] = [h * 16 + f for h, f in zip(layout.heads, layout.ffn, strict=True)]  # rough unit mass
+    assert kept["global"][1] < kept["layer"][1] and kept["layer"][0] < kept["global"][0]
+    with pytest.raises(ConfigError, match="fisher_scale"):
+        slimformer.FlopsBudget(0.5, fisher_scale="per-head")

@@ -25,6 +25,7 @@ import slimformer.measure
 import slimformer.prune  # noqa: F401
 from slimformer.arch import get_spec
 from slimformer.configs import ConfigError, PruneConfig, PruneContext, handler_for
+from slimformer.embedding import SentenceEmbedder, is_sentence_embedder
 from slimformer.errors import SlimformerError, TaskError
 from slimformer.folders import read_manifest, save_model_folder
 from slimformer.models import LoadedModel, load_model, resolve_model_source
@@ -35,7 +36,7 @@ from slimformer.tasks import TaskData, TaskRef, load_task
 
 logger = logging.getLogger(__name__)
 
-ModelLike = str | os.PathLike[str] | LoadedModel | PreTrainedModel
+ModelLike = str | os.PathLike[str] | LoadedModel | PreTrainedModel | SentenceEmbedder
 DataLike = str | TaskData | TaskRef | None
 
 
@@ -62,7 +63,7 @@ def _folder_of(model: ModelLike) -> Path | None:
     """The local folder a model came from, when there is one (it may remember its task)."""
     if isinstance(model, LoadedModel):
         model = model.source
-    elif isinstance(model, PreTrainedModel):
+    elif isinstance(model, PreTrainedModel) or is_sentence_embedder(model):
         model = getattr(model, "name_or_path", "") or ""
     if not model:
         return None
@@ -117,6 +118,18 @@ def resolve_data(
 def check_label_set(model: PreTrainedModel, data: TaskData) -> None:
     """Refuse data whose labels do not match the model's trained head."""
     spec = data.spec
+    if spec.is_embedding or is_sentence_embedder(model):
+        if spec.is_embedding and not is_sentence_embedder(model):
+            raise TaskError(
+                f"{spec.name} scores sentence embeddings, but this model was built with a task head; load it with "
+                "the embedding task (slimformer.load_model(path, task)) to use its encoder as an embedding model."
+            )
+        if not spec.is_embedding:
+            raise TaskError(
+                f"This is a sentence-embedding model (no task head); {spec.name} needs a head. Fine-tune it first "
+                f"(slimformer finetune --model ... --task {spec.name}), or use an embedding task."
+            )
+        return
     config = model.config
     if config.num_labels != spec.num_labels:
         raise TaskError(
@@ -135,7 +148,7 @@ def check_label_set(model: PreTrainedModel, data: TaskData) -> None:
 def _loaded(model: ModelLike, tokenizer: PreTrainedTokenizerBase | None, data: TaskData | None) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
-    if isinstance(model, PreTrainedModel):
+    if isinstance(model, PreTrainedModel) or is_sentence_embedder(model):
         return LoadedModel(
             model=model, tokenizer=tokenizer, spec=get_spec(model), source=getattr(model, "name_or_path", "")
         )
@@ -391,7 +404,7 @@ def measure(
     folder = _folder_of(model)
     runtime = is_runtime_model(loaded.model)
     result = measure_model(
-        shape_skeleton(loaded.model.config) if runtime else loaded.model,
+        shape_skeleton(loaded.model.config, embedding=is_sentence_embedder(loaded.model)) if runtime else loaded.model,
         seq_len=seq_len,
         batch_size=batch_size,
         threads=threads,

@@ -338,6 +338,7 @@ def _prune_config(options: dict):
         "seed": options["seed"],
         "max_memory": options["max_memory"],
         "refit_head": options["refit_head"],
+        "fisher_scale": options["fisher_scale"],
     }
     if options["budget_flops"] is not None:
         return configs.FlopsBudget(fraction=options["budget_flops"], **budget)
@@ -405,6 +406,14 @@ def prune(
     refit_head: Annotated[
         bool, typer.Option(help="Budget pruning: also refit the task head's output layer to the dense logits.")
     ] = False,
+    fisher_scale: Annotated[
+        str | None,
+        typer.Option(
+            help="Budget pruning: 'global' (compare every unit's Fisher as it is) or 'layer' (scale each layer's "
+            "Fisher to sum 1 first: a more even allocation). Default: layer for sentence-embedding models, global "
+            "otherwise."
+        ),
+    ] = None,
     max_memory: Annotated[
         str | None,
         typer.Option(

@@ -16,8 +16,9 @@ TaskOpt = Annotated[
     typer.Option(
         "--task",
         "-t",
-        help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or 'custom' with --train-file/--dev-file. "
-        "Default: the task the model folder was trained on.",
+        help="GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), a sentence-embedding task (stsb-embed, "
+        "squad-retrieval: the model loads as a sentence-transformers embedding model) or 'custom' with "
+        "--train-file/--dev-file. Default: the task the model folder was trained on.",
     ),
 ]
 # No envvar here: $GLUE_DIR is the fallback of slimformer.tasks.load_task, so that a model folder's remembered data
@@ -26,8 +27,9 @@ DataDirOpt = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
-        help="Local GLUE folder (download_glue_data.py layout). Default: the folder the model was trained from, "
-        "else $GLUE_DIR, else the hub.",
+        help="Local GLUE folder (download_glue_data.py layout; for squad-retrieval, the folder holding "
+        "dev-v1.1.json). Default: the folder the model was trained from, else $GLUE_DIR (squad/ beside it), "
+        "else the hub.",
     ),
 ]
 TrainFileOpt = Annotated[Path | None, typer.Option(help="Custom task: CSV / TSV / JSONL training file.")]

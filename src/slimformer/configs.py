@@ -295,6 +295,9 @@ class PlanFile(PruneConfig):
             raise ConfigError("PlanFile needs the path of a plan.json.")
 
 
+FISHER_SCALES = ("global", "layer")
+
+
 @dataclass(frozen=True)
 class _Budget(PruneConfig):
     """Shared settings of the retraining-free budget pruner (Kwon et al. 2022)."""
@@ -311,9 +314,15 @@ class _Budget(PruneConfig):
     max_memory: str | None = None
     # also refit the task head's output layer to the dense model's logits (with tune="weights")
     refit_head: bool = False
+    # "global": the search compares every unit's Fisher as it is; "layer": each layer's Fisher is scaled to sum 1
+    # first (a more even allocation across layers); None: "layer" for sentence-embedding models, where it keeps
+    # more of the embeddings (bench/results/embeddings.md), "global" for task models
+    fisher_scale: str | None = None
 
     def check(self) -> None:
         parse_memory(self.max_memory)
+        if self.fisher_scale not in (None, *FISHER_SCALES):
+            raise ConfigError(f"Unknown fisher_scale {self.fisher_scale!r}: choose one of {', '.join(FISHER_SCALES)}.")
         _fraction(f"the {self.method} fraction", self.fraction, low_open=True, what="of the dense model's cost to keep")
         if self.tune not in _TUNE_CHOICES:
             raise ConfigError(f"Unknown tune {self.tune!r}: choose one of {', '.join(_TUNE_CHOICES)}.")

@@ -131,6 +131,11 @@ class Evaluator:
         tokenized: dict[str, Dataset] | None = None,
     ) -> None:
         self.spec = data.spec
+        self.embedding: EmbeddingEvaluator | None = None
+        if data.spec.is_embedding:
+            self.embedding = EmbeddingEvaluator(tokenizer, data, max_length=max_length, batch_size=batch_size)
+            self.sizes = self.embedding.sizes
+            return
         if tokenized is None:
             dev = dev_only(data, splits)
             names = list(dev.splits)
@@ -150,6 +155,8 @@ class Evaluator:
 
     def logits(self, model: PreTrainedModel, *, progress: bool = False) -> dict[str, np.ndarray]:
         """The model's logits on every split, in each split's row order."""
+        if self.embedding is not None:
+            raise TaskError(f"{self.spec.name} is scored on embeddings; a sentence-embedding model has no logits.")
         return {
             name: _logits(model, batches, order, total=len(batches), progress=progress, description=f"eval {name}")
             for name, (batches, order, _) in self.splits.items()
@@ -157,6 +164,8 @@ class Evaluator:
 
     def evaluate(self, model: PreTrainedModel, *, progress: bool = False) -> dict[str, dict[str, float]]:
         """The task's metrics on every split."""
+        if self.embedding is not None:
+            return self.embedding.evaluate(model, progress=progress)
         return {
             name: {k: float(v) for k, v in compute_metrics(self.spec, logits, self.splits[name][2]).items()}
             for name, logits in self.logits(model, progress=progress).items()
@@ -164,6 +173,87 @@ class Evaluator:
 
     def score(self, model: PreTrainedModel, *, progress: bool = False) -> float:
         """The primary metric averaged over the splits (MNLI has two)."""
+        return headline_score(self.evaluate(model, progress=progress), self.spec.primary_metric)
+
+
+# sentence-transformers reads up to 256 tokens of a passage with all-MiniLM-L6-v2 (384 with all-mpnet-base-v2)
+PASSAGE_TOKENS = 256
+
+
+def encode(
+    model: PreTrainedModel,
+    batches: list[dict[str, torch.Tensor]],
+    order: np.ndarray,
+    *,
+    progress: bool = False,
+    description: str = "encode",
+) -> np.ndarray:
+    """A sentence-embedding model's embeddings for length-sorted ``batches``, in the texts' original order."""
+    return _logits(model, batches, order, total=len(batches), progress=progress, description=description)
+
+
+def text_batches(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], *, max_length: int, batch_size: int
+) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
+    """``texts`` tokenized one by one (truncated to ``max_length``) and collated into length-sorted batches."""
+    dataset = Dataset.from_dict(dict(tokenizer(texts, truncation=True, max_length=max_length)))
+    order = length_order(dataset)
+    return list(length_sorted_batches(tokenizer, dataset, order, batch_size)), order
+
+
+class EmbeddingEvaluator:
+    """Scores a sentence-embedding model on an embedding task: STS (cosine of the two texts' embeddings against
+    the gold scores) or retrieval (every query against the task's corpus, which is encoded with up to
+    :data:`PASSAGE_TOKENS` tokens a passage, or ``max_length`` if longer). Texts are tokenized and batched once."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, data: TaskData, *, max_length: int = 128, batch_size: int = 64
+    ) -> None:
+        self.spec = data.spec
+        self.splits: dict[str, list[tuple[list[dict[str, torch.Tensor]], np.ndarray]]] = {}
+        self.gold: dict[str, np.ndarray] = {}
+        names = list(data.dev)
+        if not names:
+            raise TaskError(f"Task {data.spec.name!r} from {data.source} has no dev split to evaluate on.")
+
+        def batched(texts: list[str], length: int = max_length):
+            return text_batches(tokenizer, list(texts), max_length=length, batch_size=batch_size)
+
+        for name in names:
+            dataset = data.splits[name]
+            columns = ["text_a", "text_b"] if self.spec.embedding_eval == "sts" else ["text_a"]
+            self.splits[name] = [batched(dataset[column]) for column in columns]
+            self.gold[name] = np.asarray(dataset["label"])
+        self.corpus = None
+        if self.spec.embedding_eval == "retrieval":
+            if "corpus" not in data.splits:
+                raise TaskError(f"Task {data.spec.name!r} from {data.source} has no corpus to retrieve from.")
+            self.corpus = batched(data.splits["corpus"]["text_a"], max(max_length, PASSAGE_TOKENS))
+        self.sizes = {name: len(gold) for name, gold in self.gold.items()}
+
+    def evaluate(self, model: PreTrainedModel, *, progress: bool = False) -> dict[str, dict[str, float]]:
+        from slimformer.embedding import is_sentence_embedder
+        from slimformer.tasks.metrics import retrieval_metrics, sts_metrics
+
+        if not is_sentence_embedder(model):
+            raise TaskError(
+                f"{self.spec.name} scores sentence embeddings, but this is a task model with a head; load it as a "
+                "sentence-embedding model (load_model(path, task) with an embedding task does)."
+            )
+        corpus = None
+        if self.corpus is not None:
+            corpus = encode(model, *self.corpus, progress=progress, description="encode corpus")
+        results = {}
+        for name, parts in self.splits.items():
+            vectors = [encode(model, *part, progress=progress, description=f"encode {name}") for part in parts]
+            if corpus is not None:
+                metrics = retrieval_metrics(vectors[0], corpus, self.gold[name])
+            else:
+                metrics = sts_metrics(vectors[0], vectors[1], self.gold[name])
+            results[name] = metrics
+        return results
+
+    def score(self, model: PreTrainedModel, *, progress: bool = False) -> float:
         return headline_score(self.evaluate(model, progress=progress), self.spec.primary_metric)
 
 
@@ -218,6 +308,7 @@ def evaluate(
 
 
 __all__ = [
+    "EmbeddingEvaluator",
     "Evaluator",
     "dev_only",
     "evaluate",

@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 from slimformer._version import __version__
 from slimformer.aliases import base_model_id
 from slimformer.arch import layer_views
+from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import ModelLoadError
 from slimformer.io import atomic_directory, write_json_atomic
 from slimformer.layout import LAYOUT_KEY, rebuild_layout
@@ -91,8 +92,11 @@ def save_model_folder(
     ``task`` (a JSON-able description of the task the model was trained or pruned for, if known) and ``extra``.
     """
     needs_code = needs_remote_code(model.config)
+    embedder = is_sentence_embedder(model)
     manifest = {
         **model_record(model),
+        "model_kind": "sentence-embedding" if embedder else "task-model",
+        "pooling": model.pooling.to_dict() if embedder else None,
         "plain_transformers_loadable": not needs_code,
         # otherwise transformers loads it with trust_remote_code=True through this generated file
         "remote_code": MODELING_FILE if needs_code else None,
@@ -105,11 +109,12 @@ def save_model_folder(
         with (
             atomic_directory(out_dir, overwrite=overwrite) as staging,
             quiet_transformers(),
-            auto_map_for_saving(model) as needs_code,
+            # a sentence-embedding model's loading code is its encoder's (sentence-transformers loads AutoModel)
+            auto_map_for_saving(model.encoder if embedder else model) as needs_code,
         ):
             model.save_pretrained(staging)
             if needs_code:
-                write_remote_code(model, staging)
+                write_remote_code(model.encoder if embedder else model, staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             write_json_atomic(staging / MANIFEST, manifest)
@@ -179,14 +184,19 @@ def load_weights(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-def load_pruned(model_dir: str | os.PathLike[str], config: PretrainedConfig) -> PreTrainedModel:
-    """Build the model described by ``config`` (with its ``slimformer_layout``) and load its weights strictly."""
+def load_pruned(
+    model_dir: str | os.PathLike[str], config: PretrainedConfig, auto_class: Any = AutoModelForSequenceClassification
+) -> PreTrainedModel:
+    """Build the model described by ``config`` (with its ``slimformer_layout``) as ``auto_class`` builds it (the
+    task model; ``AutoModel`` for the encoder of a sentence-embedding model) and load its weights strictly."""
     model_dir = Path(model_dir)
     layout = getattr(config, LAYOUT_KEY)
     with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = auto_class.from_config(config)
     rebuild_layout(model, layout)
     state = load_weights(model_dir)
+    if getattr(model, "pooler", None) is not None and not any(key.startswith("pooler.") for key in state):
+        model.pooler = None  # a sentence-embedding encoder is saved without the pooler it does not use
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(

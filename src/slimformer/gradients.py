@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from slimformer.arch import layer_views
+from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
 from slimformer.gates import Gates, gated
 
@@ -51,6 +52,23 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, redu
     if regression:
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.device, logits.dtype), reduction=reduction)
     return F.cross_entropy(logits, labels.to(logits.device).long(), reduction=reduction)
+
+
+def embedding_probe_loss(embeddings: torch.Tensor, generator: torch.Generator, reduction: str = "mean") -> torch.Tensor:
+    """The label-free loss whose gradients give the Fisher of a sentence-embedding model's masks.
+
+    The embedding-distillation loss 1/2 ||e(m) - e_dense||^2 has zero gradient at the dense model (m = 1), where
+    pruning starts; its curvature there is the Gauss-Newton matrix J^T J, J = de/dm. Treating the embedding as the
+    mean of a unit Gaussian and drawing targets y = e + r, r ~ N(0, I), as the true Fisher does for a model's own
+    predictive distribution (Kwon et al. 2022 use the model's predicted labels the same way), the gradient of
+    -log p(y | e) is -J^T r, and E[(J^T r)(J^T r)^T] = J^T J. So sum_b <r_b, e_b> with fresh Gaussian ``r`` per
+    example gives per-example gradients whose outer products estimate, without bias, the curvature of keeping the
+    dense embeddings (of the normalised embedding, when the model normalises: only the direction counts, as for
+    cosine similarity).
+    """
+    probe = torch.randn(embeddings.shape, generator=generator, dtype=torch.float32).to(embeddings)
+    total = (embeddings * probe).sum()
+    return total if reduction == "sum" else total / embeddings.shape[0]
 
 
 @dataclass
@@ -84,8 +102,10 @@ def gate_gradients(
     Summed mode: per batch the gradient of the batch-mean loss, accumulated as |g| (``square=False``) or g^2.
     ``per_example=True``: every example's own gradient of its loss (``square`` does not apply). ``label_free``
     uses the model's predicted class as the label (classification only). ``base``: fixed gates kept in place.
+    A sentence-embedding model needs no labels: its loss is :func:`embedding_probe_loss`.
     """
-    if label_free and is_regression(model):
+    embedder = is_sentence_embedder(model)
+    if label_free and is_regression(model) and not embedder:
         raise SlimformerError(
             "Label-free gradients need a classification task: they use the model's own predicted class as the "
             "label, and this model has a single regression output. Use the gold labels instead."
@@ -101,6 +121,7 @@ def gate_gradients(
     totals = [np.zeros(width) for width in widths]
     collected: list[list[torch.Tensor]] = [[] for _ in widths]
     n_batches = n_examples = 0
+    probes = torch.Generator().manual_seed(0)  # the embedding probes are the same on every run
 
     # gradients flow only to the gates: freezing the weights skips their (unused) gradients, about half the cost
     flags = [p.requires_grad for p in model.parameters()]
@@ -112,7 +133,7 @@ def gate_gradients(
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in tqdm(batches, total=total, desc=description, disable=not progress, leave=False):
             inputs = model_inputs(batch, device)
-            if not label_free and "labels" not in batch:
+            if not (label_free or embedder) and "labels" not in batch:
                 raise SlimformerError("A batch has no labels; pass labelled data or use label_free=True.")
             size = int(inputs["input_ids"].shape[0])
             # one gate per unit, or one per unit and example (a leading batch dimension)
@@ -132,8 +153,11 @@ def gate_gradients(
             )
             with torch.enable_grad(), gated(model, effective):
                 logits = model(**inputs).logits
-                labels = logits.detach().argmax(dim=-1) if label_free else batch["labels"]
-                loss = task_loss(logits, labels, regression, reduction="sum" if per_example else "mean")
+                if embedder:
+                    loss = embedding_probe_loss(logits, probes, reduction="sum" if per_example else "mean")
+                else:
+                    labels = logits.detach().argmax(dim=-1) if label_free else batch["labels"]
+                    loss = task_loss(logits, labels, regression, reduction="sum" if per_example else "mean")
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
             for index, grad in enumerate(grads):
                 if per_example:

@@ -281,7 +281,10 @@ def importance_sample(
     if n_examples is not None:
         order = order[:n_examples]
     rows = dataset.select(order.tolist())
-    if isinstance(data, TaskData):
+    if isinstance(data, TaskData) and data.spec.is_embedding:
+        # an embedding model reads one text at a time: every text of a pair is a calibration sentence of its own
+        features = _tokenize_sentences(rows, tokenizer, max_length, limit=n_examples)
+    elif isinstance(data, TaskData):
         features = _tokenize_rows(rows, tokenizer, max_length, pair=data.spec.is_pair)
     else:
         if "input_ids" not in rows.column_names:
@@ -335,6 +338,21 @@ def _tokenize_rows(rows: Dataset, tokenizer: PreTrainedTokenizerBase, max_length
     encoded = tokenizer(columns["text_a"], columns["text_b"] if pair else None, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
     return [{**{k: encoded[k][i] for k in keys}, "labels": columns["label"][i]} for i in range(len(columns["label"]))]
+
+
+def _tokenize_sentences(
+    rows: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, limit: int | None
+) -> list[dict]:
+    """Every text of every row as its own unlabelled example (``limit`` of them at most), truncated, unpadded."""
+    if max_length < 1:
+        raise ImportanceError(f"max_length must be at least 1, got {max_length}.")
+    columns = rows.to_dict()
+    present = [columns[c] for c in ("text_a", "text_b") if c in columns]
+    texts = [text for row in zip(*present, strict=True) for text in row]
+    texts = [text for text in texts if text][:limit]
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+    return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
 
 
 # ------------------------------------------------------------------------------------------------ computing

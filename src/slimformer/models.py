@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -30,7 +33,8 @@ DEFAULT_MODEL = "minilm-l6"
 
 @dataclass
 class LoadedModel:
-    """A task model, its tokenizer, its architecture spec and where it came from."""
+    """A task model (or a :class:`~slimformer.embedding.SentenceEmbedder`), its tokenizer, its architecture spec
+    and where it came from."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -79,6 +83,27 @@ def _load_config(source: str, local: bool, name: str):
         ) from error
 
 
+@contextmanager
+def _loading(source: str) -> Iterator[None]:
+    """transformers kept quiet, and its errors turned into one-line :class:`ModelLoadError` s naming ``source``."""
+    with quiet_transformers():
+        try:
+            yield
+        except SlimformerError:
+            raise
+        except SafetensorError as error:
+            raise damaged_weights_error(source, error) from error
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"Could not load the model or tokenizer from {source}: {error}") from error
+
+
+def _download(hub_id: str) -> str:
+    """A hub model's whole folder (fetched once, then from the cache): what a local folder would hold."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(hub_id, local_files_only=hub_offline())
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     task: str | TaskSpec | None = None,
@@ -91,12 +116,18 @@ def load_model(
 
     ``name_or_path`` is ``"minilm-l6"`` (the embedded all-MiniLM-L6-v2, no network), a local Hugging Face model
     folder, or a hub id (needs a network). ``task`` (a GLUE task name or a :class:`~slimformer.tasks.TaskSpec`)
-    sets the number of labels and the problem type; a folder already trained for a task keeps its head.
+    sets the number of labels and the problem type; a folder already trained for a task keeps its head. With an
+    embedding task (``stsb-embed``, ``squad-retrieval``), or for a folder slimformer saved as a sentence-embedding
+    model, the model loads as a :class:`~slimformer.embedding.SentenceEmbedder` (its encoder, pooling and
+    normalisation, read from the sentence-transformers files when the folder has them).
     """
+    embedding = False
     if task is not None:
         from slimformer.tasks import get_task_spec
 
         spec_of_task = get_task_spec(task) if isinstance(task, str) else task
+        embedding = spec_of_task.is_embedding
+    if task is not None and not embedding:
         num_labels = spec_of_task.num_labels
         regression = spec_of_task.is_regression
         label_names = list(spec_of_task.label_names or []) or None
@@ -106,6 +137,8 @@ def load_model(
     if getattr(config, "model_type", None) not in supported_model_types():
         get_spec(config)  # raises UnsupportedArchitectureError listing what is supported
     arch = get_spec(config)
+    if embedding or (task is None and local and saved_as_embedder(source)):
+        return _load_embedder(source, local, name, config, arch)
 
     overrides: dict[str, object] = {}
     trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
@@ -121,30 +154,47 @@ def load_model(
             overrides["id2label"] = dict(enumerate(label_names))
             overrides["label2id"] = {label: i for i, label in enumerate(label_names)}
     # Re-initialising a fresh head on a pre-trained encoder is expected; hide transformers' warning about it.
-    with quiet_transformers():
-        try:
-            if hasattr(config, LAYOUT_KEY):
-                # unevenly pruned layers: transformers cannot build them from the config alone; a pruned model on
-                # the hub is fetched whole and rebuilt like a local folder (no remote code runs)
-                if not local:
-                    from huggingface_hub import snapshot_download
-
-                    source = snapshot_download(source, local_files_only=hub_offline())
-                for key, value in overrides.items():
-                    setattr(config, key, value)
-                model = load_pruned(source, config)
-                # as from_pretrained records it (the hub id for a hub model): model cards trace lineage by it
-                model.config.name_or_path = source if local else name
-            else:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    source, local_files_only=local or hub_offline(), **overrides
-                )
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or hub_offline())
-        except SlimformerError:
-            raise
-        except SafetensorError as error:
-            raise damaged_weights_error(source, error) from error
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"Could not load the model or tokenizer from {source}: {error}") from error
+    with _loading(source):
+        if hasattr(config, LAYOUT_KEY):
+            # unevenly pruned layers: transformers cannot build them from the config alone; a pruned model on
+            # the hub is fetched whole and rebuilt like a local folder (no remote code runs)
+            source = source if local else _download(source)
+            for key, value in overrides.items():
+                setattr(config, key, value)
+            model = load_pruned(source, config, AutoModelForSequenceClassification)
+            # as from_pretrained records it (the hub id for a hub model): model cards trace lineage by it
+            model.config.name_or_path = source if local else name
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, local_files_only=local or hub_offline(), **overrides
+            )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or hub_offline())
     model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=arch, source=source)
+
+
+def saved_as_embedder(folder: str | os.PathLike[str]) -> bool:
+    """True for a folder slimformer saved as a sentence-embedding model (its manifest says so)."""
+    from slimformer.folders import read_manifest
+
+    return (read_manifest(folder) or {}).get("model_kind") == "sentence-embedding"
+
+
+def _load_embedder(source: str, local: bool, name: str, config, arch: ArchSpec) -> LoadedModel:
+    """The encoder (no task head) with the pooling its sentence-transformers files declare (mean + normalise by
+    default, as all-MiniLM-L6-v2 and all-mpnet-base-v2 do)."""
+    from slimformer.embedding import Pooling, SentenceEmbedder, is_sentence_transformers_folder, read_pooling
+
+    with _loading(source):
+        source = source if local else _download(source)  # the pooling files live beside the weights
+        pooling = read_pooling(source) if is_sentence_transformers_folder(source) else Pooling()
+        if hasattr(config, LAYOUT_KEY):
+            encoder = load_pruned(source, config, AutoModel)
+            encoder.config.name_or_path = source if local else name
+        else:
+            encoder = AutoModel.from_pretrained(source, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    if pooling.max_seq_length is None:
+        pooling = Pooling(pooling.mode, pooling.normalize, min(int(tokenizer.model_max_length), 512))
+    model = SentenceEmbedder(encoder, pooling).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=arch, source=source)

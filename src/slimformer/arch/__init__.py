@@ -199,6 +199,9 @@ def embeddings(model: PreTrainedModel, spec: ArchSpec | None = None) -> nn.Modul
 
 
 def classifier_modules(model: PreTrainedModel, spec: ArchSpec | None = None) -> list[nn.Module]:
+    """The task head's modules; none for a model without one (a sentence-embedding model pools and normalises)."""
+    if not getattr(model, "has_task_head", True):
+        return []
     spec = spec or get_spec(model)
     return [resolve(model, path) for path in spec.classifier]
 

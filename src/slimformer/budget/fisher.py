@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
 from slimformer.gradients import gate_gradients, is_regression
 
@@ -73,10 +74,11 @@ def collect_mask_gradients(
     """Per-example gradients of the task loss with respect to every head and FFN-neuron mask (all masks at 1).
 
     ``label_free`` uses the model's own predictions as labels (Kwon et al. note this works as well as gold
-    labels); it needs a classification head. Batches are cut to ``max_tokens_per_pass`` tokens per backward
+    labels); it needs a classification head. A sentence-embedding model needs no labels at all (see
+    :func:`slimformer.gradients.embedding_probe_loss`). Batches are cut to ``max_tokens_per_pass`` tokens per backward
     pass, which bounds the memory of the backward without changing any example's gradient.
     """
-    if label_free and is_regression(model):
+    if label_free and is_regression(model) and not is_sentence_embedder(model):
         raise SlimformerError("Label-free Fisher needs a classification task; give labels for regression tasks.")
     gradients = gate_gradients(
         model,

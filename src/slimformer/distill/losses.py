@@ -1,5 +1,6 @@
-"""Distillation losses: logits (Hinton et al. 2015), hidden states and attention distributions (TinyBERT, Jiao et
-al. 2020; attention as distributions compared with KL as in MiniLM, Wang et al. 2020).
+"""Distillation losses: logits (Hinton et al. 2015), sentence embeddings (Reimers & Gurevych 2020), hidden states and
+attention distributions (TinyBERT, Jiao et al. 2020; attention as distributions compared with KL as in MiniLM,
+Wang et al. 2020).
 
 Every loss only looks at real tokens: padded positions are masked out with the attention mask.
 """
@@ -25,6 +26,15 @@ def logit_loss(
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def embedding_loss(student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor) -> torch.Tensor:
+    """The squared distance between the student's and the teacher's sentence embeddings, averaged over sentences:
+    the MSE objective of sentence-transformers' model distillation (Reimers & Gurevych 2020, "Making Monolingual
+    Sentence Embeddings Multilingual using Knowledge Distillation"), summed over dimensions instead of averaged so
+    that its size does not shrink with the width (for unit vectors it is 2 - 2 cos)."""
+    difference = student_embeddings.float() - teacher_embeddings.float()
+    return difference.pow(2).sum(dim=-1).mean()
 
 
 def hidden_loss(

@@ -9,7 +9,11 @@ The loss mixes (weights in :class:`DistillConfig`):
   embeddings), through a learned projection when the widths differ;
 - attention distillation: KL between the attention distributions of mapped layers' heads (TinyBERT matches
   attention, MiniLM, Wang et al. 2020, showed KL on distributions works well). A student head pruned from the
-  teacher is paired with the teacher head it came from.
+  teacher is paired with the teacher head it came from;
+- embedding distillation, for sentence-embedding models (an embedding task such as ``stsb-embed``): the squared
+  distance between the student's and the teacher's sentence embeddings of every text of the task's training split,
+  no labels involved (sentence-transformers' model distillation, Reimers & Gurevych 2020); ``alpha`` does not
+  apply, the layer terms do.
 
 Training runs on the Hugging Face Trainer like :func:`slimformer.train.finetune`: the same command runs under
 ``accelerate launch`` on several GPUs, checkpoints to ``<out>.work/`` and resumes after an interruption. For
@@ -24,7 +28,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,9 @@ from transformers import PreTrainedModel, TrainerCallback, set_seed
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from slimformer.arch import LayerView, get_spec, layer_views
-from slimformer.distill.losses import attention_log_probs, attention_loss, hidden_loss, logit_loss
+from slimformer.distill.losses import attention_log_probs, attention_loss, embedding_loss, hidden_loss, logit_loss
 from slimformer.distill.students import Student, make_student
+from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
 from slimformer.evaluation import Evaluator, headline_score, predict
 from slimformer.folders import save_model_folder
@@ -180,6 +185,7 @@ class DistillationModel(nn.Module):
         self.settings = config
         self.pairs = pairs
         self.regression = is_regression(student)
+        self.embedding = is_sentence_embedder(student)
         object.__setattr__(self, "teacher", teacher)
         self.projections: nn.ModuleList | None = None
         self.heads: list[list[int] | None] = []
@@ -231,11 +237,13 @@ class DistillationModel(nn.Module):
             teacher_outputs, teacher_qk = self._teacher_outputs(inputs, teacher_layers)
             teacher_logits = teacher_outputs.logits
         loss = logits.new_zeros((), dtype=torch.float32)
-        if settings.alpha > 0:
+        if self.embedding:  # no labels: the whole output loss is imitating the teacher's embeddings
+            loss = loss + embedding_loss(logits, teacher_logits)
+        elif settings.alpha > 0:
             loss = loss + settings.alpha * logit_loss(
                 logits, teacher_logits.to(logits.dtype), temperature=settings.temperature, regression=self.regression
             )
-        if settings.alpha < 1:
+        if settings.alpha < 1 and not self.embedding:
             loss = loss + (1 - settings.alpha) * task_loss(logits, labels, self.regression)
         if want_hidden:
             hidden_pairs = [(0, 0)] + [(s + 1, t + 1) for s, t in self.pairs]
@@ -311,8 +319,19 @@ def teacher_logits(
 # ------------------------------------------------------------------------------------------------ the whole run
 
 
+def sentence_train_set(data: TaskData, tokenizer: Any, max_length: int) -> Dataset:
+    """Every text of the training split as its own example (an embedding model reads one text at a time), with a
+    placeholder label: the trainer's loss is the distance to the teacher's embedding, not a label."""
+    columns = [c for c in ("text_a", "text_b") if c in data.train.column_names]
+    texts = [text for row in zip(*(data.train[c] for c in columns), strict=True) for text in row if text]
+    encoded = dict(tokenizer(texts, truncation=True, max_length=max_length))
+    return Dataset.from_dict({**encoded, "labels": [0.0] * len(texts)})
+
+
 def _check_compatible(student: Student, teacher: PreTrainedModel, teacher_tokenizer: Any) -> None:
-    if student.model.config.num_labels != teacher.config.num_labels:
+    if is_sentence_embedder(student.model) != is_sentence_embedder(teacher):
+        raise SlimformerError("Teacher and student must both be sentence-embedding models, or both task models.")
+    if not is_sentence_embedder(teacher) and student.model.config.num_labels != teacher.config.num_labels:
         raise SlimformerError(
             f"The student predicts {student.model.config.num_labels} labels, the teacher "
             f"{teacher.config.num_labels}: they must be made for the same task."
@@ -381,7 +400,12 @@ def distill(
     student_made = make_student(student, teacher, data, max_length=config.max_length, seed=config.seed)
     _check_compatible(student_made, teacher_loaded.model, teacher_loaded.tokenizer)
     tokenizer = student_made.tokenizer
-    tokenized = tokenize_task(data, tokenizer, max_length=config.max_length)
+    if data.spec.is_embedding:
+        # no labels to learn: the student imitates the teacher's embeddings, of every sentence of the task
+        settings = replace(settings, alpha=1.0)
+        tokenized = {"train": sentence_train_set(data, tokenizer, config.max_length)}
+    else:
+        tokenized = tokenize_task(data, tokenizer, max_length=config.max_length)
     metric = data.spec.primary_metric
     seconds: dict[str, float] = {}
     before_stats = model_stats(student_made.model)

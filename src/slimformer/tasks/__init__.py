@@ -1,12 +1,14 @@
-"""Tasks: the nine GLUE tasks and custom data files, their official metrics, and cached tokenization."""
+"""Tasks: the nine GLUE tasks, sentence-embedding tasks (STS, SQuAD retrieval) and custom data files, their
+official metrics, and cached tokenization."""
 
 from slimformer.tasks.data import TaskData, custom_task_spec, load_custom_task, load_task, read_glue_file
-from slimformer.tasks.metrics import compute_metrics
+from slimformer.tasks.metrics import compute_metrics, retrieval_metrics, sts_metrics
 from slimformer.tasks.ref import TaskRef
-from slimformer.tasks.spec import GLUE_HUB_REPO, GLUE_TASKS, TaskSpec, get_task_spec
+from slimformer.tasks.spec import EMBEDDING_TASKS, GLUE_HUB_REPO, GLUE_TASKS, TaskSpec, get_task_spec
 from slimformer.tasks.tokenize import cache_root, tokenize_task, tokenized_cache_dir
 
 __all__ = [
+    "EMBEDDING_TASKS",
     "GLUE_HUB_REPO",
     "GLUE_TASKS",
     "TaskData",
@@ -19,6 +21,8 @@ __all__ = [
     "load_custom_task",
     "load_task",
     "read_glue_file",
+    "retrieval_metrics",
+    "sts_metrics",
     "tokenize_task",
     "tokenized_cache_dir",
 ]

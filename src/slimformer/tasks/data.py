@@ -259,6 +259,12 @@ def load_task(
     spec = get_task_spec(name)
     if source not in SOURCES:
         raise TaskError(f"Unknown data source {source!r}; use one of: {', '.join(SOURCES)}.")
+    if spec.embedding_eval == "retrieval":
+        from slimformer.tasks.retrieval import load_squad_retrieval
+
+        return load_squad_retrieval(
+            spec, data_dir, max_eval_samples=max_eval_samples, seed=seed, offline=_hub_offline() or source == "local"
+        )
     if spec.glue_dir is None:
         raise TaskError(f"Task {spec.name!r} is not a GLUE task; load its files with load_custom_task().")
     if data_dir is None:

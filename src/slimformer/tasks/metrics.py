@@ -91,3 +91,48 @@ def compute_metrics(spec: TaskSpec | str, predictions: Any, labels: Any) -> dict
     if len(results) > 1:
         results["combined_score"] = float(np.mean(list(results.values())))
     return results
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float64)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+def sts_metrics(first: np.ndarray, second: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """Semantic textual similarity as sentence-transformers scores it: Spearman (and Pearson) correlation of the
+    cosine similarity of each pair's embeddings with the gold scores."""
+    cosine = np.sum(_unit(first) * _unit(second), axis=-1)
+    gold = np.asarray(gold, dtype=np.float64)
+    return {
+        "spearman_cosine": _correlation(stats.spearmanr, cosine, gold),
+        "pearson_cosine": _correlation(stats.pearsonr, cosine, gold),
+    }
+
+
+def relevant_ranks(queries: np.ndarray, corpus: np.ndarray, relevant: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """The 1-based rank of each query's relevant passage among all passages by cosine similarity (ties count in
+    the query's favour: a passage ranks above only when strictly more similar)."""
+    queries, corpus = _unit(queries), _unit(corpus)
+    relevant = np.asarray(relevant, dtype=np.int64)
+    ranks = np.empty(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), chunk):
+        scores = queries[start : start + chunk] @ corpus.T
+        own = scores[np.arange(len(scores)), relevant[start : start + chunk]]
+        ranks[start : start + chunk] = (scores > own[:, None]).sum(axis=1) + 1
+    return ranks
+
+
+def retrieval_metrics(queries: np.ndarray, corpus: np.ndarray, relevant: np.ndarray) -> dict[str, float]:
+    """Retrieval with one relevant passage per query: nDCG@10 (its ideal value is 1, so it is 1 / log2(rank + 1)
+    within the top 10), MRR@10, recall@1 and recall@10, averaged over the queries (Manning et al. 2008, ch. 8)."""
+    ranks = relevant_ranks(queries, corpus, relevant)
+    top10 = ranks <= 10
+    return {
+        "ndcg@10": float(np.mean(np.where(top10, 1.0 / np.log2(ranks + 1), 0.0))),
+        "mrr@10": float(np.mean(np.where(top10, 1.0 / ranks, 0.0))),
+        "recall@1": float(np.mean(ranks <= 1)),
+        "recall@10": float(np.mean(top10)),
+    }

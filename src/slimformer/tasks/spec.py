@@ -12,7 +12,10 @@ GLUE_HUB_REPO = "nyu-mll/glue"
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A sequence-classification (or regression) task.
+    """A sequence-classification (or regression) task, or a sentence-embedding task (``kind="embedding"``).
+
+    An embedding task scores a sentence-embedding model without a head: ``embedding_eval`` "sts" (cosine
+    similarity of the two texts' embeddings against gold scores) or "retrieval" (queries against a corpus).
 
     ``text_columns`` names the one or two texts generically (the hub's column names for GLUE, the file's for a
     custom task); the ``tsv_*`` fields say how to read the task from the classic GLUE folder layout, and the
@@ -38,6 +41,13 @@ class TaskSpec:
     hub_config: str | None = None
     hub_splits: tuple[tuple[str, str], ...] = (("train", "train"), ("dev", "validation"))
     aliases: tuple[str, ...] = ()
+    kind: str = "classification"
+    embedding_eval: str | None = None
+
+    @property
+    def is_embedding(self) -> bool:
+        """True for a task scored on sentence embeddings (no task head)."""
+        return self.kind == "embedding"
 
     @property
     def is_regression(self) -> bool:
@@ -161,25 +171,50 @@ GLUE_TASKS: dict[str, TaskSpec] = {
 }  # fmt: skip
 
 
+# Sentence-embedding tasks: what sentence-transformers models are used for, scored without a head.
+EMBEDDING_TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        # STS-B's files and hub config, scored as sentence-transformers scores STS: Spearman of the cosine
+        # similarity of the two sentences' embeddings against the gold scores
+        TaskSpec(
+            name="stsb-embed", label_names=None, metrics=("spearman_cosine", "pearson_cosine"),
+            primary_metric="spearman_cosine", text_columns=_PAIR, glue_dir="STS-B", tsv_text_columns=_PAIR,
+            tsv_label_column="score", hub_config="stsb", aliases=("sts-embed",), kind="embedding",
+            embedding_eval="sts",
+        ),
+        # SQuAD v1.1 dev as a retrieval set: every question against the unique paragraphs, its own paragraph the
+        # one relevant passage (read by slimformer.tasks.retrieval)
+        TaskSpec(
+            name="squad-retrieval", label_names=None, metrics=("ndcg@10", "mrr@10", "recall@1", "recall@10"),
+            primary_metric="ndcg@10", text_columns=("question",), aliases=("squad-ir",), kind="embedding",
+            embedding_eval="retrieval",
+        ),
+    )
+}  # fmt: skip
+
+
 def _normalise(name: str) -> str:
     return name.strip().lower().replace("-", "").replace("_", "")
 
 
 _BY_NORMALISED_NAME = {
     _normalise(alias): spec
-    for spec in GLUE_TASKS.values()
-    for alias in (spec.name, spec.glue_dir or spec.name, *spec.aliases)
+    for spec in (*GLUE_TASKS.values(), *EMBEDDING_TASKS.values())
+    # an embedding task reads a GLUE folder too (STS-B), but the folder's name means the GLUE task
+    for alias in (spec.name, *(() if spec.is_embedding else (spec.glue_dir or spec.name,)), *spec.aliases)
 }
 
 
 def get_task_spec(name: str | TaskSpec) -> TaskSpec:
-    """The GLUE task called ``name`` (any case; "SST-2", "sts-b" and the like work too)."""
+    """The GLUE or embedding task called ``name`` (any case; "SST-2", "sts-b" and the like work too)."""
     if isinstance(name, TaskSpec):
         return name
     spec = _BY_NORMALISED_NAME.get(_normalise(str(name)))
     if spec is None:
         raise TaskError(
-            f"Unknown task {name!r}. Known GLUE tasks: {', '.join(GLUE_TASKS)}. "
+            f"Unknown task {name!r}. Known GLUE tasks: {', '.join(GLUE_TASKS)}; sentence-embedding tasks: "
+            f"{', '.join(EMBEDDING_TASKS)}. "
             "For your own data use a custom task (--task custom --train-file ... --dev-file ...)."
         )
     return spec

@@ -1,0 +1,327 @@
+"""Sentence-embedding models pruned to a FLOPs budget without labels (issue 14): all-MiniLM-L6-v2 and
+all-mpnet-base-v2, dense vs label-free budget pruning (Kwon et al. 2022's search on the probe Fisher of the
+embeddings + the least-squares refit), scored on STS-B dev (Spearman of cosine similarity) and on SQuAD dev as a
+retrieval set, with measured latency.
+
+The dense models are the published sentence-transformers checkpoints, used as they are (they are the converged
+models here: nothing is fine-tuned). SQuAD dev is split by article (seeded): the questions of 24 articles against
+those articles' paragraphs are the retrieval test; the other 24 articles give unlabelled texts. Calibration (no
+labels): ``--calibration`` texts, half STS-B train sentences, 3/8 held-out questions, 1/8 held-out paragraphs, read
+up to 256 tokens. Distillation (``--kd-budgets``, ``--layer-students``): the student imitates the dense model's
+embeddings of every STS-B train sentence and every held-out question and paragraph. No text scored is ever seen
+before. Models are cached under runs/bench/embeddings/ (rerunning resumes); latency is measured for all variants of
+a model, PyTorch and ONNX Runtime int8 alike, in one interleaved run.
+
+    PYTHONPATH=src:bench python bench/embeddings.py --models minilm-l6 --budgets 0.6,0.5,0.4,0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+import slimformer
+from common import RESULTS, RUNS, machine, markdown_table, write_results
+from slimformer.evaluation import PASSAGE_TOKENS, evaluate_model
+from slimformer.measure import count_parameters, flops
+from slimformer.models import load_model
+from slimformer.report import interleaved_latency
+from slimformer.tasks import TaskData, load_task
+
+MPNET_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "models" / "all-mpnet-base-v2.sh"
+OUT = RUNS / "embeddings"
+
+
+def model_source(name: str) -> str:
+    """``minilm-l6`` as it is; ``mpnet``: the folder that ../shared/models/all-mpnet-base-v2.sh assembles."""
+    if name != "mpnet":
+        return name
+    printed = subprocess.run(["bash", str(MPNET_SCRIPT)], check=True, capture_output=True, text=True).stdout
+    return printed.strip().splitlines()[-1]
+
+
+def split_articles(data: TaskData, seed: int = 0) -> tuple[TaskData, dict[str, list[str]]]:
+    """SQuAD dev split by article: half of the 48 articles (seeded) are the retrieval test set (their questions
+    against their paragraphs), the other half give unlabelled calibration / distillation texts (questions and
+    paragraphs), so that no text a model is pruned or trained on is ever scored."""
+    from slimformer.tasks.retrieval import find_squad_file
+
+    articles = json.loads(find_squad_file(None).read_text())["data"]
+    order = np.random.default_rng(seed).permutation(len(articles))
+    held_out = {articles[i]["title"] for i in order[: len(articles) // 2]}
+    test_contexts = {p["context"] for a in articles if a["title"] not in held_out for p in a["paragraphs"]}
+    corpus, dev = data.splits["corpus"], data.splits["dev"]
+    chosen = [i for i, text in enumerate(corpus["text_a"]) if text in test_contexts]
+    new_index = {old: new for new, old in enumerate(chosen)}
+    rows = [i for i, label in enumerate(dev["label"]) if label in new_index]
+    questions = dev.select(rows).map(lambda row: {"label": new_index[row["label"]]})
+    test = TaskData(
+        spec=data.spec,
+        splits={"dev": questions, "corpus": corpus.select(chosen)},
+        source=f"{data.source} ({len(articles) - len(held_out)} of {len(articles)} articles)",
+    )
+    calibration = [a for a in articles if a["title"] in held_out]
+    texts = {
+        "paragraphs": [p["context"] for a in calibration for p in a["paragraphs"]],
+        "questions": [q["question"] for a in calibration for p in a["paragraphs"] for q in p["qas"]],
+    }
+    return test, texts
+
+
+def text_task(sts: TaskData, texts: list[str], name: str) -> TaskData:
+    """STS-B with ``texts`` as its training split: label-free calibration / distillation sentences, scored on the
+    STS-B dev set."""
+    from datasets import Dataset
+
+    train = Dataset.from_dict({"text_a": texts, "label": [-1.0] * len(texts)})
+    return TaskData(spec=sts.spec, splits={"train": train, "dev": sts.splits["dev"]}, source=name)
+
+
+def calibration_texts(sts: TaskData, squad: dict[str, list[str]], n: int, seed: int = 0) -> list[str]:
+    """``n`` texts: half STS-B train sentences, three eighths held-out SQuAD questions, one eighth held-out SQuAD
+    paragraphs (long: they carry most of the tokens), each drawn at random (seeded)."""
+    rng = np.random.default_rng(seed)
+    sentences = [t for pair in zip(sts.train["text_a"], sts.train["text_b"], strict=True) for t in pair]
+
+    def draw(pool: list[str], k: int) -> list[str]:
+        return [pool[i] for i in rng.permutation(len(pool))[:k]]
+
+    return [*draw(sentences, n // 2), *draw(squad["questions"], 3 * n // 8), *draw(squad["paragraphs"], n // 8)]
+
+
+def scores(model, tokenizer, sts: TaskData, retrieval: TaskData) -> dict:
+    started = time.perf_counter()
+    sts_metrics = evaluate_model(model, tokenizer, sts, progress=False)["dev"]
+    retrieval_metrics = evaluate_model(model, tokenizer, retrieval, progress=False)["dev"]
+    return {
+        "sts_spearman": sts_metrics["spearman_cosine"],
+        "ndcg@10": retrieval_metrics["ndcg@10"],
+        "recall@10": retrieval_metrics["recall@10"],
+        "mrr@10": retrieval_metrics["mrr@10"],
+        "eval_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def pruned_variant(
+    name: str, source: str, budget: float, calibration: TaskData, args, fisher_scale: str = "layer"
+) -> tuple[object, dict]:
+    """The model pruned to ``budget`` of the encoder FLOPs (cached), and its pruning report."""
+    folder = pruned_folder(name, budget, args, fisher_scale)
+    if not folder.is_dir():
+        slimformer.prune(
+            source,
+            slimformer.FlopsBudget(budget, calibration_examples=args.calibration, fisher_scale=fisher_scale),
+            calibration,
+            out=folder,
+            max_length=PASSAGE_TOKENS,
+            evaluate=False,
+            progress=True,
+        )
+    report = json.loads((folder / "metrics.json").read_text())
+    return load_model(folder).model, report
+
+
+def pruned_folder(name: str, budget: float, args, fisher_scale: str = "layer") -> Path:
+    return OUT / f"{name}-flops{budget:g}-cal{args.calibration}-{fisher_scale}"
+
+
+def distilled_variant(teacher: str, student: str, label: str, sts: TaskData, args) -> tuple[object, dict]:
+    """``student`` (a pruned folder, or a layer spec such as ``every:2``) trained to imitate ``teacher``'s
+    embeddings of the STS-B train sentences (cached)."""
+    from slimformer.distill import distill
+    from slimformer.train import TrainConfig
+
+    folder = OUT / f"{label}-kd{args.kd_epochs:g}ep"
+    if not folder.is_dir():
+        config = TrainConfig(
+            epochs=args.kd_epochs,
+            learning_rate=args.kd_lr,
+            batch_size=32,
+            max_length=PASSAGE_TOKENS,
+            group_by_length=True,  # long paragraphs batched together: far less padding
+            save_steps=500,
+        )
+        distill(teacher, student, sts, folder, config=config, evaluate_before=False, progress=True)
+    report = json.loads((folder / "metrics.json").read_text())
+    return load_model(folder).model, report
+
+
+def int8_variant(model, label: str, sts: TaskData):
+    """Dynamic int8 on ONNX Runtime of ``model`` (cached), run by the runtime."""
+    from slimformer.deploy.runtime import load_artifact_folder
+
+    folder = OUT / f"{label}-int8"
+    if not folder.is_dir():
+        slimformer.quantize(model, slimformer.Quantize(mode="dynamic"), sts, out=folder, evaluate=False,
+                            measure=False, progress=False)  # fmt: skip
+    return load_artifact_folder(folder, threads=2).model
+
+
+def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) -> list[dict]:
+    source = model_source(name)
+    dense = load_model(source, "stsb-embed")
+    calibration = text_task(sts, calibration_texts(sts, texts, args.calibration), "calibration texts")
+    sentences = [t for pair in zip(sts.train["text_a"], sts.train["text_b"], strict=True) for t in pair]
+    training = text_task(sts, [*sentences, *texts["questions"], *texts["paragraphs"]], "distillation texts")
+    variants = {"dense": (dense.model, None)}
+    for budget in args.budgets:
+        variants[f"flops {budget:g}"] = pruned_variant(name, source, budget, calibration, args)
+    for budget in args.global_budgets:
+        variants[f"flops {budget:g} (global Fisher)"] = pruned_variant(
+            name, source, budget, calibration, args, fisher_scale="global"
+        )
+    for budget in args.kd_budgets:
+        student = pruned_folder(name, budget, args)
+        if not student.is_dir():
+            pruned_variant(name, source, budget, calibration, args)
+        variants[f"flops {budget:g} + KD"] = distilled_variant(source, str(student), student.name, training, args)
+    for spec in args.layer_students:
+        label = f"{name}-{spec.replace(':', '')}"
+        variants[f"layers {spec} + KD"] = distilled_variant(source, spec, label, training, args)
+    if args.int8:
+        for label in list(variants):
+            model = variants[label][0]
+            slug = f"{name}-{label.replace(' ', '').replace(':', '').replace('+', '-')}"
+            variants[f"{label} + int8"] = (int8_variant(model, slug, sts), variants[label][1])
+    rows = []
+    base_flops = flops(dense.model, seq_len=128).encoder
+    for label, (model, report) in variants.items():
+        source_model = variants[label.removesuffix(" + int8")][0]
+        row = {
+            "model": name,
+            "variant": label,
+            "calibration_texts": args.calibration,
+            "params": count_parameters(source_model).total,
+            "encoder_flops_kept": flops(source_model, seq_len=128).encoder / base_flops,
+            "prune_seconds": report["seconds"]["total"] if report and report["command"] == "prune" else None,
+            "train_seconds": report["seconds"].get("train") if report and report["command"] == "distill" else None,
+            **scores(model, dense.tokenizer, sts, retrieval),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    models = {label: model for label, (model, _) in variants.items()}
+    for key, batch, seq in (("32x128", 32, 128), ("1x32", 1, 32)):
+        timing = interleaved_latency(
+            models, batch_size=batch, seq_len=seq, threads=args.threads, rounds=args.rounds, repeats=args.repeats
+        )
+        for row in rows:
+            row[f"ms_{key}"] = timing[row["variant"]]["median_ms"]
+            row[f"speedup_{key}"] = timing["speedup"].get(row["variant"], 1.0)
+    dense_row = rows[0]
+    for row in rows:
+        row["sts_kept"] = row["sts_spearman"] / dense_row["sts_spearman"]
+        row["ndcg_kept"] = row["ndcg@10"] / dense_row["ndcg@10"]
+    return rows
+
+
+def calibration_note(rows: list[dict]) -> str:
+    """How many calibration texts each model was pruned with."""
+    sizes = {r["model"]: r.get("calibration_texts", 2048) for r in rows}
+    if len(set(sizes.values())) == 1:
+        return f"{next(iter(sizes.values()))}"
+    return " / ".join(f"{size} ({model})" for model, size in sizes.items())
+
+
+def pareto_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, (metric, title) in zip(
+        axes, (("sts_kept", "STS-B Spearman"), ("ndcg_kept", "retrieval nDCG@10")), strict=True
+    ):
+        for name in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == name]
+            axis.plot([r["speedup_32x128"] for r in mine], [100 * r[metric] for r in mine], "o-", label=name)
+        axis.axhline(99, color="grey", linestyle=":", linewidth=1)
+        axis.set_xlabel("measured speedup, batch 32 x 128 (2 threads)")
+        axis.set_ylabel(f"% of the dense {title}")
+        axis.set_title(title)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="minilm-l6", help="minilm-l6 and/or mpnet, comma-separated")
+    parser.add_argument("--budgets", default="0.6,0.5,0.4,0.3")
+    parser.add_argument("--calibration", type=int, default=2048, help="calibration sentences (STS-B train)")
+    parser.add_argument(
+        "--global-budgets", default="", help="budgets also pruned with the global Fisher scale, for comparison"
+    )
+    parser.add_argument("--kd-budgets", default="", help="FLOPs budgets also recovered by embedding distillation")
+    parser.add_argument("--layer-students", default="", help="layer-reduction baselines with KD, e.g. every:2,every:3")
+    parser.add_argument("--kd-epochs", type=float, default=1.0)
+    parser.add_argument("--kd-lr", type=float, default=1e-4)
+    parser.add_argument("--int8", action="store_true", help="also every variant as dynamic int8 on ONNX Runtime")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.budgets = [float(b) for b in args.budgets.split(",") if b]
+    args.kd_budgets = [float(b) for b in args.kd_budgets.split(",") if b]
+    args.global_budgets = [float(b) for b in args.global_budgets.split(",") if b]
+    args.layer_students = [spec for spec in args.layer_students.split(",") if spec]
+    sts = load_task("stsb-embed")
+    retrieval, texts = split_articles(load_task("squad-retrieval"))
+    previous_file = args.results_dir / "embeddings.json"
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    previous = json.loads(previous_file.read_text()) if previous_file.is_file() else {}
+    rows = [r for r in previous.get("rows", []) if r["model"] not in models]
+    for name in models:
+        rows += run_model(name, args, sts, retrieval, texts)
+    headers = [
+        "model", "variant", "params (M)", "FLOPs kept", "STS-B Spearman", "% kept", "nDCG@10", "% kept",
+        "recall@10", "ms 32x128", "speedup", "ms 1x32", "speedup", "pruning s",
+    ]  # fmt: skip
+    table = [
+        [
+            r["model"], r["variant"], f"{r['params'] / 1e6:.1f}", f"{100 * r['encoder_flops_kept']:.0f}%",
+            f"{100 * r['sts_spearman']:.2f}", f"{100 * r['sts_kept']:.1f}", f"{100 * r['ndcg@10']:.2f}",
+            f"{100 * r['ndcg_kept']:.1f}", f"{100 * r['recall@10']:.2f}", f"{r['ms_32x128']:.0f}",
+            f"{r['speedup_32x128']:.2f}x", f"{r['ms_1x32']:.1f}", f"{r['speedup_1x32']:.2f}x",
+            "" if r["prune_seconds"] is None else f"{r['prune_seconds']:.0f}",
+        ]
+        for r in rows
+    ]  # fmt: skip
+    markdown = (
+        "# Sentence-embedding models pruned without labels\n\n"
+        "Label-free budget pruning (`slimformer prune --task stsb-embed --budget-flops F`): probe Fisher of the "
+        "head / neuron masks under the embedding-distillation objective, Kwon et al.'s mask search and "
+        "rearrangement (each layer's Fisher scaled to sum 1, the default for embedding models; '(global Fisher)': "
+        "compared as it is), and the layer-wise least-squares refit to the dense model's own sub-layer outputs; no "
+        "labels, no training. '+ KD': then embedding distillation from the dense model (`slimformer distill "
+        f"--task stsb-embed`, squared embedding distance, {args.kd_epochs:g} epochs, lr {args.kd_lr:g}); "
+        "'layers every:K + KD': the sentence-transformers baseline, every K-th layer kept, then the same "
+        "distillation. '+ int8': dynamic int8 on ONNX Runtime, scored and timed through the runtime. Dense models: "
+        "the published sentence-transformers checkpoints (all-MiniLM-L6-v2, all-mpnet-base-v2), used as they are."
+        "\n\n"
+        "Data: SQuAD v1.1 dev is split by article (seeded). Retrieval test: the questions of 24 articles against "
+        "those articles' paragraphs (passages read up to 256 tokens). Calibration: "
+        f"{calibration_note(rows)} unlabelled texts (half STS-B train sentences, 3/8 questions and 1/8 paragraphs "
+        "of the other 24 articles); distillation: all STS-B train sentences and all questions and paragraphs of "
+        "those 24 articles. No scored text is seen before scoring. STS-B: Spearman of the cosine similarity on the "
+        "full dev set (1,500 pairs). Latency: every variant of a model in one interleaved run "
+        f"({args.rounds} rounds x {args.repeats} timed runs, medians), {args.threads} threads; speedup over the "
+        "dense PyTorch fp32 model. FLOPs: encoder FLOPs at 128 tokens.\n\n"
+        + markdown_table(headers, table)
+        + "\n![Pareto](embeddings.png)\n"
+    )
+    data = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "results_dir"}}
+    data["rows"] = rows
+    write_results("embeddings", data, markdown, args.results_dir)
+    pareto_plot(rows, args.results_dir / "embeddings.png")
+
+
+if __name__ == "__main__":
+    main()
