@@ -227,24 +227,40 @@ def calibration_note(rows: list[dict]) -> str:
     return " / ".join(f"{size} ({model})" for model, size in sizes.items())
 
 
+def _series(variant: str) -> str:
+    """Which curve a variant belongs to: the kind of model, fp32 (PyTorch) or int8 (ONNX Runtime)."""
+    runtime = " int8" if variant.endswith("+ int8") else ""
+    if variant.startswith("dense"):
+        return "dense" + runtime
+    if variant.startswith("layers"):
+        return "layers + KD" + runtime
+    if "KD" in variant:
+        return "pruned + KD" + runtime
+    if "global" in variant:
+        return "pruned, global Fisher" + runtime
+    return "pruned (no training)" + runtime
+
+
 def pareto_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, (metric, title) in zip(
-        axes, (("sts_kept", "STS-B Spearman"), ("ndcg_kept", "retrieval nDCG@10")), strict=True
-    ):
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (("sts_kept", "STS-B Spearman"), ("ndcg_kept", "retrieval nDCG@10"))
+    for axis, (metric, title) in zip(axes, panels, strict=True):
         for name in dict.fromkeys(r["model"] for r in rows):
             mine = [r for r in rows if r["model"] == name]
-            axis.plot([r["speedup_32x128"] for r in mine], [100 * r[metric] for r in mine], "o-", label=name)
+            for series in dict.fromkeys(_series(r["variant"]) for r in mine):
+                points = sorted((r["speedup_32x128"], 100 * r[metric]) for r in mine if _series(r["variant"]) == series)
+                style = "--" if series.endswith("int8") else "-"
+                axis.plot(*zip(*points, strict=True), "o" + style, label=f"{name}: {series}", markersize=5)
         axis.axhline(99, color="grey", linestyle=":", linewidth=1)
-        axis.set_xlabel("measured speedup, batch 32 x 128 (2 threads)")
+        axis.set_xlabel("measured speedup over dense fp32, batch 32 x 128 (2 threads)")
         axis.set_ylabel(f"% of the dense {title}")
         axis.set_title(title)
-        axis.legend()
+    axes[0].legend(fontsize=7, loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
