@@ -32,6 +32,7 @@ from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
 from slimformer.report import interleaved_latency
 from slimformer.tasks import TaskData, load_task
+from slimformer.tasks.data import split_texts
 
 MPNET_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "models" / "all-mpnet-base-v2.sh"
 OUT = RUNS / "embeddings"
@@ -86,7 +87,7 @@ def calibration_texts(sts: TaskData, squad: dict[str, list[str]], n: int, seed: 
     """``n`` texts: half STS-B train sentences, three eighths held-out SQuAD questions, one eighth held-out SQuAD
     paragraphs (long: they carry most of the tokens), each drawn at random (seeded)."""
     rng = np.random.default_rng(seed)
-    sentences = [t for pair in zip(sts.train["text_a"], sts.train["text_b"], strict=True) for t in pair]
+    sentences = split_texts(sts.train)
 
     def draw(pool: list[str], k: int) -> list[str]:
         return [pool[i] for i in rng.permutation(len(pool))[:k]]
@@ -166,7 +167,7 @@ def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) 
     source = model_source(name)
     dense = load_model(source, "stsb-embed")
     calibration = text_task(sts, calibration_texts(sts, texts, args.calibration), "calibration texts")
-    sentences = [t for pair in zip(sts.train["text_a"], sts.train["text_b"], strict=True) for t in pair]
+    sentences = split_texts(sts.train)
     training = text_task(sts, [*sentences, *texts["questions"], *texts["paragraphs"]], "distillation texts")
     variants = {"dense": (dense.model, None)}
     for budget in args.budgets:

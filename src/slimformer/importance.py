@@ -59,6 +59,7 @@ from slimformer.gradients import gate_gradients, is_regression
 from slimformer.io import write_json_atomic
 from slimformer.models import LoadedModel
 from slimformer.tasks import TaskData
+from slimformer.tasks.data import split_texts
 
 if TYPE_CHECKING:  # prune builds on importance, so importance only names its plans
     from slimformer.prune.plan import PruningPlan
@@ -346,10 +347,7 @@ def _tokenize_sentences(
     """Every text of every row as its own unlabelled example (``limit`` of them at most), truncated, unpadded."""
     if max_length < 1:
         raise ImportanceError(f"max_length must be at least 1, got {max_length}.")
-    columns = rows.to_dict()
-    present = [columns[c] for c in ("text_a", "text_b") if c in columns]
-    texts = [text for row in zip(*present, strict=True) for text in row]
-    texts = [text for text in texts if text][:limit]
+    texts = split_texts(rows)[:limit]
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
     return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]

@@ -53,6 +53,7 @@ from slimformer.layout import LAYOUT_KEY, current_head_ids
 from slimformer.models import load_model
 from slimformer.report import model_stats
 from slimformer.tasks import TaskData, load_task, tokenize_task
+from slimformer.tasks.data import split_texts
 from slimformer.tasks.tokenize import cache_root
 from slimformer.train import (
     METRICS_FILE,
@@ -322,8 +323,7 @@ def teacher_logits(
 def sentence_train_set(data: TaskData, tokenizer: Any, max_length: int) -> Dataset:
     """Every text of the training split as its own example (an embedding model reads one text at a time), with a
     placeholder label: the trainer's loss is the distance to the teacher's embedding, not a label."""
-    columns = [c for c in ("text_a", "text_b") if c in data.train.column_names]
-    texts = [text for row in zip(*(data.train[c] for c in columns), strict=True) for text in row if text]
+    texts = split_texts(data.train)
     encoded = dict(tokenizer(texts, truncation=True, max_length=max_length))
     return Dataset.from_dict({**encoded, "labels": [0.0] * len(texts)})
 

@@ -499,3 +499,10 @@ def custom_task_spec(name: str, text_columns: Sequence[str], label_names: Sequen
         text_columns=tuple(text_columns),
         f1_average="binary" if len(label_names) == 2 else "macro",
     )
+
+
+def split_texts(split: Dataset) -> list[str]:
+    """Every non-empty text of a split, row by row (``text_a`` then ``text_b``): what a sentence-embedding model
+    reads, one text at a time, when it is calibrated or distilled on a task's data."""
+    columns = [split[c] for c in ("text_a", "text_b") if c in split.column_names]
+    return [text for row in zip(*columns, strict=True) for text in row if text]
