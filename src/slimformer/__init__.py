@@ -1,7 +1,8 @@
 """slimformer: make pre-trained transformer language models smaller and faster for a task.
 
 The front door: ``slimformer.prune(model, config, data)`` with a config from :mod:`slimformer.configs`
-(``FlopsBudget``, ``LatencyBudget``, ``Fractions``, ``Iterative``, ``DropLayers``, ``PlanFile``), and
+(``FlopsBudget``, ``LatencyBudget``, ``Fractions``, ``Iterative``, ``DropLayers``, ``PlanFile``; sparse:
+``Magnitude``, ``GradualMagnitude``, ``Movement``), and
 ``finetune``, ``distill``, ``evaluate``, ``measure``, ``save``, ``load_model``, ``export_onnx``, ``push_to_hub``.
 """
 
@@ -26,8 +27,11 @@ from slimformer.configs import (
     DropLayers,
     FlopsBudget,
     Fractions,
+    GradualMagnitude,
     Iterative,
     LatencyBudget,
+    Magnitude,
+    Movement,
     PlanFile,
     PruneConfig,
     config_from_dict,
@@ -46,9 +50,12 @@ __all__ = [
     "DropLayers",
     "FlopsBudget",
     "Fractions",
+    "GradualMagnitude",
     "Iterative",
     "LatencyBudget",
     "LoadedModel",
+    "Magnitude",
+    "Movement",
     "PlanFile",
     "PruneConfig",
     "PruneResult",

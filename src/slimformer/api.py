@@ -187,6 +187,7 @@ def prune(
     cache_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    weight_storage: str | None = None,
 ) -> PruneResult:
     """Prune ``model`` with the method ``config`` describes and return the physically smaller model.
 
@@ -195,7 +196,9 @@ def prune(
     a GLUE task name, a :class:`~slimformer.tasks.TaskRef`, or None for the task the model's folder remembers.
     ``evaluate`` scores the model on dev before and after; ``measure`` adds interleaved latency (batch 32 x
     ``seq_len``, ``threads`` threads) and size on disk. FLOPs are counted at ``seq_len`` tokens. With ``out``,
-    the model is saved there with ``plan.json`` and ``metrics.json`` (the report), atomically.
+    the model is saved there with ``plan.json`` and ``metrics.json`` (the report), atomically; its weights as
+    ``weight_storage`` says (``dense``, or ``sparse-bitmask`` for weight-level sparse models: smaller, read by
+    :func:`slimformer.load_model`; default: ``sparse-bitmask`` after a sparse method, else ``dense``).
 
     The model object passed in is changed in place (pruned); pass a copy to keep the dense one.
     """
@@ -235,7 +238,13 @@ def prune(
     dense = copy.deepcopy(net) if measure else None
     seconds["evaluate_before"] = round(time.perf_counter() - clock, 2)
 
-    context = PruneContext(data=data_resolved, max_length=max_length, cache_dir=cache_dir, progress=progress)
+    context = PruneContext(
+        data=data_resolved,
+        max_length=max_length,
+        cache_dir=cache_dir,
+        progress=progress,
+        work_dir=out_dir.with_name(out_dir.name + ".work") if out_dir is not None else None,
+    )
     outcome = handler_for(config)(net, tokenizer, config, context)
     seconds.update(outcome.seconds)
 
@@ -247,6 +256,17 @@ def prune(
     eval_after = evaluation(net)
     seconds["evaluate_after"] = round(time.perf_counter() - clock, 2)
     after_stats = model_stats(net, seq_len=seq_len)
+    sparse_details = outcome.details.get("sparse")
+    if weight_storage is None:
+        weight_storage = "sparse-bitmask" if sparse_details is not None else "dense"
+    if sparse_details is not None:
+        from slimformer.sparse.storage import compact_bytes
+
+        sparse_details["storage"] = {
+            "dense_bytes": sum(p.numel() * p.element_size() for p in net.state_dict().values()),
+            "sparse_bitmask_bytes": compact_bytes(net),
+            "saved_as": weight_storage if out_dir is not None else None,
+        }
     latency = None
     if measure:
         from slimformer.measure import model_size_on_disk
@@ -282,7 +302,12 @@ def prune(
             task=task,
             overwrite=overwrite,
             json_files={"plan.json": outcome.plan.to_dict(), "metrics.json": report},
+            weight_storage=weight_storage,
         )
+        if "sparse" in outcome.details:
+            from slimformer.sparse.plots import plot_density
+
+            plot_density(outcome.details["sparse"], out_dir / "density.png")
     return PruneResult(model=net, tokenizer=tokenizer, plan=outcome.plan, report=report, out_dir=out_dir)
 
 
@@ -433,15 +458,23 @@ def save(
     plan: PruningPlan | None = None,
     task: TaskData | TaskRef | None = None,
     overwrite: bool = False,
+    weight_storage: str = "dense",
 ) -> Path:
     """Save a (pruned or not) model with its tokenizer, manifest and remembered task, atomically;
-    :func:`slimformer.load_model` reads it back, whatever its layout."""
+    :func:`slimformer.load_model` reads it back, whatever its layout. ``weight_storage="sparse-bitmask"`` keeps
+    sparse matrices as a bitmask plus their non-zero values (see :mod:`slimformer.sparse.storage`)."""
     if isinstance(model, LoadedModel):
         tokenizer = tokenizer or model.tokenizer
         model = model.model
     record = task.ref if isinstance(task, TaskData) else task
     return save_model_folder(
-        model, tokenizer, out, plan=plan, task=record.to_dict() if record is not None else None, overwrite=overwrite
+        model,
+        tokenizer,
+        out,
+        plan=plan,
+        task=record.to_dict() if record is not None else None,
+        overwrite=overwrite,
+        weight_storage=weight_storage,
     )
 
 

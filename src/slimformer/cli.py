@@ -317,6 +317,7 @@ def _prune_config(options: dict):
         "--plan": options["plan"] is not None,
         "--iterative": options["iterative"],
         "--heads/--ffn": fractions,
+        "--sparse": options["sparse"] is not None,
     }
     given = [name for name, on in chosen.items() if on]
     if options["drop_layers"] is not None and not fractions:
@@ -324,8 +325,8 @@ def _prune_config(options: dict):
     if len(given) != 1:
         raise SlimformerError(
             "Say what to prune in exactly one way: --budget-flops, --budget-latency, --heads/--ffn (optionally with "
-            "--drop-layers), --drop-layers, --iterative, --plan plan.json, or --config FILE"
-            + (f"; got {', '.join(given)}." if given else ".")
+            "--drop-layers), --drop-layers, --iterative, --sparse METHOD --sparsity S, --plan plan.json, or "
+            "--config FILE" + (f"; got {', '.join(given)}." if given else ".")
         )
     if options["config"] is not None:
         return configs.load_config(options["config"])
@@ -340,6 +341,20 @@ def _prune_config(options: dict):
         "refit_head": options["refit_head"],
         "fisher_scale": options["fisher_scale"],
     }
+    if options["sparse"] is not None:
+        if options["sparsity"] is None:
+            raise SlimformerError("--sparse needs --sparsity: the fraction of the encoder's linear weights to remove.")
+        return configs.sparse_config(
+            options["sparse"],
+            options["sparsity"],
+            granularity=options["granularity"],
+            scope=options["scope"],
+            epochs=options["epochs"],
+            learning_rate=options["learning_rate"],
+            max_length=options["max_length"],
+            max_train_samples=options["max_train_samples"],
+            seed=options["seed"],
+        )
     if options["budget_flops"] is not None:
         return configs.FlopsBudget(fraction=options["budget_flops"], **budget)
     if options["budget_latency"] is not None:
@@ -398,6 +413,33 @@ def prune(
         str | None,
         typer.Option(help="Drop whole layers (Sajjad et al. 2020): top|bottom|alternate|symmetric|contribution:K."),
     ] = None,
+    sparse: Annotated[
+        str | None,
+        typer.Option(
+            help="Weight-level pruning: magnitude (one shot), gmp (GMP*, while distilling), movement, soft-movement, "
+            "block-movement (32 x 32 tiles) or head-movement (whole heads and neurons); with --sparsity."
+        ),
+    ] = None,
+    sparsity: Annotated[
+        float | None, typer.Option(help="Sparse: fraction of the encoder's linear weights to remove (0.9 = 90%).")
+    ] = None,
+    granularity: Annotated[
+        str | None, typer.Option(help="Sparse: weight, block:B (B x B tiles) or head; default set by --sparse.")
+    ] = None,
+    epochs: Annotated[float, typer.Option(help="Sparse methods that train (gmp, movement): epochs.")] = 3.0,
+    learning_rate: Annotated[float, typer.Option(help="Sparse methods that train: learning rate of the weights.")] = (
+        3e-5
+    ),
+    max_train_samples: Annotated[
+        int | None, typer.Option(help="Sparse methods that train: random subset of the training split.")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="How to save the weights: dense (plain transformers loads it) or sparse-bitmask (non-zeros plus a "
+            "bitmask: smaller; slimformer loads it). Default: sparse-bitmask after --sparse, dense otherwise."
+        ),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="Repeat a run: a config JSON, or an earlier output folder / its metrics.json.")
     ] = None,
@@ -445,7 +487,8 @@ def prune(
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Prune a model for real (smaller, faster): to a FLOPs or latency budget, by fractions, layers, iteratively,
-    or by a saved plan; evaluate and measure before and after, and save it with plan.json and metrics.json."""
+    weight by weight (--sparse), or by a saved plan; evaluate and measure before and after, and save it with
+    plan.json and metrics.json."""
     import slimformer
     from slimformer.report import print_report
 
@@ -463,6 +506,7 @@ def prune(
         seq_len=seq_len,
         threads=threads,
         overwrite=overwrite,
+        weight_storage=storage,
     )
     print_report(result.report, stdout, out=f"{out} (model, plan.json, metrics.json)")
 

@@ -62,6 +62,8 @@ class PruneContext:
     max_length: int = 128
     cache_dir: str | os.PathLike[str] | None = None
     progress: bool = True
+    # where a method that trains keeps its checkpoints (to resume an interrupted run); None: a temporary folder
+    work_dir: str | os.PathLike[str] | None = None
 
 
 @dataclass
@@ -100,7 +102,8 @@ def register_handler(config_type: type[PruneConfig]) -> Callable[[Callable[..., 
 def handler_for(config: PruneConfig) -> Callable[..., Any]:
     # the handlers live beside the code they drive; importing them registers them
     import slimformer.budget.method
-    import slimformer.prune.methods  # noqa: F401
+    import slimformer.prune.methods
+    import slimformer.sparse.method  # noqa: F401
 
     for config_type in type(config).__mro__:
         if config_type in _HANDLERS:
@@ -359,14 +362,166 @@ class LatencyBudget(_Budget):
         _positive("threads", self.threads)
 
 
+# --------------------------------------------------------------------------------------------- sparse methods
+
+
+def _check_granularity(granularity: str) -> None:
+    from slimformer.sparse.masks import Granularity, SparsityError
+
+    try:
+        Granularity.parse(granularity)
+    except SparsityError as error:
+        raise ConfigError(str(error)) from None
+
+
+@dataclass(frozen=True)
+class _Sparse(PruneConfig):
+    """Shared settings of the weight-level methods: remove ``sparsity`` of the encoder's linear weights (query,
+    key, value, attention output, FFN up and down; embeddings and task head are kept), ranked over all matrices
+    (``scope="global"``) or within each (``layer``), single weights or groups (``granularity``: ``weight``,
+    ``block:B`` square tiles, ``head`` whole heads and FFN neurons). Heads and neurons left with no weights are
+    removed physically; the rest is stored sparse."""
+
+    sparsity: float = 0.5
+    granularity: str = "weight"
+    scope: str = "global"
+
+    def check(self) -> None:
+        _fraction("sparsity", self.sparsity, what="of the encoder's linear weights to remove")
+        if self.sparsity == 0:
+            raise ConfigError("sparsity 0 removes nothing: give the fraction of weights to remove, e.g. 0.8.")
+        if self.scope not in ("global", "layer"):
+            raise ConfigError(f"scope must be 'global' or 'layer', got {self.scope!r}.")
+        _check_granularity(self.granularity)
+
+
+@register_config
+@dataclass(frozen=True)
+class Magnitude(_Sparse):
+    """One-shot magnitude pruning, no data and no training: the weights (or groups) of smallest absolute value
+    go (Han et al. 2015, "Learning both Weights and Connections")."""
+
+    method: ClassVar[str] = "magnitude"
+    needs_data: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class _SparseTraining(_Sparse):
+    """Settings of the methods that prune while training on the task (distilling from the dense model).
+
+    ``prune_start`` / ``prune_end``: the fractions of training where the cubic sparsity schedule begins (after
+    a dense warm-up) and reaches the target (then the sparse model trains on)."""
+
+    epochs: float = 3.0
+    learning_rate: float = 3e-5
+    batch_size: int = 32
+    max_length: int = 128
+    max_train_samples: int | None = None
+    # logit distillation from the dense model: weight of the distillation loss (the task loss gets the rest)
+    distill_alpha: float = 0.9
+    temperature: float = 2.0
+    prune_start: float = 0.1
+    prune_end: float = 0.7
+    save_steps: int = 200
+    seed: int = 0
+
+    def check(self) -> None:
+        super().check()
+        _positive("save_steps", self.save_steps)
+        if not (isinstance(self.epochs, int | float) and self.epochs > 0):
+            raise ConfigError(f"epochs must be > 0, got {self.epochs!r}.")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
+        _positive("batch_size", self.batch_size)
+        _positive("max_length", self.max_length)
+        if self.max_train_samples is not None:
+            _positive("max_train_samples", self.max_train_samples)
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}.")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}.")
+        if not 0.0 <= self.prune_start < self.prune_end <= 1.0:
+            raise ConfigError(
+                f"prune_start {self.prune_start!r} and prune_end {self.prune_end!r} must satisfy "
+                "0 <= prune_start < prune_end <= 1 (fractions of training)."
+            )
+
+
+@register_config
+@dataclass(frozen=True)
+class GradualMagnitude(_SparseTraining):
+    """Gradual magnitude pruning while distilling from the dense model, with GMP*'s recipe (Kurtic & Alistarh
+    2022, "GMP*: Well-Tuned Gradual Magnitude Pruning Can Outperform Most BERT-Pruning Methods"): a large first
+    pruning step (``initial_sparsity``), a cubic schedule over ``pruning_events`` steps (Zhu & Gupta 2017), the
+    learning rate re-warmed after each pruning step and decayed linearly until the next (``rewarm``)."""
+
+    method: ClassVar[str] = "gmp"
+
+    initial_sparsity: float = 0.7
+    pruning_events: int = 10
+    rewarm: bool = True
+
+    def check(self) -> None:
+        super().check()
+        _fraction("initial_sparsity", self.initial_sparsity, what="of the weights removed at the first step")
+        _positive("pruning_events", self.pruning_events)
+
+
+@register_config
+@dataclass(frozen=True)
+class Movement(_SparseTraining):
+    """Movement pruning (Sanh, Wolf & Rush 2020, "Movement Pruning: Adaptive Sparsity by Fine-Tuning"): scores
+    learned with the weights keep the weights that move away from zero. ``soft=False``: the top-scoring groups
+    at the scheduled sparsity (hard top-k); ``soft=True``: a weight survives while its score is positive, with an
+    L1 penalty on sigmoid(score) whose strength slimformer steers to follow the sparsity schedule (where it
+    ends more than a point off the target, the top learned scores are kept at the target, and the report says so). With
+    ``granularity="block:32"`` / ``"head"``, Lagunas et al. 2021's block movement pruning."""
+
+    method: ClassVar[str] = "movement"
+
+    soft: bool = False
+    score_learning_rate: float = 1e-2
+
+    def check(self) -> None:
+        super().check()
+        if not self.score_learning_rate > 0:
+            raise ConfigError(f"score_learning_rate must be > 0, got {self.score_learning_rate!r}.")
+
+
+# the names `slimformer prune --sparse NAME` takes: (config type, fixed settings, default granularity)
+SPARSE_METHODS: dict[str, tuple[type[_Sparse], dict[str, Any], str]] = {
+    "magnitude": (Magnitude, {}, "weight"),
+    "gmp": (GradualMagnitude, {}, "weight"),
+    "movement": (Movement, {}, "weight"),
+    "soft-movement": (Movement, {"soft": True}, "weight"),
+    "block-movement": (Movement, {}, "block:32"),
+    "head-movement": (Movement, {}, "head"),
+}
+
+
+def sparse_config(name: str, sparsity: float, *, granularity: str | None = None, **options: Any) -> _Sparse:
+    """The config a sparse method name describes (``magnitude``, ``gmp``, ``movement``, ``soft-movement``,
+    ``block-movement``, ``head-movement``); ``options`` are the config's fields, those it lacks are ignored (so a
+    caller may pass training settings to ``magnitude``)."""
+    if name not in SPARSE_METHODS:
+        raise ConfigError(f"Unknown sparse method {name!r}; choose one of {', '.join(SPARSE_METHODS)}.")
+    cls, fixed, default_granularity = SPARSE_METHODS[name]
+    names = {f.name for f in fields(cls)}
+    settings = {k: v for k, v in options.items() if k in names and v is not None}
+    return cls(sparsity=sparsity, granularity=granularity or default_granularity, **settings, **fixed)
+
+
 __all__ = [
     "CONFIG_VERSION",
     "ConfigError",
     "DropLayers",
     "FlopsBudget",
     "Fractions",
+    "GradualMagnitude",
     "Iterative",
     "LatencyBudget",
+    "Magnitude",
+    "Movement",
     "PlanFile",
     "PruneConfig",
     "PruneContext",
@@ -378,4 +533,5 @@ __all__ = [
     "parse_memory",
     "register_config",
     "register_handler",
+    "sparse_config",
 ]

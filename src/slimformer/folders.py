@@ -84,20 +84,30 @@ def save_model_folder(
     extra: dict[str, Any] | None = None,
     json_files: dict[str, Any] | None = None,
     overwrite: bool = False,
+    weight_storage: str = "dense",
 ) -> Path:
     """Write ``model`` (pruned or not), its tokenizer, the manifest and any ``json_files`` (name -> data) to
     ``out_dir`` atomically: the folder appears complete or not at all.
 
+    ``weight_storage``: ``dense`` (an ordinary ``model.safetensors``) or ``sparse-bitmask`` (sparse matrices as a
+    bitmask plus their non-zero values, :mod:`slimformer.sparse.storage`: smaller for a sparse model, read by
+    :func:`slimformer.load_model`, not by plain transformers).
+
     The manifest records the per-layer shapes, ``plan`` (the pruning plan the model was made with, if any),
     ``task`` (a JSON-able description of the task the model was trained or pruned for, if known) and ``extra``.
     """
+    from slimformer.sparse.storage import BITMASK, STORAGE_KEY, compress_folder
+
+    if weight_storage not in ("dense", BITMASK):
+        raise ModelLoadError(f"Unknown weight storage {weight_storage!r}: choose dense or {BITMASK}.")
     needs_code = needs_remote_code(model.config)
     embedder = is_sentence_embedder(model)
     manifest = {
         **model_record(model),
         "model_kind": "sentence-embedding" if embedder else "task-model",
         "pooling": model.pooling.to_dict() if embedder else None,
-        "plain_transformers_loadable": not needs_code,
+        "plain_transformers_loadable": not needs_code and weight_storage == "dense",
+        STORAGE_KEY: weight_storage,
         # otherwise transformers loads it with trust_remote_code=True through this generated file
         "remote_code": MODELING_FILE if needs_code else None,
         "plan": plan.to_dict() if plan is not None else None,
@@ -113,6 +123,8 @@ def save_model_folder(
             auto_map_for_saving(model.encoder if embedder else model) as needs_code,
         ):
             model.save_pretrained(staging)
+            if weight_storage == BITMASK:
+                compress_folder(staging)
             if needs_code:
                 write_remote_code(model.encoder if embedder else model, staging)
             if tokenizer is not None:

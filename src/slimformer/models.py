@@ -121,6 +121,17 @@ def load_model(
     model, the model loads as a :class:`~slimformer.embedding.SentenceEmbedder` (its encoder, pooling and
     normalisation, read from the sentence-transformers files when the folder has them).
     """
+    from slimformer.sparse.storage import expand_folder, is_compact
+
+    source, local = resolve_model_source(str(name_or_path))
+    if local and is_compact(source):
+        # sparse-bitmask weights: expanded into a temporary ordinary folder, then loaded like any other
+        loaded = load_model(
+            expand_folder(source), task, num_labels=num_labels, regression=regression, label_names=label_names
+        )
+        loaded.source = source
+        loaded.model.config.name_or_path = str(source)
+        return loaded
     embedding = False
     if task is not None:
         from slimformer.tasks import get_task_spec

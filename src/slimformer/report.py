@@ -22,6 +22,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
@@ -52,6 +53,21 @@ def model_stats(model: PreTrainedModel, *, seq_len: int = 128, disk_bytes: int |
         "heads_per_layer": heads,
         "neurons_per_layer": neurons,
         "disk_bytes": disk_bytes,
+        "linear_weights": linear_weight_counts(model),
+    }
+
+
+def linear_weight_counts(model: PreTrainedModel) -> dict[str, int] | None:
+    """Entries and non-zero entries of the encoder's linear weight matrices (what sparse pruning removes); None
+    for a model on the meta device."""
+    from slimformer.sparse.masks import encoder_linears
+
+    weights = [module.weight for module in encoder_linears(model).values()]
+    if any(weight.is_meta for weight in weights):
+        return None
+    return {
+        "total": sum(weight.numel() for weight in weights),
+        "nonzero": int(sum(int(torch.count_nonzero(weight)) for weight in weights)),
     }
 
 
@@ -176,6 +192,17 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     row("heads", "heads", str)
     row("FFN neurons", "neurons", str)
     row("parameters (M)", "params", lambda v: f"{v:.2f}", 1e6)
+    linear_before, linear_after = before.get("linear_weights"), after.get("linear_weights")
+    if linear_before and linear_after and linear_after["nonzero"] < linear_after["total"]:
+        # weight-level sparsity: the zeros stay in the matrices, so say how many entries are left
+        rows.append(
+            (
+                "encoder linear weights non-zero (M)",
+                f"{linear_before['nonzero'] / 1e6:.2f}",
+                f"{linear_after['nonzero'] / 1e6:.2f}",
+                _ratio(linear_before["nonzero"], linear_after["nonzero"]),
+            )
+        )
     row(f"encoder GFLOPs ({report.get('flops_seq_len', 128)} tokens)", "encoder_flops", lambda v: f"{v:.3f}", 1e9)
     row("size on disk (MB)", "disk_bytes", lambda v: f"{v:.1f}", 1e6)
     latency = report.get("latency")

@@ -217,8 +217,10 @@ def padded_trainer(
     args: TrainingArguments,
     *,
     callbacks: list[TrainerCallback] | None = None,
+    optimizers: tuple[Any, Any] = (None, None),
 ) -> Trainer:
-    """A Trainer whose batches are padded per batch (DataCollatorWithPadding)."""
+    """A Trainer whose batches are padded per batch (DataCollatorWithPadding); ``optimizers`` as the Trainer takes
+    them (an optimizer and a learning-rate scheduler, each None for the Trainer's own)."""
     trainer = Trainer(
         model=model,
         args=args,
@@ -226,6 +228,7 @@ def padded_trainer(
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=callbacks,
+        optimizers=optimizers,
     )
     # The classifiers' loss is the mean over their own batch and ignores num_items_in_batch. Told otherwise (their
     # forward takes **kwargs), the Trainer multiplies the loss by the number of processes under DDP, doubling the
@@ -244,6 +247,7 @@ def run_trainer(
     *,
     callbacks: list[TrainerCallback] | None = None,
     remove_unused_columns: bool = True,
+    optimizers: tuple[Any, Any] = (None, None),
 ) -> tuple[Trainer, Any, float]:
     """Train ``model`` with the Hugging Face Trainer (so ``accelerate launch`` scales it out), checkpointing to
     ``work_dir`` and resuming from ``checkpoint``. Returns the trainer, its output and the training seconds."""
@@ -258,7 +262,7 @@ def run_trainer(
         logging_steps=config.logging_steps,
         remove_unused_columns=remove_unused_columns,
     )
-    trainer = padded_trainer(model, tokenizer, train_dataset, args, callbacks=callbacks)
+    trainer = padded_trainer(model, tokenizer, train_dataset, args, callbacks=callbacks, optimizers=optimizers)
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer, train_output, time.perf_counter() - started

@@ -1,0 +1,248 @@
+"""Benchmark: weight-level (sparse) pruning of the converged MiniLM-L6 STS-B teacher (bench/teachers.py).
+
+Every variant is made through the front door, ``slimformer.prune(teacher, config, "stsb")``:
+
+- one-shot magnitude (``Magnitude``) at several sparsities, no training;
+- GMP* (``GradualMagnitude``): cubic schedule with a large first step, learning rate re-warmed after each of the
+  10 pruning steps, logit distillation from the dense teacher (alpha 0.9, temperature 2);
+- movement pruning (``Movement``): hard top-k and soft (steered L1 penalty), unstructured;
+- block movement (``Movement(granularity="block:32")``) and whole-head movement (``granularity="head"``: heads
+  and FFN neurons), whose emptied heads and neurons are removed physically.
+
+All training variants get the same budget (``--epochs`` over the STS-B training set, batch 32, weights at lr 3e-5,
+movement scores at 1e-2, sparsity rising from 10% to 70% of training). Sparsity is counted over the encoder's
+linear weights (embeddings and head are dense). Each variant is also quantized to dynamic int8 on ONNX Runtime
+(per-channel), scored through the runtime.
+
+Columns: STS-B dev combined score (mean of Pearson and Spearman, as the teacher), sparsity, heads / FFN neurons
+left after removal, dense FLOPs kept (unstructured zeros still cost FLOPs on dense kernels), bytes on disk as
+dense safetensors, as slimformer's sparse-bitmask file, the int8 ONNX file and that file zip-compressed (zeros
+compress; the dense int8 kernels do not skip them), and latency at 32 x 128 and 1 x 32 tokens (2 threads,
+every variant of a runtime in one interleaved run, medians). Writes ``bench/results/sparse.{json,md}`` and the
+density map of every variant (``sparse_density_<variant>.png``).
+
+    python bench/sparse.py [--epochs 4] [--variants all|name,name]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zlib
+from pathlib import Path
+
+import slimformer
+from common import (
+    RESULTS,
+    RUNS,
+    describe_teacher,
+    machine,
+    markdown_table,
+    teacher_folder,
+    teacher_summary,
+    write_results,
+)
+from slimformer.configs import GradualMagnitude, Magnitude, Movement
+from slimformer.evaluation import evaluate_model, headline_score
+from slimformer.measure import flops
+from slimformer.models import load_model
+from slimformer.report import interleaved_latency, model_stats
+from slimformer.sparse.plots import plot_density
+from slimformer.tasks import load_task
+
+OUT = RUNS / "sparse"
+
+
+def variants(epochs: float) -> dict[str, object]:
+    train = {"epochs": epochs, "max_length": 128}
+    return {
+        "magnitude 50%": Magnitude(sparsity=0.5),
+        "magnitude 70%": Magnitude(sparsity=0.7),
+        "magnitude 90%": Magnitude(sparsity=0.9),
+        "gmp* 90%": GradualMagnitude(sparsity=0.9, **train),
+        "movement 90%": Movement(sparsity=0.9, **train),
+        "soft movement 90%": Movement(sparsity=0.9, soft=True, **train),
+        "block movement 32x32 70%": Movement(sparsity=0.7, granularity="block:32", **train),
+        "head movement 50%": Movement(sparsity=0.5, granularity="head", **train),
+    }
+
+
+def slug(label: str) -> str:
+    return label.replace(" ", "-").replace("%", "").replace("*", "star")
+
+
+def build(label: str, config, teacher: Path, data) -> tuple[Path, dict]:
+    folder = OUT / slug(label)
+    if not (folder / "metrics.json").is_file():
+        started = time.perf_counter()
+        loaded = load_model(teacher)
+        slimformer.prune(loaded, config, data, out=folder, measure=False, overwrite=True)
+        print(f"{label}: built in {time.perf_counter() - started:.0f} s", flush=True)
+    return folder, json.loads((folder / "metrics.json").read_text())
+
+
+def int8(folder: Path, data, source: Path | None = None) -> Path:
+    """Dynamic int8 on ONNX Runtime of the model in ``source`` (default ``folder``), cached beside ``folder``."""
+    target = folder.with_name(folder.name + "-int8")
+    if not (target / "slimformer.json").is_file():
+        slimformer.quantize(
+            source or folder, slimformer.Quantize(mode="dynamic"), data, out=target, evaluate=False, measure=False,
+            overwrite=True, progress=False,
+        )  # fmt: skip
+    return target
+
+
+def onnx_sizes(folder: Path) -> tuple[int, int]:
+    path = next(folder.glob("*.onnx"))
+    raw = path.read_bytes()
+    return len(raw), len(zlib.compress(raw, 6))
+
+
+def main() -> None:
+    global OUT
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=float, default=4.0)
+    parser.add_argument("--variants", default="all")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="smoke runs: write elsewhere")
+    parser.add_argument("--runs-dir", type=Path, default=OUT, help="smoke runs: cache variants elsewhere")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="smoke runs only")
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="smoke runs only")
+    args = parser.parse_args()
+    OUT = args.runs_dir
+    from slimformer.deploy.runtime import load_artifact_folder
+
+    teacher_path = teacher_folder("stsb")
+    teacher = teacher_summary("stsb", teacher_path)
+    data = load_task("stsb", max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples)
+    chosen = variants(args.epochs)
+    if args.variants != "all":
+        chosen = {
+            k: v for k, v in chosen.items() if slug(k) in args.variants.split(",") or k in args.variants.split(",")
+        }
+    dense = load_model(teacher_path)
+    base_flops = flops(dense.model, seq_len=128).encoder
+
+    def int8_score(runtime) -> float:
+        return headline_score(evaluate_model(runtime, dense.tokenizer, data, progress=False), "combined_score")
+
+    dense_artifact = int8(OUT / "dense", data, source=teacher_path)
+    dense_int8 = load_artifact_folder(dense_artifact, threads=args.threads).model
+    stats = model_stats(dense.model)
+    raw, zipped = onnx_sizes(dense_artifact)
+    rows = [
+        {
+            "variant": "dense (teacher)",
+            "score": teacher["score"],
+            "score_int8": int8_score(dense_int8),
+            "sparsity": 0.0,
+            "heads": stats["heads"],
+            "neurons": stats["neurons"],
+            "flops_kept": 1.0,
+            "dense_bytes": sum(p.numel() * p.element_size() for p in dense.model.state_dict().values()),
+            "bitmask_bytes": None,
+            "onnx_int8_bytes": raw,
+            "onnx_int8_zip_bytes": zipped,
+            "seconds": None,
+            "train_seconds": None,
+        }
+    ]
+    torch_models, runtime_models = {"dense": dense.model}, {"dense": dense_int8}
+    for label, config in chosen.items():
+        folder, report = build(label, config, teacher_path, data)
+        sparse = report["details"]["sparse"]
+        model = load_model(folder).model
+        artifact = int8(folder, data)
+        runtime = load_artifact_folder(artifact, threads=args.threads).model
+        raw, zipped = onnx_sizes(artifact)
+        after = report["models"]["after"]
+        row = {
+            "variant": label,
+            "config": config.to_dict(),
+            "score": report["score"]["after"],
+            "score_int8": int8_score(runtime),
+            "sparsity": sparse["sparsity"],
+            "heads": after["heads"],
+            "neurons": after["neurons"],
+            "flops_kept": flops(model, seq_len=128).encoder / base_flops,
+            "dense_bytes": sparse["storage"]["dense_bytes"],
+            "bitmask_bytes": (folder / "model.sparse.safetensors").stat().st_size,
+            "onnx_int8_bytes": raw,
+            "onnx_int8_zip_bytes": zipped,
+            "seconds": report["seconds"]["total"],
+            "train_seconds": report["seconds"].get("train"),
+            "folded": {k: sparse[k] for k in ("heads_removed", "heads_folded", "neurons_removed", "neurons_folded")},
+        }  # fmt: skip
+        plot_density(sparse, args.results_dir / f"sparse_density_{slug(label)}.png", title=f"{label}: weights left")
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        torch_models[label] = model
+        runtime_models[label] = runtime
+    if not args.no_latency:
+        for key, batch, seq in (("32x128", 32, 128), ("1x32", 1, 32)):
+            for runtime_name, models in (("pytorch", torch_models), ("int8", runtime_models)):
+                timing = interleaved_latency(
+                    models, batch_size=batch, seq_len=seq, threads=args.threads, rounds=args.rounds,
+                    repeats=args.repeats,
+                )  # fmt: skip
+                for row in rows:
+                    name = "dense" if row["variant"].startswith("dense") else row["variant"]
+                    if name in timing:
+                        row[f"ms_{runtime_name}_{key}"] = timing[name]["median_ms"]
+    base = rows[0]
+    for row in rows:
+        for key in ("32x128", "1x32"):
+            for runtime_name in ("pytorch", "int8"):
+                ms = row.get(f"ms_{runtime_name}_{key}")
+                if ms:
+                    row[f"speedup_{runtime_name}_{key}"] = base[f"ms_pytorch_{key}"] / ms
+    write(rows, teacher, args)
+
+
+def _mb(value) -> str:
+    return "" if value is None else f"{value / 1e6:.1f}"
+
+
+def _x(row, key) -> str:
+    value = row.get(key)
+    return "" if value is None else f"{value:.2f}x"
+
+
+def write(rows: list[dict], teacher: dict, args) -> None:
+    headers = [
+        "variant", "STS-B", "vs teacher", "int8 STS-B", "sparsity", "heads", "FFN neurons", "dense FLOPs kept",
+        "safetensors MB", "sparse-bitmask MB", "int8 ONNX MB", "int8 ONNX zipped MB",
+        "PyTorch 32x128", "int8 32x128", "PyTorch 1x32", "int8 1x32", "train s",
+    ]  # fmt: skip
+    table = []
+    for row in rows:
+        table.append([
+            row["variant"], f"{row['score'] * 100:.2f}", f"{(row['score'] - teacher['score']) * 100:+.2f}",
+            f"{row['score_int8'] * 100:.2f}", f"{row['sparsity']:.0%}", row["heads"], row["neurons"],
+            f"{row['flops_kept']:.0%}", _mb(row["dense_bytes"]), _mb(row["bitmask_bytes"]),
+            _mb(row["onnx_int8_bytes"]), _mb(row["onnx_int8_zip_bytes"]),
+            _x(row, "speedup_pytorch_32x128"), _x(row, "speedup_int8_32x128"),
+            _x(row, "speedup_pytorch_1x32"), _x(row, "speedup_int8_1x32"),
+            "" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}",
+        ])  # fmt: skip
+    text = (
+        "# Sparse (weight-level) pruning of MiniLM-L6 on STS-B\n\n"
+        + describe_teacher(teacher)
+        + f"\n\nTraining variants: {args.epochs:g} epochs over the STS-B training set, batch 32, one seed (0), "
+        "logit distillation from the dense teacher; sparsity over the encoder's linear weights. Speedups are over "
+        f"the dense PyTorch fp32 teacher, every variant of a runtime in one interleaved run, {args.threads} threads. "
+        "Unstructured and block zeros inside kept heads give **no speedup on dense CPU kernels** (PyTorch and "
+        "ONNX Runtime multiply the zeros); they show in the storage columns. Only heads and neurons that end "
+        "empty are removed and only they make the model faster.\n\n" + markdown_table(headers, table)
+    )
+    data = {"teacher": teacher, "machine": machine(), "epochs": args.epochs, "rows": rows}
+    write_results("sparse", data, text, results_dir=args.results_dir)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
