@@ -43,13 +43,15 @@ from common import (
     teacher_summary,
     write_results,
 )
-from slimformer.configs import GradualMagnitude, Magnitude, Movement
+from slimformer.configs import FlopsBudget, GradualMagnitude, Magnitude, Movement
+from slimformer.distill import DistillConfig
 from slimformer.evaluation import evaluate_model, headline_score
 from slimformer.measure import flops
 from slimformer.models import load_model
 from slimformer.report import interleaved_latency, model_stats
 from slimformer.sparse.plots import plot_density
 from slimformer.tasks import load_task
+from slimformer.train import TrainConfig
 
 OUT = RUNS / "sparse"
 
@@ -59,12 +61,18 @@ def variants(epochs: float) -> dict[str, object]:
     return {
         "magnitude 50%": Magnitude(sparsity=0.5),
         "magnitude 70%": Magnitude(sparsity=0.7),
+        "magnitude 80%": Magnitude(sparsity=0.8),
         "magnitude 90%": Magnitude(sparsity=0.9),
+        "gmp* 80%": GradualMagnitude(sparsity=0.8, **train),
         "gmp* 90%": GradualMagnitude(sparsity=0.9, **train),
+        "movement 80%": Movement(sparsity=0.8, **train),
         "movement 90%": Movement(sparsity=0.9, **train),
         "soft movement 90%": Movement(sparsity=0.9, soft=True, **train),
+        "block movement 32x32 50%": Movement(sparsity=0.5, granularity="block:32", **train),
         "block movement 32x32 70%": Movement(sparsity=0.7, granularity="block:32", **train),
         "head movement 50%": Movement(sparsity=0.5, granularity="head", **train),
+        # the structured comparison: retraining-free budget pruning to half the FLOPs, then the same KD budget
+        "budget 50% FLOPs + KD": FlopsBudget(0.5),
     }
 
 
@@ -72,12 +80,21 @@ def slug(label: str) -> str:
     return label.replace(" ", "-").replace("%", "").replace("*", "star")
 
 
-def build(label: str, config, teacher: Path, data) -> tuple[Path, dict]:
+def build(label: str, config, teacher: Path, data, epochs: float) -> tuple[Path, dict]:
     folder = OUT / slug(label)
     if not (folder / "metrics.json").is_file():
         started = time.perf_counter()
         loaded = load_model(teacher)
-        slimformer.prune(loaded, config, data, out=folder, measure=False, overwrite=True)
+        if isinstance(config, FlopsBudget):  # budget pruning, then logit KD with the sparse methods' settings
+            pruned = folder.with_name(folder.name + "-pruned")
+            if not (pruned / "metrics.json").is_file():
+                slimformer.prune(loaded, config, data, out=pruned, measure=False, overwrite=True)
+            settings = TrainConfig(epochs=epochs, learning_rate=3e-5, max_length=128, batch_size=32, save_steps=200)
+            slimformer.distill(
+                teacher, pruned, folder, data, config=settings, distill_config=DistillConfig(alpha=0.9, temperature=2.0)
+            )
+        else:
+            slimformer.prune(loaded, config, data, out=folder, measure=False, overwrite=True)
         print(f"{label}: built in {time.perf_counter() - started:.0f} s", flush=True)
     return folder, json.loads((folder / "metrics.json").read_text())
 
@@ -91,6 +108,26 @@ def int8(folder: Path, data, source: Path | None = None) -> Path:
             overwrite=True, progress=False,
         )  # fmt: skip
     return target
+
+
+def int8_storage(folder: Path, model, tokenizer=None) -> Path:
+    """The variant saved with int8 sparse-bitmask storage (weights rounded to int8 per row, zeros as bits)."""
+    target = folder.with_name(folder.name + "-int8store")
+    if not (target / "slimformer.json").is_file():
+        from slimformer.folders import save_model_folder
+
+        tokenizer = tokenizer or load_model(folder).tokenizer
+        save_model_folder(model, tokenizer, target, weight_storage="sparse-bitmask-int8", overwrite=True)
+    return target
+
+
+def dense_sparsity(folder: Path) -> dict:
+    """What a dense (structured) variant reports in the sparse columns: no zeros, its own size."""
+    model = load_model(folder).model
+    return {
+        "sparsity": 0.0,
+        "storage": {"dense_bytes": sum(p.numel() * p.element_size() for p in model.state_dict().values())},
+    }
 
 
 def onnx_sizes(folder: Path) -> tuple[int, int]:
@@ -133,6 +170,12 @@ def main() -> None:
     dense_artifact = int8(OUT / "dense", data, source=teacher_path)
     dense_int8 = load_artifact_folder(dense_artifact, threads=args.threads).model
     stats = model_stats(dense.model)
+    dense_store = int8_storage(OUT / "dense", dense.model, tokenizer=dense.tokenizer)
+
+    def int8_score_torch(folder: Path) -> float:
+        loaded = load_model(folder).model
+        return headline_score(evaluate_model(loaded, dense.tokenizer, data, progress=False), "combined_score")
+
     raw, zipped = onnx_sizes(dense_artifact)
     rows = [
         {
@@ -147,18 +190,21 @@ def main() -> None:
             "bitmask_bytes": None,
             "onnx_int8_bytes": raw,
             "onnx_int8_zip_bytes": zipped,
+            "bitmask_int8_bytes": sum(p.stat().st_size for p in dense_store.glob("model*.safetensors")),
+            "score_bitmask_int8": int8_score_torch(dense_store),
             "seconds": None,
             "train_seconds": None,
         }
     ]
     torch_models, runtime_models = {"dense": dense.model}, {"dense": dense_int8}
     for label, config in chosen.items():
-        folder, report = build(label, config, teacher_path, data)
-        sparse = report["details"]["sparse"]
+        folder, report = build(label, config, teacher_path, data, args.epochs)
+        sparse = report["details"].get("sparse") or dense_sparsity(folder)
         model = load_model(folder).model
         artifact = int8(folder, data)
         runtime = load_artifact_folder(artifact, threads=args.threads).model
         raw, zipped = onnx_sizes(artifact)
+        stored = int8_storage(folder, model)
         after = report["models"]["after"]
         row = {
             "variant": label,
@@ -170,14 +216,17 @@ def main() -> None:
             "neurons": after["neurons"],
             "flops_kept": flops(model, seq_len=128).encoder / base_flops,
             "dense_bytes": sparse["storage"]["dense_bytes"],
-            "bitmask_bytes": (folder / "model.sparse.safetensors").stat().st_size,
+            "bitmask_bytes": sum(p.stat().st_size for p in folder.glob("model*.safetensors")),
             "onnx_int8_bytes": raw,
             "onnx_int8_zip_bytes": zipped,
+            "bitmask_int8_bytes": sum(p.stat().st_size for p in stored.glob("model*.safetensors")),
+            "score_bitmask_int8": int8_score_torch(stored),
             "seconds": report["seconds"]["total"],
             "train_seconds": report["seconds"].get("train"),
-            "folded": {k: sparse[k] for k in ("heads_removed", "heads_folded", "neurons_removed", "neurons_folded")},
+            "folded": {k: sparse.get(k) for k in ("heads_removed", "heads_folded", "neurons_removed", "neurons_folded")},  # noqa: E501
         }  # fmt: skip
-        plot_density(sparse, args.results_dir / f"sparse_density_{slug(label)}.png", title=f"{label}: weights left")
+        if "head_density" in sparse:
+            plot_density(sparse, args.results_dir / f"sparse_density_{slug(label)}.png", title=f"{label}: weights left")
         print(json.dumps(row), flush=True)
         rows.append(row)
         torch_models[label] = model
@@ -215,7 +264,8 @@ def _x(row, key) -> str:
 def write(rows: list[dict], teacher: dict, args) -> None:
     headers = [
         "variant", "STS-B", "vs teacher", "int8 STS-B", "sparsity", "heads", "FFN neurons", "dense FLOPs kept",
-        "safetensors MB", "sparse-bitmask MB", "int8 ONNX MB", "int8 ONNX zipped MB",
+        "safetensors MB", "sparse-bitmask MB", "int8 bitmask MB", "STS-B of int8 bitmask", "int8 ONNX MB",
+        "int8 ONNX zipped MB",
         "PyTorch 32x128", "int8 32x128", "PyTorch 1x32", "int8 1x32", "train s",
     ]  # fmt: skip
     table = []
@@ -224,6 +274,8 @@ def write(rows: list[dict], teacher: dict, args) -> None:
             row["variant"], f"{row['score'] * 100:.2f}", f"{(row['score'] - teacher['score']) * 100:+.2f}",
             f"{row['score_int8'] * 100:.2f}", f"{row['sparsity']:.0%}", row["heads"], row["neurons"],
             f"{row['flops_kept']:.0%}", _mb(row["dense_bytes"]), _mb(row["bitmask_bytes"]),
+            _mb(row["bitmask_int8_bytes"]),
+            "" if row["score_bitmask_int8"] is None else f"{row['score_bitmask_int8'] * 100:.2f}",
             _mb(row["onnx_int8_bytes"]), _mb(row["onnx_int8_zip_bytes"]),
             _x(row, "speedup_pytorch_32x128"), _x(row, "speedup_int8_32x128"),
             _x(row, "speedup_pytorch_1x32"), _x(row, "speedup_int8_1x32"),

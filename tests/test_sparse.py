@@ -375,6 +375,7 @@ def test_cli_sparse_prune_saves_compact_weights_that_load(toy, tmp_path):
     assert "non-zero" in result.output
     assert (out / SPARSE_FILE).is_file() and read_manifest(out)["weight_storage"] == "sparse-bitmask"
     assert not read_manifest(out)["plain_transformers_loadable"]
+    assert "expand_folder" in (out / "README.md").read_text()  # the card says how to load it
     report = json.loads((out / "metrics.json").read_text())
     storage = report["details"]["sparse"]["storage"]
     assert storage["sparse_bitmask_bytes"] < storage["dense_bytes"]
@@ -385,3 +386,51 @@ def test_cli_sparse_prune_saves_compact_weights_that_load(toy, tmp_path):
     assert bad.exit_code != 0 and "--sparsity" in str(bad.exception)
     bad = runner.invoke(app, [*args[:-1], str(tmp_path / "y"), "--sparse", "pruney", "--sparsity", "0.5"])
     assert bad.exit_code != 0 and "Unknown sparse method" in str(bad.exception)
+
+
+def test_sentence_embedding_models_prune_sparse_without_labels(tiny_model_dir, tmp_path, monkeypatch):
+    """Movement pruning of an embedding model: the student imitates the dense model's embeddings (no labels)."""
+    import slimformer
+    from slimformer.embedding import SentenceEmbedder
+    from slimformer.models import load_model
+    from test_embedding import embed, write_stsb
+
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    glue = write_stsb(tmp_path / "glue")
+    config = Movement(sparsity=0.5, granularity="head", epochs=2, batch_size=8, max_length=16)
+    result = slimformer.prune(tiny_model_dir, config, "stsb-embed", data_dir=glue, out=tmp_path / "out", progress=False)
+    report = result.report
+    assert report["primary_metric"] == "spearman_cosine"
+    assert report["details"]["sparse"]["train"]["distill"]["alpha"] == 1.0
+    assert report["models"]["after"]["heads"] < report["models"]["before"]["heads"]
+    reloaded = load_model(tmp_path / "out")
+    assert isinstance(reloaded.model, SentenceEmbedder)
+    inputs = tiny_inputs(seed=2)
+    inputs["input_ids"] = inputs["input_ids"] + 1000
+    torch.testing.assert_close(embed(reloaded.model, inputs), embed(result.model, inputs), atol=1e-6, rtol=0)
+
+
+def test_int8_bitmask_storage_rounds_per_row_keeps_zeros_and_is_several_times_smaller(tmp_path):
+    from slimformer.folders import save_model_folder
+    from slimformer.models import load_model
+    from slimformer.sparse.storage import compress_state, decompress_state
+
+    model = tiny_model("bert")
+    apply_masks(model, magnitude_masks(model, 0.8))
+    state = model.state_dict()
+    again = decompress_state(*compress_state(state, int8=True))
+    for name, tensor in state.items():
+        if tensor.ndim == 2 and tensor.is_floating_point():
+            step = tensor.abs().amax(1, keepdim=True) / 127
+            assert bool(((again[name] - tensor).abs() <= step / 2 + 1e-7).all()), name
+            assert bool((again[name][tensor == 0] == 0).all())
+        else:
+            assert torch.equal(again[name], tensor)
+    sizes = {}
+    for storage in ("dense", "sparse-bitmask-int8"):
+        folder = save_model_folder(model, None, tmp_path / storage, weight_storage=storage)
+        sizes[storage] = sum(p.stat().st_size for p in folder.glob("model*.safetensors"))
+    assert sizes["sparse-bitmask-int8"] * 3 < sizes["dense"]
+    reloaded = load_model(tmp_path / "sparse-bitmask-int8").model
+    inputs = tiny_inputs()
+    assert torch.allclose(_logits(reloaded, inputs), _logits(model, inputs), atol=0.05)

@@ -265,6 +265,7 @@ def prune(
         sparse_details["storage"] = {
             "dense_bytes": sum(p.numel() * p.element_size() for p in net.state_dict().values()),
             "sparse_bitmask_bytes": compact_bytes(net),
+            "sparse_bitmask_int8_bytes": compact_bytes(net, int8=True),
             "saved_as": weight_storage if out_dir is not None else None,
         }
     latency = None

@@ -150,6 +150,27 @@ def _how_to_load(location: str, remote_code: bool) -> list[str]:
     return lines
 
 
+def _how_to_load_sparse(location: str) -> list[str]:
+    return [
+        "## How to load",
+        "",
+        "The sparse weight matrices are stored as a bitmask plus their non-zero values (`model.sparse.safetensors`),",
+        "so this folder is small on disk; plain transformers does not read that file. With slimformer:",
+        "",
+        "```python",
+        "import slimformer",
+        "from slimformer.sparse.storage import expand_folder",
+        "",
+        f'loaded = slimformer.load_model("{location}")  # loaded.model, loaded.tokenizer',
+        "# or write an ordinary folder (dense model.safetensors) for plain transformers:",
+        f'expand_folder("{location}", "dense-copy")',
+        "```",
+        "",
+        "The zeros give no speedup on dense kernels; only the heads and FFN neurons removed physically make it faster.",
+        "",
+    ]
+
+
 def _how_made(report: dict[str, Any] | None) -> list[str]:
     if not report:
         return []
@@ -206,6 +227,8 @@ def render_card(folder: str | os.PathLike[str], *, location: str | None = None, 
         lines.append(f"- Task: {task_line}")
     lines += _method_lines(report) + _shape_lines(manifest, report) + [""]
     loading = [how_to_load] if how_to_load else _how_to_load(location, remote_code)
+    if str(manifest.get("weight_storage", "dense")).startswith("sparse-bitmask") and not how_to_load:
+        loading = _how_to_load_sparse(location)
     lines += _results(report) + loading + _how_made(report)
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n"
 

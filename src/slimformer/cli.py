@@ -436,8 +436,9 @@ def prune(
     storage: Annotated[
         str | None,
         typer.Option(
-            help="How to save the weights: dense (plain transformers loads it) or sparse-bitmask (non-zeros plus a "
-            "bitmask: smaller; slimformer loads it). Default: sparse-bitmask after --sparse, dense otherwise."
+            help="How to save the weights: dense (plain transformers loads it), sparse-bitmask (non-zeros plus a "
+            "bitmask: smaller; slimformer loads it) or sparse-bitmask-int8 (matrices rounded to int8 per row "
+            "first: smallest, lossy). Default: sparse-bitmask after --sparse, dense otherwise."
         ),
     ] = None,
     config: Annotated[

@@ -89,17 +89,18 @@ def save_model_folder(
     """Write ``model`` (pruned or not), its tokenizer, the manifest and any ``json_files`` (name -> data) to
     ``out_dir`` atomically: the folder appears complete or not at all.
 
-    ``weight_storage``: ``dense`` (an ordinary ``model.safetensors``) or ``sparse-bitmask`` (sparse matrices as a
+    ``weight_storage``: ``dense`` (an ordinary ``model.safetensors``), ``sparse-bitmask`` (sparse matrices as a
     bitmask plus their non-zero values, :mod:`slimformer.sparse.storage`: smaller for a sparse model, read by
-    :func:`slimformer.load_model`, not by plain transformers).
+    :func:`slimformer.load_model`, not by plain transformers) or ``sparse-bitmask-int8`` (the same after rounding
+    every matrix to int8 per row: lossy, smallest).
 
     The manifest records the per-layer shapes, ``plan`` (the pruning plan the model was made with, if any),
     ``task`` (a JSON-able description of the task the model was trained or pruned for, if known) and ``extra``.
     """
-    from slimformer.sparse.storage import BITMASK, STORAGE_KEY, compress_folder
+    from slimformer.sparse.storage import BITMASK_INT8, STORAGE_KEY, STORAGES, compress_folder
 
-    if weight_storage not in ("dense", BITMASK):
-        raise ModelLoadError(f"Unknown weight storage {weight_storage!r}: choose dense or {BITMASK}.")
+    if weight_storage not in STORAGES:
+        raise ModelLoadError(f"Unknown weight storage {weight_storage!r}: choose one of {', '.join(STORAGES)}.")
     needs_code = needs_remote_code(model.config)
     embedder = is_sentence_embedder(model)
     manifest = {
@@ -123,8 +124,8 @@ def save_model_folder(
             auto_map_for_saving(model.encoder if embedder else model) as needs_code,
         ):
             model.save_pretrained(staging)
-            if weight_storage == BITMASK:
-                compress_folder(staging)
+            if weight_storage != "dense":
+                compress_folder(staging, int8=weight_storage == BITMASK_INT8)
             if needs_code:
                 write_remote_code(model.encoder if embedder else model, staging)
             if tokenizer is not None:

@@ -231,6 +231,15 @@ def print_report(report: dict[str, Any], console: Console | None = None, out: st
     after = (report.get("models") or {}).get("after") or {}
     if after.get("heads_per_layer") is not None:
         console.print(f"heads per layer {after['heads_per_layer']}, FFN neurons per layer {after['neurons_per_layer']}")
+    sparse = (report.get("details") or {}).get("sparse")
+    if sparse:
+        removed = sparse.get("heads_removed", 0) + sparse.get("heads_folded", 0)
+        neurons = sparse.get("neurons_removed", 0) + sparse.get("neurons_folded", 0)
+        console.print(
+            f"sparsity {sparse['sparsity']:.1%} of the encoder's linear weights ({sparse['granularity']}); "
+            f"{removed} heads and {neurons} FFN neurons were left empty and removed. The zeros that stay give no "
+            "speedup on dense CPU kernels; they make the folder smaller (sparse-bitmask storage)."
+        )
     seconds = report.get("seconds") or {}
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items() if k != "total")
     console.print(f"took {seconds.get('total', 0):.0f} s" + (f" ({phases})" if phases else ""))

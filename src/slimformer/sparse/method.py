@@ -135,7 +135,7 @@ def train_sparse(
     controller.install()
     state = SparseTrainingState()
     distillation = DistillationModel(model, None, distill_settings, [])
-    wrapper = SparseTrainingModel(distillation, controller, state)
+    wrapper = SparseTrainingModel(distillation, controller)
     optimizer = score_optimizer(
         wrapper,
         learning_rate=config.learning_rate,
@@ -200,7 +200,7 @@ def train_sparse(
     }
     if mode == "soft":
         details["soft"] = {
-            "final_penalty": state.penalty,
+            "final_penalty": float(controller.penalty),
             "sparsity_reached": round(reached, 6),
             "projected_to_target": controller.mode == "topk",
         }

@@ -7,9 +7,11 @@ transformers without an error but with *random* weights in place of the compress
 its own file, ``model.sparse.safetensors`` (safetensors, so it is safe to load and memory-mappable): every
 tensor that is smaller this way becomes ``<name>::values`` (the non-zero entries in row-major order) and
 ``<name>::bitmask`` (one bit per entry, numpy's ``packbits`` order), with the shape in the file's metadata; all
-other tensors are stored as they are. :func:`slimformer.load_model` reads such folders (the manifest says
-``"weight_storage": "sparse-bitmask"``); :func:`expand_folder` turns one back into an ordinary folder for plain
-transformers.
+other tensors are stored as they are. ``sparse-bitmask-int8`` also rounds every matrix (embeddings included) to
+int8 with one scale per row (``<name>::scale``) before that: weight-only int8 storage, loaded back as floats (the
+scores of such a folder are those of the rounded weights; the benchmark measures them).
+:func:`slimformer.load_model` reads such folders (the manifest says ``"weight_storage": "sparse-bitmask"``);
+:func:`expand_folder` turns one back into an ordinary folder for plain transformers.
 """
 
 from __future__ import annotations
@@ -32,60 +34,92 @@ SPARSE_FILE = "model.sparse.safetensors"
 DENSE_FILE = "model.safetensors"
 STORAGE_KEY = "weight_storage"
 BITMASK = "sparse-bitmask"
-_VALUES, _BITS = "::values", "::bitmask"
+BITMASK_INT8 = "sparse-bitmask-int8"
+STORAGES = ("dense", BITMASK, BITMASK_INT8)
+_VALUES, _BITS, _SCALE = "::values", "::bitmask", "::scale"
 
 
-def _worth_compressing(tensor: torch.Tensor) -> bool:
-    if tensor.ndim != 2 or not tensor.is_floating_point():
-        return False
+def _bitmask_pays(tensor: torch.Tensor, value_bytes: int) -> bool:
     nonzero = int(torch.count_nonzero(tensor))
-    return nonzero * tensor.element_size() + (tensor.numel() + 7) // 8 < tensor.numel() * tensor.element_size()
+    return nonzero * value_bytes + (tensor.numel() + 7) // 8 < tensor.numel() * value_bytes
 
 
-def compress_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors to write and the metadata (shapes of the compressed ones)."""
+def _quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (zeros stay exactly zero): values and one fp32 scale per row."""
+    scale = tensor.abs().amax(1).float() / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(tensor.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def compress_state(
+    state: dict[str, torch.Tensor], *, int8: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to write and the metadata (shapes and dtypes of the encoded ones). Matrices whose zeros pay for
+    a bitmask are stored as bitmask + non-zero values; with ``int8`` every floating-point matrix (embeddings
+    included) is first rounded to int8 with one scale per row (weight-only: it loads back as floats)."""
     tensors: dict[str, torch.Tensor] = {}
-    shapes: dict[str, list[int]] = {}
+    encoded: dict[str, dict[str, Any]] = {}
     for name, tensor in state.items():
         tensor = tensor.detach().cpu().contiguous()
-        if _worth_compressing(tensor):
-            flat = tensor.reshape(-1)
+        if tensor.ndim != 2 or not tensor.is_floating_point():
+            tensors[name] = tensor
+            continue
+        if int8:
+            values, scale = _quantize_rows(tensor)
+            tensors[name + _SCALE] = scale
+        elif _bitmask_pays(tensor, tensor.element_size()):
+            values = tensor
+        else:
+            tensors[name] = tensor
+            continue
+        record = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."), "int8": int8}
+        if _bitmask_pays(values, values.element_size()):
+            flat = values.reshape(-1)
             keep = flat != 0
             tensors[name + _VALUES] = flat[keep].clone()
             tensors[name + _BITS] = torch.from_numpy(np.packbits(keep.numpy()))
-            shapes[name] = list(tensor.shape)
+            record["bitmask"] = True
         else:
-            tensors[name] = tensor
-    return tensors, {"format": BITMASK, "shapes": json.dumps(shapes)}
+            tensors[name + _VALUES] = values
+            record["bitmask"] = False
+        encoded[name] = record
+    return tensors, {"format": BITMASK_INT8 if int8 else BITMASK, "encoded": json.dumps(encoded)}
 
 
 def decompress_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, torch.Tensor]:
-    if not metadata or metadata.get("format") != BITMASK:
+    if not metadata or metadata.get("format") not in (BITMASK, BITMASK_INT8):
         raise SlimformerError("Not a sparse-bitmask weight file (its metadata does not say format=sparse-bitmask).")
-    shapes = json.loads(metadata["shapes"])
-    state = {name: tensor for name, tensor in tensors.items() if not name.endswith((_VALUES, _BITS))}
-    for name, shape in shapes.items():
-        values, bits = tensors[name + _VALUES], tensors[name + _BITS]
-        numel = int(np.prod(shape))
-        keep = torch.from_numpy(np.unpackbits(bits.numpy())[:numel].astype(bool))
-        if int(keep.sum()) != values.numel():
-            raise SlimformerError(
-                f"The sparse weight file is damaged: {name} has {values.numel()} values for {int(keep.sum())} set bits."
-            )
-        dense = torch.zeros(numel, dtype=values.dtype)
-        dense[keep] = values
-        state[name] = dense.reshape(shape)
+    encoded = json.loads(metadata["encoded"])
+    state = {name: tensor for name, tensor in tensors.items() if not name.endswith((_VALUES, _BITS, _SCALE))}
+    for name, record in encoded.items():
+        shape, values = record["shape"], tensors[name + _VALUES]
+        if record["bitmask"]:
+            numel = int(np.prod(shape))
+            keep = torch.from_numpy(np.unpackbits(tensors[name + _BITS].numpy())[:numel].astype(bool))
+            if int(keep.sum()) != values.numel():
+                raise SlimformerError(
+                    f"The sparse weight file is damaged: {name} has {values.numel()} values for {int(keep.sum())} "
+                    "set bits."
+                )
+            dense = torch.zeros(numel, dtype=values.dtype)
+            dense[keep] = values
+            values = dense.reshape(shape)
+        dtype = getattr(torch, record["dtype"])
+        if record["int8"]:
+            values = values.float() * tensors[name + _SCALE][:, None]
+        state[name] = values.to(dtype)
     return state
 
 
-def compact_bytes(model: torch.nn.Module) -> int:
+def compact_bytes(model: torch.nn.Module, *, int8: bool = False) -> int:
     """The size the model's weights take in the sparse-bitmask file (tensor bytes, no header)."""
-    tensors, _ = compress_state(model.state_dict())
+    tensors, _ = compress_state(model.state_dict(), int8=int8)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def compress_folder(folder: str | os.PathLike[str]) -> Path:
-    """Replace ``model.safetensors`` in ``folder`` by ``model.sparse.safetensors`` (same tensors, compressed)."""
+def compress_folder(folder: str | os.PathLike[str], *, int8: bool = False) -> Path:
+    """Replace ``model.safetensors`` in ``folder`` by ``model.sparse.safetensors`` (same tensors, compressed;
+    with ``int8``, matrices rounded to int8 per row first)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -94,7 +128,7 @@ def compress_folder(folder: str | os.PathLike[str]) -> Path:
         raise SlimformerError(f"{folder} has no {DENSE_FILE} to compress (sharded or .bin weights are not supported).")
     with safe_open(dense, "pt") as handle:
         extra = handle.metadata() or {}
-    tensors, metadata = compress_state(load_file(dense))
+    tensors, metadata = compress_state(load_file(dense), int8=int8)
     target = folder / SPARSE_FILE
     partial = target.with_name(target.name + ".partial")
     save_file(tensors, partial, metadata={**extra, **metadata})
@@ -136,7 +170,7 @@ def expand_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str] | 
         state = decompress_state(load_file(path), metadata)
     except (OSError, ValueError, KeyError) as error:
         raise SlimformerError(f"Cannot read the sparse weights {path}: {error}") from None
-    keep = {k: v for k, v in (metadata or {}).items() if k not in ("format", "shapes")}
+    keep = {k: v for k, v in (metadata or {}).items() if k not in ("format", "encoded")}
     save_file(state, target / DENSE_FILE, metadata=keep or {"format": "pt"})
     if out is not None:
         _mark_dense(target)

@@ -92,6 +92,8 @@ class SparseController(nn.Module):
             self.scores = nn.ParameterDict(
                 {_safe(key): nn.Parameter(torch.full_like(self.sizes[key], float(score_init))) for key in self.keys}
             )
+        # the soft-movement penalty's strength: a buffer, so that a resumed run goes on with the value it had
+        self.register_buffer("penalty", torch.zeros(()))
         self._installed = False
 
     # masks -------------------------------------------------------------------------------------------------
@@ -221,10 +223,9 @@ def _head_size(model: PreTrainedModel) -> int:
 
 @dataclass
 class SparseTrainingState:
-    """What the callback records for the report: the sparsity curve and the soft-movement penalty."""
+    """What the callback records for the report: the sparsity curve."""
 
     curve: list[dict[str, float]] = field(default_factory=list)
-    penalty: float = 0.0
 
 
 class SparsityCallback(TrainerCallback):
@@ -252,9 +253,8 @@ class SparsityCallback(TrainerCallback):
         if controller.mode == "soft" and step % 10 == 0:
             # a proportional controller on the penalty's log-strength: too dense -> stronger, too sparse -> weaker
             error = target - controller.sparsity()
-            self.state.penalty = float(min(max(self.state.penalty * math.exp(20.0 * error), 1e-4), 1e3)) or 1e-3
-            if target == 0:
-                self.state.penalty = 0.0
+            strength = min(max(float(controller.penalty) * math.exp(20.0 * error), 1e-4), 1e3) if target > 0 else 0.0
+            controller.penalty.fill_(strength)
         if step % self.log_every == 0:
             self.state.curve.append({"step": step, "target": round(target, 4), "sparsity": controller.sparsity()})
         controller._group_masks = {}
@@ -265,17 +265,16 @@ class SparseTrainingModel(nn.Module):
     """What the Trainer trains for sparse pruning: the distillation model (student = the model being pruned)
     plus the controller's scores; the soft-movement penalty is added to the loss."""
 
-    def __init__(self, distillation: nn.Module, controller: SparseController, state: SparseTrainingState) -> None:
+    def __init__(self, distillation: nn.Module, controller: SparseController) -> None:
         super().__init__()
         self.distillation = distillation
         self.controller = controller
-        object.__setattr__(self, "state", state)
 
     def forward(self, **inputs: Any):
         self.controller.refresh()
         outputs = self.distillation(**inputs)
-        if self.controller.mode == "soft" and outputs.loss is not None and self.state.penalty > 0:
-            outputs.loss = outputs.loss + self.state.penalty * self.controller.regularizer()
+        if self.controller.mode == "soft" and outputs.loss is not None and float(self.controller.penalty) > 0:
+            outputs.loss = outputs.loss + self.controller.penalty * self.controller.regularizer()
         return outputs
 
 
