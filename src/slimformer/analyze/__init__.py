@@ -9,16 +9,25 @@
   computed from the ``survivors.json`` of several lottery runs.
 * :func:`papa` — Hassid et al. 2022, "How Much Does Attention Actually Attend?": attention replaced by constant
   patterns (the mean attention over a data sample) in none, half or all of the layers.
+* :func:`loyalty` — Xu et al. 2021, "Beyond Preserved Accuracy": how often a compressed model predicts what its
+  teacher predicts (label loyalty) and how close their distributions are (probability loyalty), on dev and AdvGLUE.
+* :func:`bias` — the Equity Evaluation Corpus test (Kiritchenko & Mohammad 2018): gender and race gaps in a sentiment
+  model's positive probability, per emotion, with confidence intervals and paired t-tests.
+* :func:`robustness` — accuracy on AdvGLUE (Wang et al. 2021) beside the clean one, and a PGD attack on the word
+  embeddings (attack success rate per bound).
 
 Each returns a small result dataclass with ``to_dict()`` and ``save(out_dir)`` (results.json, PNG plots and a
 short report.md); ``slimformer analyze SUBCOMMAND`` runs them from the command line.
 """
 
 from slimformer.analyze.ablate import AblateResult, ablate
+from slimformer.analyze.bias import BiasResult, bias
 from slimformer.analyze.common import AnalyzeError
 from slimformer.analyze.lottery import LotteryResult, lottery
+from slimformer.analyze.loyalty import LoyaltyResult, loyalty
 from slimformer.analyze.magnitude import WeightMasks, magnitude_prune, magnitude_step, masked_weights
 from slimformer.analyze.papa import AttentionPatterns, PapaResult, collect_patterns, constant_attention, papa
+from slimformer.analyze.robustness import RobustnessResult, robustness
 from slimformer.analyze.stability import StabilityResult, jaccard, stability
 from slimformer.analyze.subnetworks import structured_subnetworks, weight_subnetworks
 from slimformer.analyze.training import RetrainConfig
@@ -30,20 +39,26 @@ __all__ = [
     "AblateResult",
     "AnalyzeError",
     "AttentionPatterns",
+    "BiasResult",
     "LotteryResult",
+    "LoyaltyResult",
     "PapaResult",
     "RetrainConfig",
+    "RobustnessResult",
     "StabilityResult",
     "WeightMasks",
     "ablate",
+    "bias",
     "collect_patterns",
     "constant_attention",
     "jaccard",
     "lottery",
+    "loyalty",
     "magnitude_prune",
     "magnitude_step",
     "masked_weights",
     "papa",
+    "robustness",
     "stability",
     "structured_subnetworks",
     "weight_subnetworks",

@@ -30,7 +30,7 @@ from slimformer.cli_options import (
 
 analyze_app = typer.Typer(
     name="analyze",
-    help="Dissect a model: head ablations, lottery tickets, their stability, constant attention.",
+    help="Dissect a model: head ablations, lottery tickets, their stability, constant attention, loyalty, robustness.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -328,3 +328,148 @@ def papa(
         )
     stdout.print(table)
     stdout.print(f"-> {out} (results.json, report.md, plots)")
+
+
+@analyze_app.command()
+def loyalty(
+    teacher: Annotated[str, typer.Option(help="The model the student was made from (fine-tuned on --task).")],
+    student: Annotated[str, typer.Option(help="The compressed model (pruned, distilled, sparse...).")],
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    regression: RegressionOpt = False,
+    out: _out_opt("runs/analyze/loyalty") = Path("runs/analyze/loyalty"),
+    advglue: Annotated[
+        bool, typer.Option(help="Also on the task's AdvGLUE examples (SST-2, QNLI, RTE, MNLI, QQP).")
+    ] = (True),
+    advglue_dir: Annotated[
+        Path | None, typer.Option(help="AdvGLUE's dev.json or its folder (default: advglue/ beside the GLUE folder).")
+    ] = None,
+    max_length: MaxLengthOpt = 128,
+    max_eval_samples: MaxEvalOpt = None,
+    batch_size: EvalBatchOpt = 64,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Xu et al. 2021: how faithful the student is to its teacher: label loyalty, probability loyalty (1 - sqrt of
+    the JS divergence), KL, on dev and on AdvGLUE."""
+    from slimformer.analyze import loyalty as run_loyalty
+    from slimformer.analyze.common import output_folder
+
+    _check_out(out, overwrite)
+    result = run_loyalty(
+        teacher,
+        student,
+        _analysis_task(teacher, locals()),
+        data_dir=data_dir,
+        advglue=advglue,
+        advglue_dir=advglue_dir,
+        max_length=max_length,
+        max_eval_samples=max_eval_samples,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    with output_folder(out, overwrite=overwrite) as staging:
+        result.save(staging)
+    table = Table(title=f"loyalty of the student on {result.task}")
+    for column in ("set", "teacher", "student", "label loyalty", "probability loyalty", "KL"):
+        table.add_column(column, justify="right")
+    for name, entry in result.sets.items():
+        values = entry["loyalty"]
+        if "label_loyalty" in values:
+            cells = [f"{values['label_loyalty']:.4f}", f"{values['probability_loyalty']:.4f}",
+                     f"{values['kl_teacher_student']:.4f}"]  # fmt: skip
+        else:
+            cells = [f"pearson {values['pearson']:.4f}", f"|diff| {values['mean_abs_difference']:.4f}", ""]
+        table.add_row(name, f"{entry['teacher_score'] * 100:.2f}", f"{entry['student_score'] * 100:.2f}", *cells)
+    stdout.print(table)
+    stdout.print(f"-> {out} (results.json, report.md)")
+
+
+@analyze_app.command()
+def robustness(
+    model: FineTunedOpt,
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    regression: RegressionOpt = False,
+    out: _out_opt("runs/analyze/robustness") = Path("runs/analyze/robustness"),
+    advglue: Annotated[bool, typer.Option(help="Score the task's AdvGLUE examples too (where it has them).")] = True,
+    advglue_dir: Annotated[
+        Path | None, typer.Option(help="AdvGLUE's dev.json or its folder (default: advglue/ beside the GLUE folder).")
+    ] = None,
+    epsilons: Annotated[
+        str, typer.Option(help="PGD bounds, as multiples of the mean word-embedding norm (comma-separated).")
+    ] = "0.05,0.1,0.2,0.5",
+    steps: Annotated[int, typer.Option(help="PGD steps per bound.")] = 5,
+    attack_examples: Annotated[int, typer.Option(help="Dev examples attacked (a seeded subset).")] = 512,
+    max_length: MaxLengthOpt = 128,
+    max_eval_samples: MaxEvalOpt = None,
+    batch_size: EvalBatchOpt = 32,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Accuracy on AdvGLUE beside the clean dev accuracy, and a PGD attack on the word embeddings: the share of
+    correct predictions it flips at each bound."""
+    from slimformer.analyze import robustness as run_robustness
+    from slimformer.analyze.common import AnalyzeError, output_folder
+
+    _check_out(out, overwrite)
+    try:
+        bounds = [float(part) for part in epsilons.split(",") if part.strip()]
+    except ValueError:
+        raise AnalyzeError(f"--epsilons {epsilons!r} is not a comma-separated list of numbers.") from None
+    result = run_robustness(
+        model,
+        _analysis_task(model, locals()),
+        data_dir=data_dir,
+        advglue=advglue,
+        advglue_dir=advglue_dir,
+        epsilons=bounds,
+        steps=steps,
+        attack_examples=attack_examples,
+        max_length=max_length,
+        max_eval_samples=max_eval_samples,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    with output_folder(out, overwrite=overwrite) as staging:
+        result.save(staging)
+    stdout.print(result.markdown())
+    stdout.print(f"-> {out} (results.json, report.md, pgd.png)")
+
+
+@analyze_app.command()
+def bias(
+    model: Annotated[str, typer.Option("--model", "-m", help="A sentiment classifier (fine-tuned on --task).")],
+    task: Annotated[str, typer.Option(help="The sentiment task the model was fine-tuned on.")] = "sst2",
+    positive_label: Annotated[str, typer.Option(help="The positive class: a label name of --task or its index.")] = (
+        "positive"
+    ),
+    eec_file: Annotated[
+        Path | None, typer.Option(help="Equity-Evaluation-Corpus.csv (default: eec/ beside the GLUE folder).")
+    ] = None,
+    out: _out_opt("runs/analyze/bias") = Path("runs/analyze/bias"),
+    max_length: MaxLengthOpt = 64,
+    batch_size: EvalBatchOpt = 64,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Kiritchenko & Mohammad 2018: the Equity Evaluation Corpus test of gender and race bias of a sentiment model
+    (gaps in the positive probability, per emotion, 95% CIs, paired t-tests)."""
+    from slimformer.analyze import bias as run_bias
+    from slimformer.analyze.common import output_folder
+
+    _check_out(out, overwrite)
+    result = run_bias(
+        model, eec_file=eec_file, task=task, positive_label=positive_label, max_length=max_length, batch_size=batch_size
+    )
+    with output_folder(out, overwrite=overwrite) as staging:
+        result.save(staging)
+    stdout.print(result.markdown())
+    stdout.print(f"-> {out} (results.json, report.md, bias.png)")

@@ -125,6 +125,19 @@ def _parse_score(path: Path, line: int, raw: Any, column: str) -> float:
     return value
 
 
+def find_shared_file(given: str | os.PathLike[str] | None, env: str, folder: str, filename: str) -> Path | None:
+    """A data file kept in its own folder beside the GLUE one (``../shared/data/<folder>/<filename>``): ``given``
+    may be the file, its folder, or a folder holding ``<folder>/``; else ``$<env>``, else beside ``$GLUE_DIR``."""
+    bases = [Path(d).expanduser() for d in (given, os.environ.get(env), os.environ.get("GLUE_DIR")) if d]
+    for base in bases:
+        if base.is_file():
+            return base
+        for candidate in (base / filename, base / folder / filename, base.parent / folder / filename):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
 def _hub_offline() -> bool:
     flags = (os.environ.get(var, "0").strip().lower() for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     return any(flag in {"1", "true", "yes", "on"} for flag in flags)

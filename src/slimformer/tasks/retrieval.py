@@ -18,6 +18,7 @@ import datasets
 from datasets import Dataset, Features, Value
 
 from slimformer.errors import DataFileError, TaskError
+from slimformer.tasks.data import find_shared_file
 from slimformer.tasks.ref import TaskRef
 from slimformer.tasks.spec import TaskSpec
 
@@ -30,18 +31,7 @@ _FEATURES = Features({"text_a": Value("string"), "label": Value("int64")})
 def find_squad_file(data_dir: str | os.PathLike[str] | None) -> Path | None:
     """``dev-v1.1.json`` in ``data_dir`` (or ``data_dir/squad``, or ``squad`` beside it: the default data folder is
     the GLUE one), else in ``$SQUAD_DIR``; ``data_dir`` may also be the file itself."""
-    bases = [Path(d).expanduser() for d in (data_dir, os.environ.get(SQUAD_DIR_ENV), os.environ.get("GLUE_DIR")) if d]
-    for base in bases:
-        if base.is_file():
-            return base
-        for candidate in (
-            base / SQUAD_DEV_FILE,
-            base / "squad" / SQUAD_DEV_FILE,
-            base.parent / "squad" / SQUAD_DEV_FILE,
-        ):
-            if candidate.is_file():
-                return candidate
-    return None
+    return find_shared_file(data_dir, SQUAD_DIR_ENV, "squad", SQUAD_DEV_FILE)
 
 
 def read_squad(path: Path) -> tuple[list[str], list[str], list[int]]:

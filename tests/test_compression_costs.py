@@ -1,0 +1,200 @@
+"""What compression costs beyond accuracy: loyalty to the teacher (Xu et al. 2021), robustness (AdvGLUE, PGD on
+embeddings) and EEC bias (Kiritchenko & Mohammad 2018)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers as hf
+
+from slimformer.analyze import AnalyzeError, loyalty
+from slimformer.analyze.loyalty import loyalty_metrics
+from slimformer.errors import DataFileError, TaskError
+from slimformer.sparse import apply_masks, magnitude_masks
+from slimformer.tasks import get_task_spec
+from slimformer.tasks.advglue import load_advglue
+from test_train import write_sst2
+
+ADV = {
+    "sst2": [
+        {"idx": 0, "sentence": "a good film , dull acting", "label": 1},
+        {"idx": 1, "sentence": "bad", "label": 0},
+    ],
+    "mnli": [{"idx": 0, "premise": "a cat sits", "hypothesis": "an animal sits", "label": 0}],
+    "mnli-mm": [{"idx": 0, "premise": "a dog runs", "hypothesis": "nothing moves", "label": 2}],
+}
+
+
+@pytest.fixture()
+def classifier(tiny_model_dir, tmp_path, monkeypatch):
+    """A tiny random sentiment classifier folder (head saved, MiniLM tokenizer), the toy SST-2 folder and an
+    AdvGLUE file beside it."""
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    glue = write_sst2(tmp_path / "glue")
+    (tmp_path / "advglue").mkdir()
+    (tmp_path / "advglue" / "dev.json").write_text(json.dumps(ADV))
+    torch.manual_seed(0)
+    model = hf.BertForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2).eval()
+    model.save_pretrained(tmp_path / "model")
+    hf.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "model")
+    return tmp_path / "model", glue
+
+
+def test_loyalty_metrics_on_hand_made_logits():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0]])
+    same = loyalty_metrics(logits, logits.copy(), regression=False)
+    assert same["label_loyalty"] == 1.0 and same["probability_loyalty"] == pytest.approx(1.0)
+    assert same["kl_teacher_student"] == pytest.approx(0.0, abs=1e-9) and same["probability_difference"] == 0.0
+    flipped = loyalty_metrics(logits, logits[:, ::-1].copy(), regression=False)
+    assert flipped["label_loyalty"] == 0.0 and flipped["probability_loyalty"] < 0.5
+    # one-hot opposite distributions are as far apart as JS allows: loyalty 0
+    certain = loyalty_metrics(np.array([[50.0, -50.0]]), np.array([[-50.0, 50.0]]), regression=False)
+    assert certain["probability_loyalty"] == pytest.approx(0.0, abs=1e-6)
+    regression = loyalty_metrics(np.array([[1.0], [2.0], [3.0]]), np.array([[1.5], [2.5], [3.5]]), regression=True)
+    assert regression["mean_abs_difference"] == pytest.approx(0.5) and regression["pearson"] == pytest.approx(1.0)
+    with pytest.raises(AnalyzeError, match="shape"):
+        loyalty_metrics(logits, logits[:, :1], regression=False)
+
+
+def test_advglue_reads_the_glue_conventions_and_refuses_bad_files(tmp_path):
+    path = tmp_path / "advglue" / "dev.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(ADV))
+    sst2 = load_advglue(get_task_spec("sst2"), path.parent)
+    assert sst2.dev["dev"]["text_a"][0] == "a good film , dull acting" and sst2.dev["dev"]["label"] == [1, 0]
+    mnli = load_advglue(get_task_spec("mnli"), tmp_path / "glue-beside")  # found beside a GLUE folder
+    assert set(mnli.dev) == {"dev_matched", "dev_mismatched"} and mnli.dev["dev_mismatched"]["label"] == [2]
+    with pytest.raises(TaskError, match="no examples for stsb"):
+        load_advglue(get_task_spec("stsb"), path)
+    with pytest.raises(DataFileError, match="under 'qnli'"):
+        load_advglue(get_task_spec("qnli"), path)
+    path.write_text(json.dumps({"sst2": [{"sentence": "x", "label": 5}]}))
+    with pytest.raises(DataFileError, match="outside sst2"):
+        load_advglue(get_task_spec("sst2"), path)
+
+
+def test_loyalty_of_a_pruned_student_on_dev_and_advglue(classifier, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from slimformer.cli import app
+
+    teacher, glue = classifier
+    model = hf.BertForSequenceClassification.from_pretrained(teacher)
+    apply_masks(model, magnitude_masks(model, 0.9))
+    model.save_pretrained(tmp_path / "student")
+    hf.AutoTokenizer.from_pretrained(teacher).save_pretrained(tmp_path / "student")
+    itself = loyalty(teacher, teacher, "sst2", data_dir=glue)
+    assert set(itself.sets) == {"dev", "advglue"}
+    assert all(entry["loyalty"]["label_loyalty"] == 1.0 for entry in itself.sets.values())
+    result = loyalty(teacher, tmp_path / "student", "sst2", data_dir=glue)
+    dev = result.sets["dev"]["loyalty"]
+    assert dev["examples"] == 16 and 0.0 <= dev["label_loyalty"] <= 1.0 and dev["kl_teacher_student"] > 0
+    assert result.sets["advglue"]["loyalty"]["examples"] == 2
+    out = tmp_path / "report"
+    args = ["analyze", "loyalty", "--teacher", str(teacher), "--student", str(tmp_path / "student")]
+    run = CliRunner().invoke(app, [*args, "--task", "sst2", "--data-dir", str(glue), "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["sets"]["dev"]["loyalty"] == pytest.approx(dev)
+    with pytest.raises(AnalyzeError, match="no fine-tuned classification head"):
+        loyalty(tiny_model_dir, tmp_path / "student", "sst2", data_dir=glue)
+
+
+def test_pgd_flips_more_at_larger_bounds_and_the_robustness_report(classifier, tmp_path):
+    from typer.testing import CliRunner
+
+    from slimformer.analyze import robustness
+    from slimformer.analyze.robustness import pgd_flips
+    from slimformer.cli import app
+
+    folder, glue = classifier
+    model = hf.BertForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = hf.AutoTokenizer.from_pretrained(folder)
+    batch = dict(tokenizer(["a good film", "dull plot , bad acting", "great"], padding=True, return_tensors="pt"))
+    labels = torch.tensor([1, 0, 1])
+    assert not bool(pgd_flips(model, batch, labels, radius=1e-9, steps=3).any())  # no room to move: no flips
+    huge = pgd_flips(model, batch, labels, radius=1e3, steps=5)
+    assert bool(huge.any()), "an unbounded attack must flip a random tiny model"
+    result = robustness(folder, "sst2", data_dir=glue, epsilons=(0.01, 1.0, 10.0), steps=3)
+    rates = [p["success_rate"] for p in result.pgd]
+    assert rates == sorted(rates) and rates[-1] > 0 and result.advglue is not None
+    assert set(result.clean) == {"dev"} and result.attacked_examples == 16
+    out = tmp_path / "report"
+    args = ["analyze", "robustness", "--model", str(folder), "--task", "sst2", "--data-dir", str(glue)]
+    run = CliRunner().invoke(app, [*args, "--out", str(out), "--epsilons", "0.1,1", "--steps", "2"])
+    assert run.exit_code == 0, run.output
+    assert (out / "pgd.png").is_file() and json.loads((out / "results.json").read_text())["steps"] == 2
+    with pytest.raises(AnalyzeError, match="classification task"):
+        robustness(folder, "stsb", data_dir=glue)
+
+
+# ------------------------------------------------------------------------------------------------ EEC
+
+
+def write_eec(path):
+    import csv
+
+    people = [("Alonzo", "male", "African-American"), ("Nichelle", "female", "African-American"),
+              ("Adam", "male", "European"), ("Amanda", "female", "European"),
+              ("my brother", "male", ""), ("my sister", "female", "")]  # fmt: skip
+    cells = [("<person subject> feels <emotion word>.", "angry", "anger"),
+             ("<person subject> feels <emotion word>.", "happy", "joy"),
+             ("<person subject> made me feel <emotion word>.", "sad", "sadness"),
+             ("I saw <person object> in the market.", "", "")]  # fmt: skip
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ID", "Sentence", "Template", "Person", "Gender", "Race", "Emotion", "Emotion word"])
+        for i, (template, word, emotion) in enumerate(cells):
+            for j, (person, gender, race) in enumerate(people):
+                sentence = template.replace("<person subject>", person).replace("<person object>", person)
+                sentence = sentence.replace("<emotion word>", word)
+                writer.writerow([f"{i}-{j}", sentence, template, person, gender, race, emotion, word])
+    return path
+
+
+def test_eec_gaps_are_paired_per_template_and_emotion_word():
+    from slimformer.analyze.bias import gap_statistics, paired_gaps
+
+    rows = [
+        {"Template": "t", "Emotion word": "sad", "Emotion": "sadness", "Gender": "female", "Race": ""},
+        {"Template": "t", "Emotion word": "sad", "Emotion": "sadness", "Gender": "male", "Race": ""},
+        {"Template": "t", "Emotion word": "glad", "Emotion": "joy", "Gender": "female", "Race": ""},
+        {"Template": "t", "Emotion word": "glad", "Emotion": "joy", "Gender": "male", "Race": ""},
+        {"Template": "t", "Emotion word": "glad", "Emotion": "joy", "Gender": "male", "Race": ""},
+    ]
+    gaps, emotions = paired_gaps(rows, np.array([0.3, 0.1, 0.9, 0.5, 0.7]), "Gender", "female", "male")
+    assert gaps == pytest.approx([0.2, 0.3]) and emotions == ["sadness", "joy"]
+    entry = gap_statistics(np.array([0.1, 0.2, 0.3, 0.15, 0.25]))
+    # t = 0.2 / (0.0791 / sqrt 5) = 5.66 on 4 degrees of freedom: p = 0.0048; the interval is 0.2 +- 2.776 * 0.0354
+    assert entry["mean"] == pytest.approx(0.2) and entry["ci95"] == pytest.approx([0.1018, 0.2982], abs=1e-3)
+    assert entry["p_value"] == pytest.approx(0.0048, abs=2e-4) and gap_statistics(np.array([0.1, -0.1]))[
+        "p_value"
+    ] == pytest.approx(1.0)
+
+
+def test_bias_analysis_of_a_sentiment_model(classifier, tmp_path):
+    from typer.testing import CliRunner
+
+    from slimformer.analyze import bias
+    from slimformer.cli import app
+
+    folder, _ = classifier
+    eec = write_eec(tmp_path / "eec.csv")
+    result = bias(folder, eec_file=eec)
+    assert result.sentences == 24 and set(result.gaps) == {"gender", "race"}
+    assert set(result.gaps["gender"]) == {"all", "anger", "joy", "sadness", "none"}
+    assert result.gaps["gender"]["all"]["pairs"] == 4 and result.gaps["race"]["all"]["pairs"] == 4
+    assert -1 <= result.gaps["race"]["all"]["mean"] <= 1
+    out = tmp_path / "report"
+    args = ["analyze", "bias", "--model", str(folder), "--eec-file", str(eec), "--out", str(out)]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert (out / "bias.png").is_file() and "gender" in (out / "report.md").read_text()
+    with pytest.raises(AnalyzeError, match="not one of"):
+        bias(folder, eec_file=eec, positive_label="happy")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataFileError, match="not the EEC"):
+        bias(folder, eec_file=tmp_path / "bad.csv")
