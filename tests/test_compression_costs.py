@@ -198,3 +198,58 @@ def test_bias_analysis_of_a_sentiment_model(classifier, tmp_path):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataFileError, match="not the EEC"):
         bias(folder, eec_file=tmp_path / "bad.csv")
+
+
+# ------------------------------------------------------------------------------------------------ debiasing, robust
+
+
+def test_gender_swap_on_token_ids_and_the_counterfactual_loss(tiny_model_dir):
+    from slimformer.adversarial import gender_swap_map, swap_table, swap_tokens
+    from slimformer.sparse.training import counterfactual_loss
+
+    tokenizer = hf.AutoTokenizer.from_pretrained(tiny_model_dir)
+    mapping = gender_swap_map(tokenizer)
+    table = swap_table(mapping, len(tokenizer))
+    ids = torch.tensor(tokenizer(["he saw his sister", "a good film"], padding=True)["input_ids"])
+    swapped = tokenizer.batch_decode(swap_tokens(ids, table), skip_special_tokens=True)
+    assert swapped == ["she saw her brother", "a good film"]
+    logits = torch.tensor([[1.0, -1.0], [0.5, 0.2]])
+    assert float(counterfactual_loss(logits, logits.clone(), distributions=True)) == pytest.approx(0.0, abs=1e-7)
+    assert float(counterfactual_loss(logits, logits.flip(-1), distributions=True)) > 0.1
+    assert float(counterfactual_loss(logits, logits + 1, distributions=False)) == pytest.approx(2.0)
+
+
+def _biased_reviews(folder, repeats: int = 8):
+    """A toy sentiment task whose labels follow the person's gender: a model learns the bias unless told not to."""
+    lines = ["sentence\tlabel"]
+    for _ in range(repeats):
+        lines += ["he liked the film\t1", "she liked the film\t0", "his brother saw it\t1", "her sister saw it\t0"]
+    (folder / "SST-2").mkdir(parents=True)
+    for split in ("train", "dev"):
+        (folder / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_debiasing_and_adversarial_objectives_while_pruning(classifier, tmp_path):
+    import slimformer
+    from slimformer.adversarial import gender_swap_map, swap_table, swap_tokens
+    from slimformer.configs import Movement
+
+    folder, _ = classifier
+    glue = _biased_reviews(tmp_path / "biased")
+    tokenizer = hf.AutoTokenizer.from_pretrained(folder)
+    table = swap_table(gender_swap_map(tokenizer), len(tokenizer))
+    batch = tokenizer(["he liked the film", "her sister saw it"], padding=True, return_tensors="pt")
+    swapped = {**batch, "input_ids": swap_tokens(batch["input_ids"], table)}
+
+    def gap(weight: float) -> float:
+        config = Movement(sparsity=0.3, epochs=6, batch_size=8, max_length=16, learning_rate=3e-3, debias_weight=weight)
+        model = slimformer.prune(folder, config, "sst2", data_dir=glue, progress=False).model
+        with torch.no_grad():
+            return float((model(**batch).logits.softmax(-1) - model(**swapped).logits.softmax(-1)).abs().mean())
+
+    assert gap(20.0) < 0.5 * gap(0.0)
+    robust = Movement(sparsity=0.3, epochs=1, batch_size=8, max_length=16, adversarial_weight=1.0)
+    result = slimformer.prune(folder, robust, "sst2", data_dir=glue, progress=False)
+    assert result.report["config"]["adversarial_weight"] == 1.0
+    assert result.report["details"]["sparse"]["sparsity"] == pytest.approx(0.3, abs=0.01)

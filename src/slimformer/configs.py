@@ -424,10 +424,23 @@ class _SparseTraining(_Sparse):
     prune_end: float = 0.7
     save_steps: int = 200
     seed: int = 0
+    # debiasing pruning (Joniak & Aizawa 2022's question, a counterfactual objective): the weight of a symmetric KL
+    # between the predictions on each training input and on it with gendered words swapped (he <-> she, ...)
+    debias_weight: float = 0.0
+    # robust tickets (Zheng et al. 2022): the weight of the task loss under a PGD attack on the word embeddings,
+    # each token moved by at most adversarial_epsilon x the mean word-embedding norm, in adversarial_steps steps
+    adversarial_weight: float = 0.0
+    adversarial_epsilon: float = 0.1
+    adversarial_steps: int = 3
 
     def check(self) -> None:
         super().check()
         _positive("save_steps", self.save_steps)
+        if not (self.debias_weight >= 0 and self.adversarial_weight >= 0):
+            raise ConfigError("debias_weight and adversarial_weight must be >= 0.")
+        if not self.adversarial_epsilon > 0:
+            raise ConfigError(f"adversarial_epsilon must be > 0, got {self.adversarial_epsilon!r}.")
+        _positive("adversarial_steps", self.adversarial_steps)
         if not (isinstance(self.epochs, int | float) and self.epochs > 0):
             raise ConfigError(f"epochs must be > 0, got {self.epochs!r}.")
         if not self.learning_rate > 0:

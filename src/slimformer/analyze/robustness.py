@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, PreTrainedModel
 
+from slimformer.adversarial import embedding_offset, embedding_scale, pgd_perturbation
 from slimformer.analyze.common import (
     REPORT_FILE,
     AnalyzeError,
@@ -41,12 +42,6 @@ from slimformer.tasks import TaskData, TaskSpec, tokenize_task
 DEFAULT_EPSILONS = (0.05, 0.1, 0.2, 0.5)
 
 
-def embedding_scale(model: PreTrainedModel) -> float:
-    """The mean L2 norm of the model's word-embedding vectors: the unit the attack's bounds are given in."""
-    weight = model.get_input_embeddings().weight.detach()
-    return float(weight.float().norm(dim=1).mean())
-
-
 def pgd_flips(
     model: PreTrainedModel,
     batch: dict[str, torch.Tensor],
@@ -56,30 +51,11 @@ def pgd_flips(
     steps: int,
 ) -> torch.Tensor:
     """Which examples of ``batch`` change their predicted class under the attack (a bool per example)."""
-    embeddings = model.get_input_embeddings()
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    shape = (*batch["input_ids"].shape, embeddings.embedding_dim)
-    delta = torch.zeros(shape, device=batch["input_ids"].device, requires_grad=True)
-    step_size = 2.5 * radius / steps  # Madry et al.'s rule of thumb: the path can cross the ball and come back
-
-    def add_delta(module, args, output):
-        return output + delta * mask
-
-    handle = embeddings.register_forward_hook(add_delta)
-    try:
-        with torch.no_grad():
-            clean = model(**batch).logits.argmax(-1)
-        for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
-            (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta += step_size * grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                norms = delta.norm(dim=-1, keepdim=True)
-                delta *= torch.clamp(radius / norms.clamp_min(1e-12), max=1.0)
-        with torch.no_grad():
-            attacked = model(**batch).logits.argmax(-1)
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        clean = model(**batch).logits.argmax(-1)
+    delta = pgd_perturbation(model, batch, labels, radius=radius, steps=steps)
+    with torch.no_grad(), embedding_offset(model, delta, batch["attention_mask"]):
+        attacked = model(**batch).logits.argmax(-1)
     return attacked != clean
 
 

@@ -78,6 +78,29 @@ def _train_set(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data,
     return train.select_columns([c for c in MODEL_INPUTS if c in train.column_names])
 
 
+def _extra_objectives(model, tokenizer, config, ctx: PruneContext):
+    """The debiasing and adversarial terms the config asks for (see :class:`~slimformer.configs.Movement`)."""
+    from slimformer.adversarial import embedding_scale, gender_swap_map, swap_table
+    from slimformer.sparse.training import ExtraObjectives
+
+    extra = ExtraObjectives(debias_weight=config.debias_weight, adversarial_weight=config.adversarial_weight)
+    if config.debias_weight > 0:
+        mapping = gender_swap_map(tokenizer)
+        if not mapping:
+            raise SlimformerError("No gendered word pair is a single token of this tokenizer: nothing to swap.")
+        extra.swap_table = swap_table(mapping, max(len(tokenizer), *mapping) + 1)
+    if config.adversarial_weight > 0:
+        spec = ctx.data.spec
+        if spec.is_regression or spec.is_embedding:
+            raise SlimformerError(
+                f"adversarial_weight needs a classification task (the attack raises the task loss); {spec.name} is "
+                "not one."
+            )
+        extra.radius = config.adversarial_epsilon * embedding_scale(model)
+        extra.steps = config.adversarial_steps
+    return extra
+
+
 def train_sparse(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -135,7 +158,7 @@ def train_sparse(
     controller.install()
     state = SparseTrainingState()
     distillation = DistillationModel(model, None, distill_settings, [])
-    wrapper = SparseTrainingModel(distillation, controller)
+    wrapper = SparseTrainingModel(distillation, controller, _extra_objectives(model, tokenizer, config, ctx))
     optimizer = score_optimizer(
         wrapper,
         learning_rate=config.learning_rate,

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel, TrainerCallback
 
+from slimformer.adversarial import embedding_offset, pgd_perturbation, swap_tokens
 from slimformer.sparse.masks import (
     Granularity,
     SparsityError,
@@ -261,20 +262,65 @@ class SparsityCallback(TrainerCallback):
         return control
 
 
+@dataclass
+class ExtraObjectives:
+    """Terms added to the distillation loss while pruning: counterfactual invariance to gendered words
+    (``debias_weight``, with the token swap table) and the task loss under a PGD attack on the embeddings
+    (``adversarial_weight``; ``radius`` in embedding units, ``steps``)."""
+
+    debias_weight: float = 0.0
+    swap_table: torch.Tensor | None = None
+    adversarial_weight: float = 0.0
+    radius: float = 0.0
+    steps: int = 3
+
+
+def counterfactual_loss(original: torch.Tensor, swapped: torch.Tensor, *, distributions: bool) -> torch.Tensor:
+    """How much the output moves when gendered words are swapped: the symmetric KL of the two class
+    distributions, or the squared distance for scores and embeddings."""
+    if not distributions:
+        return (original - swapped).pow(2).sum(-1).mean()
+    p, q = original.log_softmax(-1), swapped.log_softmax(-1)
+    return 0.5 * ((p.exp() * (p - q)).sum(-1) + (q.exp() * (q - p)).sum(-1)).mean()
+
+
 class SparseTrainingModel(nn.Module):
     """What the Trainer trains for sparse pruning: the distillation model (student = the model being pruned)
-    plus the controller's scores; the soft-movement penalty is added to the loss."""
+    plus the controller's scores; the soft-movement penalty and any extra objectives are added to the loss."""
 
-    def __init__(self, distillation: nn.Module, controller: SparseController) -> None:
+    def __init__(
+        self, distillation: nn.Module, controller: SparseController, extra: ExtraObjectives | None = None
+    ) -> None:
         super().__init__()
         self.distillation = distillation
         self.controller = controller
+        self.extra = extra or ExtraObjectives()
 
     def forward(self, **inputs: Any):
         self.controller.refresh()
         outputs = self.distillation(**inputs)
-        if self.controller.mode == "soft" and outputs.loss is not None and float(self.controller.penalty) > 0:
+        if outputs.loss is None:
+            return outputs
+        if self.controller.mode == "soft" and float(self.controller.penalty) > 0:
             outputs.loss = outputs.loss + self.controller.penalty * self.controller.regularizer()
+        extra = self.extra
+        model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs}
+        student = self.distillation.student
+        classes = not (self.distillation.regression or self.distillation.embedding)
+        if extra.debias_weight > 0 and extra.swap_table is not None:
+            swapped = swap_tokens(model_inputs["input_ids"], extra.swap_table)
+            changed = (swapped != model_inputs["input_ids"]).any(-1)
+            if bool(changed.any()):
+                counter = {k: v[changed] for k, v in model_inputs.items()}
+                counter["input_ids"] = swapped[changed]
+                term = counterfactual_loss(outputs.logits[changed], student(**counter).logits, distributions=classes)
+                outputs.loss = outputs.loss + extra.debias_weight * term
+        if extra.adversarial_weight > 0:
+            labels = inputs["labels"]
+            delta = pgd_perturbation(student, model_inputs, labels, radius=extra.radius, steps=extra.steps)
+            with embedding_offset(student, delta, model_inputs["attention_mask"]):
+                attacked = student(**model_inputs).logits
+            outputs.loss = outputs.loss + extra.adversarial_weight * nn.functional.cross_entropy(attacked, labels)
         return outputs
 
 
