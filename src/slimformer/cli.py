@@ -353,6 +353,8 @@ def _prune_config(options: dict):
             learning_rate=options["learning_rate"],
             max_length=options["max_length"],
             max_train_samples=options["max_train_samples"],
+            debias_weight=options["debias_weight"],
+            adversarial_weight=options["adversarial_weight"],
             seed=options["seed"],
         )
     if options["budget_flops"] is not None:
@@ -433,6 +435,14 @@ def prune(
     max_train_samples: Annotated[
         int | None, typer.Option(help="Sparse methods that train: random subset of the training split.")
     ] = None,
+    debias_weight: Annotated[
+        float,
+        typer.Option(help="Sparse methods that train: weight of invariance to gender-swapped inputs (debiasing)."),
+    ] = 0.0,
+    adversarial_weight: Annotated[
+        float,
+        typer.Option(help="Sparse methods that train: weight of the task loss under a PGD attack (robust tickets)."),
+    ] = 0.0,
     storage: Annotated[
         str | None,
         typer.Option(
