@@ -253,3 +253,33 @@ def test_debiasing_and_adversarial_objectives_while_pruning(classifier, tmp_path
     result = slimformer.prune(folder, robust, "sst2", data_dir=glue, progress=False)
     assert result.report["config"]["adversarial_weight"] == 1.0
     assert result.report["details"]["sparse"]["sparsity"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_association_test_effect_size_and_permutation_p():
+    from slimformer.analyze.bias import association_test
+
+    rng = np.random.default_rng(0)
+    pleasant, unpleasant = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+    # x sits at the pleasant pole, y at the unpleasant one: the largest effect, and no permutation beats it
+    x = np.array([[1.0, 0.05]]) + rng.normal(0, 0.01, (8, 2))
+    y = np.array([[0.05, 1.0]]) + rng.normal(0, 0.01, (8, 2))
+    strong = association_test(x, y, pleasant, unpleasant, permutations=2000)
+    assert strong["effect_size"] > 1.5 and strong["p_value"] < 0.01
+    assert association_test(y, x, pleasant, unpleasant, permutations=2000)["effect_size"] < -1.5
+    same = rng.normal(0, 1, (16, 2))
+    assert association_test(same[:8], same[8:], pleasant, unpleasant, permutations=2000)["p_value"] > 0.05
+
+
+def test_bias_of_a_sentence_embedding_model(tiny_model_dir, tmp_path, monkeypatch):
+    from slimformer.analyze import bias
+    from slimformer.analyze.bias import association_sets, read_eec
+
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    eec = write_eec(tmp_path / "eec.csv")
+    sets = association_sets(read_eec(eec))
+    assert len(sets["female"]) == len(sets["male"]) == 3 and len(sets["European"]) == 2
+    assert "Someone feels happy." in sets["pleasant"] and "Someone feels angry." in sets["unpleasant"]
+    result = bias(tiny_model_dir, eec_file=eec, embedding=True)
+    assert set(result.tests) == {"gender", "race"} and 0 < result.tests["gender"]["p_value"] <= 1
+    result.save(tmp_path / "out")
+    assert "effect size" in (tmp_path / "out" / "report.md").read_text()

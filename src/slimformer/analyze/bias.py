@@ -157,13 +157,26 @@ def bias(
     positive_label: str | int = "positive",
     max_length: int = 64,
     batch_size: int = 64,
-) -> BiasResult:
+    embedding: bool | None = None,
+) -> BiasResult | AssociationResult:
     """The EEC gender and race gaps of a sentiment classifier fine-tuned on ``task`` (default SST-2); the positive
-    class is ``positive_label`` (a label name of the task, or its index)."""
+    class is ``positive_label`` (a label name of the task, or its index). For a sentence-embedding model
+    (``embedding``; by default when the folder was saved as one) the association test of :func:`embedding_bias`."""
     import torch
     from datasets import Dataset
 
+    from slimformer.embedding import is_sentence_embedder
     from slimformer.evaluation import predict
+    from slimformer.models import resolve_model_source, saved_as_embedder
+
+    if embedding is None:
+        if isinstance(model, LoadedModel):
+            embedding = is_sentence_embedder(model.model)
+        else:
+            source, local = resolve_model_source(str(model))
+            embedding = local and saved_as_embedder(source)
+    if embedding:
+        return embedding_bias(model, eec_file=eec_file, max_length=max_length, batch_size=batch_size)
 
     spec = get_task_spec(task)
     if spec.is_regression or spec.is_embedding:
@@ -192,4 +205,132 @@ def bias(
         for emotion in sorted(set(emotions)):
             entry[emotion] = gap_statistics(gaps[[e == emotion for e in emotions]])
         result.gaps[comparison] = entry
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ embedding models
+
+NEUTRAL_PERSON = "someone"
+
+
+def association_sets(rows: list[dict[str, str]]) -> dict[str, list[str]]:
+    """SEAT-style sentence sets (May et al. 2019) built from the EEC's own templates: targets are the sentences of
+    the four emotion-free templates with female / male persons and with African-American / European names;
+    attributes are the emotion templates filled with a neutral person ("someone"), joy words as pleasant and
+    anger, fear and sadness words as unpleasant."""
+    sets: dict[str, list[str]] = defaultdict(list)
+    attributes: dict[str, set[str]] = {"pleasant": set(), "unpleasant": set()}
+    for row in rows:
+        if not row["Emotion"]:
+            sets[row["Gender"]].append(row["Sentence"])
+            if row["Race"]:
+                sets[row["Race"]].append(row["Sentence"])
+            continue
+        filled = row["Template"].replace("<person subject>", NEUTRAL_PERSON).replace("<person object>", NEUTRAL_PERSON)
+        filled = filled.replace("<emotion word>", row["Emotion word"])
+        filled = filled.replace("<emotional situation word>", row["Emotion word"]).replace(
+            "himself/herself", "themselves"
+        )
+        filled = filled[0].upper() + filled[1:]
+        attributes["pleasant" if row["Emotion"] == "joy" else "unpleasant"].add(filled)
+    return {**{k: list(dict.fromkeys(v)) for k, v in sets.items()}, **{k: sorted(v) for k, v in attributes.items()}}
+
+
+def association_test(
+    x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray, *, permutations: int = 10000, seed: int = 0
+) -> dict[str, float]:
+    """WEAT / SEAT effect size (Caliskan et al. 2017) of targets ``x`` vs ``y`` on attributes ``a`` vs ``b``
+    (rows are unit-normalised embeddings) and the one-sided permutation p-value of the test statistic."""
+
+    def unit(m: np.ndarray) -> np.ndarray:
+        return m / np.linalg.norm(m, axis=1, keepdims=True).clip(1e-12)
+
+    x, y, a, b = unit(x), unit(y), unit(a), unit(b)
+    targets = np.concatenate([x, y])
+    association = (targets @ a.T).mean(1) - (targets @ b.T).mean(1)
+    n = len(x)
+    statistic = association[:n].sum() - association[n:].sum()
+    effect = (association[:n].mean() - association[n:].mean()) / association.std(ddof=1)
+    rng = np.random.default_rng(seed)
+    total = association.sum()
+    exceed = 0
+    for _ in range(permutations):
+        chosen = rng.permutation(len(association))[:n]
+        permuted = 2 * association[chosen].sum() - total
+        exceed += permuted >= statistic
+    return {
+        "effect_size": float(effect),
+        "p_value": float((exceed + 1) / (permutations + 1)),
+        "targets": len(association),
+    }
+
+
+@dataclass
+class AssociationResult:
+    """SEAT-style effect sizes and permutation p-values of a sentence-embedding model."""
+
+    model: str
+    tests: dict[str, dict[str, float]] = field(default_factory=dict)
+    sets: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"analysis": "bias", "kind": "sentence-embedding", "model": self.model, "seat": self.tests,
+                "sets": self.sets}  # fmt: skip
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        out = results_folder(out_dir, self.to_dict())
+        (out / REPORT_FILE).write_text(self.markdown())
+        return out
+
+    def markdown(self) -> str:
+        lines = [
+            f"# Sentence-level association test of `{self.model}` (EEC templates)",
+            "",
+            "Effect size (Caliskan et al. 2017, on sentences as SEAT does): how much closer the first group's "
+            "sentences sit to pleasant than to unpleasant sentences, in pooled standard deviations; one-sided "
+            "permutation p.",
+            "",
+            "| comparison | effect size | p |",
+            "|---|---|---|",
+        ]
+        names = {"gender": "female vs male", "race": "African-American vs European names"}
+        for comparison, test in self.tests.items():
+            lines.append(
+                f"| {names.get(comparison, comparison)} | {test['effect_size']:+.3f} | {test['p_value']:.3g} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def embedding_bias(
+    model: str | os.PathLike[str] | LoadedModel,
+    *,
+    eec_file: str | os.PathLike[str] | None = None,
+    permutations: int = 10000,
+    max_length: int = 64,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> AssociationResult:
+    """SEAT-style association tests of a sentence-embedding model on sentence sets from the EEC templates: female
+    vs male and African-American vs European names, on pleasant vs unpleasant (a positive effect size: the first
+    group sits closer to the pleasant sentences)."""
+    from slimformer.embedding import is_sentence_embedder
+    from slimformer.evaluation import encode, text_batches
+    from slimformer.models import load_model
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, "stsb-embed")
+    if not is_sentence_embedder(loaded.model):
+        raise AnalyzeError("The association test needs a sentence-embedding model.")
+    sets = association_sets(read_eec(eec_file))
+
+    def embed(texts: list[str]) -> np.ndarray:
+        batches, order = text_batches(loaded.tokenizer, texts, max_length=max_length, batch_size=batch_size)
+        return encode(loaded.model, batches, order)
+
+    vectors = {name: embed(texts) for name, texts in sets.items()}
+    result = AssociationResult(model=model_name(model), sets={name: len(texts) for name, texts in sets.items()})
+    for comparison, (_, group, reference) in COMPARISONS.items():
+        result.tests[comparison] = association_test(
+            vectors[group], vectors[reference], vectors["pleasant"], vectors["unpleasant"],
+            permutations=permutations, seed=seed,
+        )  # fmt: skip
     return result

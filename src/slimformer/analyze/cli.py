@@ -456,18 +456,31 @@ def bias(
         Path | None, typer.Option(help="Equity-Evaluation-Corpus.csv (default: eec/ beside the GLUE folder).")
     ] = None,
     out: _out_opt("runs/analyze/bias") = Path("runs/analyze/bias"),
+    embedding: Annotated[
+        bool | None,
+        typer.Option(
+            help="Test a sentence-embedding model (SEAT-style association test); default: when the folder is one."
+        ),
+    ] = None,
     max_length: MaxLengthOpt = 64,
     batch_size: EvalBatchOpt = 64,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Kiritchenko & Mohammad 2018: the Equity Evaluation Corpus test of gender and race bias of a sentiment model
-    (gaps in the positive probability, per emotion, 95% CIs, paired t-tests)."""
+    (gaps in the positive probability, per emotion, 95% CIs, paired t-tests); for a sentence-embedding model, a
+    SEAT-style association test on sentences from the EEC templates."""
     from slimformer.analyze import bias as run_bias
     from slimformer.analyze.common import output_folder
 
     _check_out(out, overwrite)
     result = run_bias(
-        model, eec_file=eec_file, task=task, positive_label=positive_label, max_length=max_length, batch_size=batch_size
+        model,
+        eec_file=eec_file,
+        task=task,
+        positive_label=positive_label,
+        max_length=max_length,
+        batch_size=batch_size,
+        embedding=embedding,
     )
     with output_folder(out, overwrite=overwrite) as staging:
         result.save(staging)
