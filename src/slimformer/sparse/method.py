@@ -176,6 +176,7 @@ def train_sparse(
         seed=config.seed,
         save_steps=config.save_steps,
         logging_steps=50,
+        group_by_length=True,  # batches of similar lengths: far less padding (about twice as fast on STS-B)
     )
     temporary = None
     if ctx.work_dir is None:
