@@ -5,7 +5,6 @@ weights as exact zeros in the model and returns the plan that removes whatever h
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import tempfile
@@ -124,13 +123,12 @@ def train_sparse(
     set_seed(config.seed)
     started = time.perf_counter()
     train = _train_set(model, tokenizer, ctx.data, config)
-    teacher = copy.deepcopy(model).eval()
     distill_settings = DistillConfig(alpha=config.distill_alpha, temperature=config.temperature)
     if ctx.data.spec.is_embedding:
         distill_settings.alpha = 1.0  # no labels: the embeddings are the whole target
-    logits = teacher_logits(teacher, tokenizer, train, cache=False, progress=ctx.progress)
+    # the dense model is the teacher: its outputs on the training set, once, before any weight is masked
+    logits = teacher_logits(model.eval(), tokenizer, train, cache=False, progress=ctx.progress)
     train = train.add_column(TEACHER_LOGITS, [row.tolist() for row in logits])
-    del teacher
     seconds["teacher_logits"] = round(time.perf_counter() - started, 2)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
