@@ -271,6 +271,33 @@ def main() -> None:
     write(rows, teacher, args)
 
 
+def _family(variant: str) -> str:
+    return variant.rsplit(" ", 1)[0] if variant[-1] == "%" else variant
+
+
+def plot(rows: list[dict], teacher: dict, path: Path) -> None:
+    """STS-B score against encoder sparsity, one line per method, the teacher as a horizontal line."""
+    from matplotlib.figure import Figure
+
+    from slimformer.plots import save_png_atomic
+
+    figure = Figure(figsize=(6.5, 4))
+    axes = figure.add_subplot()
+    families: dict[str, list[dict]] = {}
+    for row in rows[1:]:
+        families.setdefault(_family(row["variant"]), []).append(row)
+    for name, members in families.items():
+        members.sort(key=lambda r: r["sparsity"])
+        x = [r["sparsity"] * 100 for r in members]
+        axes.plot(x, [r["score"] * 100 for r in members], marker="o", label=name)
+    axes.axhline(teacher["score"] * 100, color="black", linestyle="--", linewidth=1, label="teacher")
+    axes.set_xlabel("encoder linear weights removed (%)")
+    axes.set_ylabel("STS-B dev (mean of Pearson and Spearman)")
+    axes.set_ylim(max(0, teacher["score"] * 100 - 30), teacher["score"] * 100 + 2)
+    axes.legend(fontsize=7)
+    save_png_atomic(figure, path)
+
+
 def _mb(value) -> str:
     return "" if value is None else f"{value / 1e6:.1f}"
 
@@ -315,7 +342,8 @@ def write(rows: list[dict], teacher: dict, args) -> None:
         "empty are removed and only they make the model faster.\n\n" + markdown_table(headers, table)
     )
     data = {"teacher": teacher, "machine": machine(), "epochs": args.epochs, "rows": rows}
-    write_results("sparse", data, text, results_dir=args.results_dir)
+    write_results("sparse", data, text + "\n![score vs sparsity](sparse.png)\n", results_dir=args.results_dir)
+    plot(rows, teacher, args.results_dir / "sparse.png")
     print(text)
 
 
