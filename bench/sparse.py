@@ -285,6 +285,8 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
     axes = figure.add_subplot()
     families: dict[str, list[dict]] = {}
     for row in rows[1:]:
+        if row["sparsity"] == 0:  # structured variants (budget + KD) have no weight sparsity to plot against
+            continue
         families.setdefault(_family(row["variant"]), []).append(row)
     for name, members in families.items():
         members.sort(key=lambda r: r["sparsity"])
