@@ -70,6 +70,8 @@ def variants(epochs: float) -> dict[str, object]:
         "magnitude 90%": Magnitude(sparsity=0.9),
         "gmp* 80%": GradualMagnitude(sparsity=0.8, **train),
         "gmp* 90%": GradualMagnitude(sparsity=0.9, **train),
+        # the same with a higher learning rate: at this short budget the default 3e-5 recovers slowly
+        "gmp* lr 1e-4 80%": GradualMagnitude(sparsity=0.8, learning_rate=1e-4, **train),
         "movement 80%": Movement(sparsity=0.8, **train),
         "movement 90%": Movement(sparsity=0.9, **train),
         "soft movement 90%": Movement(sparsity=0.9, soft=True, **train),

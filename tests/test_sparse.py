@@ -13,7 +13,7 @@ import transformers as hf
 from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
 from slimformer.arch import layer_views
 from slimformer.configs import ConfigError, GradualMagnitude, Magnitude, Movement, config_from_dict
-from slimformer.prune import remove
+from slimformer.prune import PruningPlan, remove
 from slimformer.sparse import (
     CubicSchedule,
     Granularity,
@@ -417,10 +417,13 @@ def test_int8_bitmask_storage_rounds_per_row_keeps_zeros_and_is_several_times_sm
 
     model = tiny_model("bert")
     apply_masks(model, magnitude_masks(model, 0.8))
+    plan = PruningPlan.keep_all(model)
+    plan.kept_neurons[1] = []  # a layer with no FFN left: zero-width matrices are stored as they are
+    remove(model, plan)
     state = model.state_dict()
     again = decompress_state(*compress_state(state, int8=True))
     for name, tensor in state.items():
-        if tensor.ndim == 2 and tensor.is_floating_point():
+        if tensor.ndim == 2 and tensor.is_floating_point() and tensor.numel():
             step = tensor.abs().amax(1, keepdim=True) / 127
             assert bool(((again[name] - tensor).abs() <= step / 2 + 1e-7).all()), name
             assert bool((again[name][tensor == 0] == 0).all())

@@ -61,7 +61,7 @@ def compress_state(
     encoded: dict[str, dict[str, Any]] = {}
     for name, tensor in state.items():
         tensor = tensor.detach().cpu().contiguous()
-        if tensor.ndim != 2 or not tensor.is_floating_point():
+        if tensor.ndim != 2 or not tensor.is_floating_point() or tensor.numel() == 0:  # zero-width layers too
             tensors[name] = tensor
             continue
         if int8:
