@@ -68,6 +68,9 @@ def variants(epochs: float) -> dict[str, object]:
         "magnitude 70%": Magnitude(sparsity=0.7),
         "magnitude 80%": Magnitude(sparsity=0.8),
         "magnitude 90%": Magnitude(sparsity=0.9),
+        # one shot on whole groups: square tiles, or whole heads and FFN neurons (by their summed |W|)
+        "block magnitude 32x32 50%": Magnitude(sparsity=0.5, granularity="block:32"),
+        "head magnitude 50%": Magnitude(sparsity=0.5, granularity="head"),
         "gmp* 80%": GradualMagnitude(sparsity=0.8, **train),
         "gmp* 90%": GradualMagnitude(sparsity=0.9, **train),
         # the same with a higher learning rate: at this short budget the default 3e-5 recovers slowly
