@@ -9,7 +9,7 @@ magnitude pruning of 50% of the encoder's linear weights), every analysis of ``s
 - bias: EEC gender and race gaps in P(positive) with 95% CIs and paired t-tests.
 
 The dense model is the converged teacher of bench/teachers.py when ``runs/bench/teacher-sst2`` exists; otherwise a
-quick one is fine-tuned (1 epoch on 20,000 SST-2 sentences) and the table says so: it is NOT a converged teacher,
+quick one is fine-tuned (1 epoch on 8,000 SST-2 sentences) and the table says so: it is NOT a converged teacher,
 so the numbers show what the analyses report and how long they take, not settled findings. Wall time of each
 analysis is measured (2 threads). Writes ``bench/results/costs.{json,md}``.
 
@@ -40,7 +40,7 @@ def dense_model() -> tuple[Path, bool]:
         return converged, True
     quick = OUT / "sst2-quick"
     if not (quick / "metrics.json").is_file():
-        config = TrainConfig(epochs=1, max_length=64, max_train_samples=20000, group_by_length=True, save_steps=500)
+        config = TrainConfig(epochs=1, max_length=64, max_train_samples=8000, group_by_length=True, save_steps=500)
         slimformer.finetune("minilm-l6", "sst2", quick, config=config, overwrite=True)
     return quick, False
 
@@ -112,7 +112,7 @@ def write(rows: list[dict], converged: bool) -> None:
     teacher = (
         f"Dense model: the converged SST-2 teacher of bench/teachers.py (`{dense}`)."
         if converged
-        else f"Dense model: `{dense}`, MiniLM-L6 fine-tuned for 1 epoch on 20,000 SST-2 sentences: **not** a "
+        else f"Dense model: `{dense}`, MiniLM-L6 fine-tuned for 1 epoch on 8,000 SST-2 sentences: **not** a "
         "converged teacher (the converged one takes about an hour on 2 cores and was not built here), so read the "
         "rows as what the analyses measure and how long they take."
     )
