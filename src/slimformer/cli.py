@@ -429,9 +429,10 @@ def prune(
         str | None, typer.Option(help="Sparse: weight, block:B (B x B tiles) or head; default set by --sparse.")
     ] = None,
     epochs: Annotated[float, typer.Option(help="Sparse methods that train (gmp, movement): epochs.")] = 3.0,
-    learning_rate: Annotated[float, typer.Option(help="Sparse methods that train: learning rate of the weights.")] = (
-        3e-5
-    ),
+    learning_rate: Annotated[
+        float | None,
+        typer.Option(help="Sparse methods that train: learning rate of the weights (default 1e-4 for gmp, else 3e-5)."),
+    ] = None,
     max_train_samples: Annotated[
         int | None, typer.Option(help="Sparse methods that train: random subset of the training split.")
     ] = None,
