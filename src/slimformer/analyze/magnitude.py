@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from slimformer.analyze.common import AnalyzeError
@@ -34,10 +33,6 @@ from slimformer.sparse.masks import (  # noqa: F401  (re-exported: the lottery a
 )
 
 
-def _weight(module: nn.Linear) -> torch.Tensor:
-    return dense_weight(module)
-
-
 def magnitude_step(model: PreTrainedModel, masks: WeightMasks, fraction: float = 0.1) -> WeightMasks:
     """``masks`` with the ``fraction`` of the remaining weights of smallest magnitude (ranked globally) removed.
 
@@ -52,7 +47,9 @@ def magnitude_step(model: PreTrainedModel, masks: WeightMasks, fraction: float =
     with torch.no_grad():
         values = torch.cat(
             [
-                torch.where(masks.masks[n].to(_weight(linears[n]).device), _weight(linears[n]).abs(), math.inf)
+                torch.where(
+                    masks.masks[n].to(dense_weight(linears[n]).device), dense_weight(linears[n]).abs(), math.inf
+                )
                 .float()
                 .reshape(-1)
                 .cpu()

@@ -95,7 +95,6 @@ class SparseController(nn.Module):
             )
         # the soft-movement penalty's strength: a buffer, so that a resumed run goes on with the value it had
         self.register_buffer("penalty", torch.zeros(()))
-        self._installed = False
 
     # masks -------------------------------------------------------------------------------------------------
     def score(self, key: str) -> torch.Tensor:
@@ -203,7 +202,6 @@ class SparseController(nn.Module):
     def install(self) -> None:
         for name, module in self.linears.items():
             parametrize.register_parametrization(module, "weight", _MaskedWeight(self, name))
-        self._installed = True
 
     def bake(self) -> WeightMasks:
         """Take the parametrizations off, leaving the masked weights (exact zeros) in the model; returns the masks."""
@@ -211,7 +209,6 @@ class SparseController(nn.Module):
         self._group_masks = {key: mask.float() for key, mask in self.hard_group_masks().items()}
         for module in self.linears.values():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        self._installed = False
         # the product is computed in the weight's dtype: zeros are exact, survivors unchanged (times 1.0)
         return masks
 
