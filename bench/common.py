@@ -133,3 +133,30 @@ def describe_teacher(teacher: dict) -> str:
 
 def _number(value: float | None) -> str:
     return "?" if value is None else f"{value:g}"
+
+
+SHAPES = (("32x128", 32, 128), ("1x32", 1, 32))
+
+
+def add_latency(rows: list[dict], runtimes: dict[str, dict], *, threads: int, rounds: int, repeats: int) -> None:
+    """Time every model of each runtime (``{"pytorch": {name: model}, "int8": {...}}``) in one interleaved run
+    per input shape, and write ``ms_<runtime>_<shape>`` and ``speedup_<runtime>_<shape>`` (over the first row's
+    PyTorch fp32) into the rows. A row's model is ``"dense"`` for a variant named ``dense ...``, else its name."""
+    from slimformer.report import interleaved_latency
+
+    for key, batch, seq in SHAPES:
+        for runtime_name, models in runtimes.items():
+            timing = interleaved_latency(
+                models, batch_size=batch, seq_len=seq, threads=threads, rounds=rounds, repeats=repeats
+            )
+            for row in rows:
+                name = "dense" if row["variant"].startswith("dense") else row["variant"]
+                if name in timing:
+                    row[f"ms_{runtime_name}_{key}"] = timing[name]["median_ms"]
+    base = rows[0]
+    for row in rows:
+        for key, _, _ in SHAPES:
+            for runtime_name in runtimes:
+                ms = row.get(f"ms_{runtime_name}_{key}")
+                if ms and base.get(f"ms_pytorch_{key}"):
+                    row[f"speedup_{runtime_name}_{key}"] = base[f"ms_pytorch_{key}"] / ms

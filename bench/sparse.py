@@ -38,6 +38,7 @@ import slimformer
 from common import (
     RESULTS,
     RUNS,
+    add_latency,
     describe_teacher,
     machine,
     markdown_table,
@@ -52,7 +53,7 @@ from slimformer.evaluation import Evaluator
 from slimformer.io import write_json_atomic
 from slimformer.measure import flops
 from slimformer.models import load_model
-from slimformer.report import interleaved_latency, model_stats
+from slimformer.report import model_stats
 from slimformer.sparse.plots import plot_density
 from slimformer.tasks import load_task
 from slimformer.tasks.metrics import compute_metrics
@@ -257,23 +258,10 @@ def main() -> None:
         torch_models[label] = model
         runtime_models[label] = runtime
     if not args.no_latency:
-        for key, batch, seq in (("32x128", 32, 128), ("1x32", 1, 32)):
-            for runtime_name, models in (("pytorch", torch_models), ("int8", runtime_models)):
-                timing = interleaved_latency(
-                    models, batch_size=batch, seq_len=seq, threads=args.threads, rounds=args.rounds,
-                    repeats=args.repeats,
-                )  # fmt: skip
-                for row in rows:
-                    name = "dense" if row["variant"].startswith("dense") else row["variant"]
-                    if name in timing:
-                        row[f"ms_{runtime_name}_{key}"] = timing[name]["median_ms"]
-    base = rows[0]
-    for row in rows:
-        for key in ("32x128", "1x32"):
-            for runtime_name in ("pytorch", "int8"):
-                ms = row.get(f"ms_{runtime_name}_{key}")
-                if ms:
-                    row[f"speedup_{runtime_name}_{key}"] = base[f"ms_pytorch_{key}"] / ms
+        add_latency(
+            rows, {"pytorch": torch_models, "int8": runtime_models}, threads=args.threads, rounds=args.rounds,
+            repeats=args.repeats,
+        )  # fmt: skip
     write(rows, teacher, args)
 
 

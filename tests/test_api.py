@@ -45,6 +45,7 @@ EVERY_METHOD = [
     slimformer.Magnitude(sparsity=0.8, granularity="block:16", scope="layer"),
     slimformer.GradualMagnitude(sparsity=0.9, epochs=2, initial_sparsity=0.5, pruning_events=4),
     slimformer.Movement(sparsity=0.9, soft=True, granularity="head", max_train_samples=100),
+    slimformer.Learned(target_sparsity=0.6, epochs=2, final_epochs=1, max_train_samples=64, batch_size=8),
 ]
 
 

@@ -24,7 +24,7 @@ from slimformer.embedding import (
     read_pooling,
     write_sentence_transformers_files,
 )
-from slimformer.errors import DataFileError, ModelLoadError, TaskError
+from slimformer.errors import DataFileError, ModelLoadError, SlimformerError, TaskError
 from slimformer.evaluation import evaluate_model
 from slimformer.folders import read_manifest, save_model_folder
 from slimformer.gates import Gates, gated
@@ -443,3 +443,230 @@ def test_embedding_tasks_through_the_cli(tiny_model_dir, tmp_path, monkeypatch):
     invoke("distill", "--teacher", tiny_model_dir, "--student", out, "--task", "stsb-embed", *common, "--out", kd,
            "--epochs", "1")  # fmt: skip
     assert isinstance(load_model(kd).model, SentenceEmbedder)
+
+
+# ------------------------------------------------------------------------------------------------ your own files
+
+
+def write_squad_articles(path: Path) -> Path:
+    """A SQuAD v1.1 file of 5 paragraphs (one of them twice, in two articles) and 9 questions."""
+    paragraphs = [
+        ("Cats sit on warm mats, all day long.", ["Where do cats sit?", "How long do cats sit?"]),
+        ("Dogs run in the park every morning.", ["Where do dogs run?", "When do dogs run?"]),
+        ("Birds fly south in winter.", ["Where do birds fly?"]),
+        ("Fish swim in the cold river.", ["Where do fish swim?"]),
+        ("Cats sit on warm mats, all day long.", ["What do cats sit on?"]),  # the same paragraph again
+        ("The old man reads a book by the fire.", ["What does the old man read?", "Who reads by the fire?"]),
+    ]
+    articles = [
+        {"title": f"t{start}", "paragraphs": [
+            {"context": context, "qas": [{"id": f"{start}-{i}-{j}", "question": q} for j, q in enumerate(questions)]}
+            for i, (context, questions) in enumerate(paragraphs[start : start + 3])
+        ]}
+        for start in (0, 3)
+    ]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"data": articles}))
+    return path
+
+
+def encode_texts(loaded, texts: list[str], max_length: int) -> np.ndarray:
+    """Embeddings of ``texts`` in one padded batch: independent of the evaluator's length-sorted batching."""
+    batch = loaded.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return embed(loaded.model, dict(batch)).numpy().astype(np.float64)
+
+
+def test_custom_sts_files_score_as_stsb_embed_does(tiny_model_dir, tmp_path):
+    import csv
+
+    from scipy import stats
+
+    from slimformer.tasks import load_custom_embedding_task
+
+    glue = write_stsb(tmp_path / "glue", n_dev=24)
+    rows = [line.split("\t") for line in (glue / "STS-B" / "dev.tsv").read_text().splitlines()[1:]]
+    # the same rows, scores on another scale (0-100): Spearman and Pearson do not depend on it
+    with open(tmp_path / "sts.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(
+            [["score", "sentence1", "sentence2"]] + [[float(s) * 20, a, b] for a, b, s in rows]
+        )
+    (tmp_path / "sts.jsonl").write_text(
+        "\n".join(json.dumps({"sentence1": a, "sentence2": b, "score": float(s) * 20}) for a, b, s in rows)
+    )
+    loaded = load_model(tiny_model_dir, "stsb-embed")
+    builtin = slimformer.evaluate(loaded, load_task("stsb-embed", glue), max_length=16)["eval"]["dev"]
+    for name in ("sts.csv", "sts.jsonl"):
+        data = load_custom_embedding_task("sts", dev_file=tmp_path / name)
+        # the same up to float32 rounding of the rescaled scores, which Pearson sees (Spearman only their order)
+        assert slimformer.evaluate(loaded, data, max_length=16)["eval"]["dev"] == pytest.approx(builtin, abs=1e-6)
+    # computed independently: the cosine of the two sentences' embeddings, ranked against the gold scores
+    first, second, gold = (list(column) for column in zip(*rows, strict=True))
+    cosine = (encode_texts(loaded, first, 16) * encode_texts(loaded, second, 16)).sum(-1)  # unit vectors
+    assert builtin["spearman_cosine"] == pytest.approx(stats.spearmanr(cosine, np.asarray(gold, float))[0], abs=1e-6)
+    assert abs(builtin["spearman_cosine"]) > 0.01  # a real number to compare, not a degenerate 0
+
+
+def test_custom_retrieval_files_score_as_squad_retrieval_does(tiny_model_dir, tmp_path):
+    import csv
+
+    from slimformer.evaluation import PASSAGE_TOKENS
+    from slimformer.tasks import load_custom_embedding_task
+
+    squad = write_squad_articles(tmp_path / "squad" / "dev-v1.1.json")
+    questions, passages, relevant = read_squad(squad)
+    pairs = [(q, passages[r]) for q, r in zip(questions, relevant, strict=True)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps({"query": q, "passage": p}) for q, p in pairs))
+    with open(tmp_path / "pairs.csv", "w", newline="") as handle:  # passages with commas: quoted
+        csv.writer(handle).writerows([["query", "passage"], *pairs])
+    loaded = load_model(tiny_model_dir, "squad-retrieval")
+    builtin_data = load_task("squad-retrieval", tmp_path)
+    builtin = slimformer.evaluate(loaded, builtin_data, max_length=16)["eval"]["dev"]
+    for name in ("pairs.jsonl", "pairs.csv"):
+        data = load_custom_embedding_task("retrieval", dev_file=tmp_path / name)
+        assert data.splits["corpus"]["text_a"] == builtin_data.splits["corpus"]["text_a"]  # 5 unique of 6
+        assert data.splits["dev"][:] == builtin_data.splits["dev"][:]
+        assert slimformer.evaluate(loaded, data, max_length=16)["eval"]["dev"] == pytest.approx(builtin, abs=1e-9)
+    # computed independently: the rank of each query's passage among all passages by cosine similarity
+    scores = encode_texts(loaded, questions, 16) @ encode_texts(loaded, passages, PASSAGE_TOKENS).T
+    own = scores[np.arange(len(questions)), relevant]
+    ranks = (scores > own[:, None]).sum(1) + 1
+    assert builtin["recall@1"] == pytest.approx(np.mean(ranks == 1))
+    assert builtin["mrr@10"] == pytest.approx(np.mean(1 / ranks))  # 5 passages: every rank is in the top 10
+    assert builtin["ndcg@10"] == pytest.approx(np.mean(1 / np.log2(ranks + 1)))
+    assert builtin["recall@10"] == 1.0 and 0 < builtin["recall@1"] < 1
+
+
+SENTENCES_A = [
+    "green apples grow in the orchard",
+    "the train leaves the station at noon",
+    "she plays the violin every evening",
+    "heavy rain flooded the village road",
+    "a small boat crossed the quiet lake",
+    "the children built a castle of sand",
+    "fresh bread smells good in the morning",
+    "the museum opens its doors on sunday",
+]
+SENTENCES_B = [
+    "the stock market fell sharply today",
+    "engineers repaired the broken bridge",
+    "a new vaccine was tested on volunteers",
+    "the team won the championship final",
+    "solar panels cover the factory roof",
+    "the senator answered questions from reporters",
+]
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_budget_pruning_calibrates_on_the_calibration_file(tiny_model_dir, tmp_path, monkeypatch):
+    import slimformer.budget.method as budget_method
+
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    glue = write_stsb(tmp_path / "glue")
+    seen: list[str] = []
+    collect = budget_method.collect_mask_gradients
+
+    def spy(model, batches, **options):
+        tokenizer = hf.AutoTokenizer.from_pretrained(tiny_model_dir)
+        seen.extend(tokenizer.decode(ids, skip_special_tokens=True) for b in batches for ids in b["input_ids"])
+        return collect(model, batches, **options)
+
+    monkeypatch.setattr(budget_method, "collect_mask_gradients", spy)
+    results = {}
+    for name, sentences in (("a", SENTENCES_A), ("b", SENTENCES_B)):
+        seen.clear()
+        path = write_lines(tmp_path / f"{name}.txt", ["", *sentences, "  "])
+        results[name] = slimformer.prune(
+            tiny_model_dir,
+            slimformer.FlopsBudget(0.5, calibration_examples=32, seq_len=16),
+            "stsb-embed",
+            data_dir=glue,
+            max_length=16,
+            seq_len=16,
+            progress=False,
+            calibration_file=path,
+        )
+        assert sorted(seen) == sorted(sentences)  # the file's sentences, all of them, and nothing else
+        report = results[name].report
+        assert report["details"]["calibration"]["n_examples"] == len(sentences)
+        assert report["details"]["calibration_file"] == str(path.resolve())
+        assert str(path) in report["details"]["calibration"]["source"]
+        assert set(report["eval"]["after"]["dev"]) == {"spearman_cosine", "pearson_cosine"}  # dev: STS-B's own
+    # the refit fits the dense model's outputs on the calibration sentences: other sentences, other weights
+    weights = [dict(results[name].model.named_parameters()) for name in ("a", "b")]
+    assert any(a.shape != weights[1][key].shape or not torch.equal(a, weights[1][key]) for key, a in weights[0].items())
+    with pytest.raises(DataFileError, match="does not exist"):
+        slimformer.prune(tiny_model_dir, slimformer.FlopsBudget(0.5), "stsb-embed", data_dir=glue,
+                         calibration_file=tmp_path / "missing.txt", progress=False)  # fmt: skip
+    with pytest.raises(TaskError, match="for sentence-embedding tasks"):
+        slimformer.prune(tiny_model_dir, slimformer.FlopsBudget(0.5), "stsb", data_dir=glue,
+                         calibration_file=tmp_path / "a.txt", progress=False)  # fmt: skip
+
+
+def test_embedding_distillation_imitates_on_the_calibration_file(tiny_model_dir, tmp_path, monkeypatch):
+    from slimformer.distill import pipeline
+    from slimformer.tasks.data import split_texts
+    from slimformer.train import TrainConfig
+
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    seen: list[list[str]] = []
+    make = pipeline.sentence_train_set
+
+    def spy(data, tokenizer, max_length):
+        seen.append(split_texts(data.train))
+        return make(data, tokenizer, max_length)
+
+    monkeypatch.setattr(pipeline, "sentence_train_set", spy)
+    path = write_lines(tmp_path / "sentences.txt", SENTENCES_A)
+    config = TrainConfig(max_length=16, batch_size=4, max_steps=1, max_train_samples=5, save_steps=1000)
+    slimformer.distill(
+        tiny_model_dir, "every:2", tmp_path / "kd", "stsb-embed", data_dir=write_stsb(tmp_path / "glue"),
+        config=config, calibration_file=path, evaluate_before=False, progress=False,
+    )  # fmt: skip
+    assert len(seen[0]) == 5 and set(seen[0]) <= set(SENTENCES_A)  # max_train_samples of the file's sentences
+    assert isinstance(load_model(tmp_path / "kd").model, SentenceEmbedder)
+
+
+def test_custom_embedding_files_and_calibration_file_through_the_cli(tiny_model_dir, tmp_path, monkeypatch):
+    from test_cli import invoke
+
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    train = tmp_path / "train.jsonl"
+    shifted = SENTENCES_A[1:] + SENTENCES_A[:1]
+    rows = enumerate(zip(SENTENCES_A, shifted, strict=True))
+    train.write_text("\n".join(json.dumps({"s1": a, "s2": b, "sim": i % 5}) for i, (a, b) in rows))
+    dev = tmp_path / "dev.tsv"
+    rows = enumerate(zip(SENTENCES_B, SENTENCES_A[:6], strict=True))
+    dev.write_text("s1\ts2\tsim\n" + "".join(f"{a}\t{b}\t{i}\n" for i, (a, b) in rows))
+    sentences = write_lines(tmp_path / "calibration.txt", SENTENCES_B)
+    out = tmp_path / "half"
+    invoke("prune", "--model", tiny_model_dir, "--task", "custom-sts", "--train-file", train, "--dev-file", dev,
+           "--text-columns", "s1,s2", "--label-column", "sim", "--max-length", "16", "--out", out, "--budget-flops",
+           "0.5", "--calibration-file", sentences, "--no-measure")  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["details"]["calibration"]["n_examples"] == len(SENTENCES_B)
+    assert metrics["details"]["calibration_file"] == str(sentences.resolve())
+    task = read_manifest(out)["task"]
+    assert (task["name"], task["embedding"], task["label_column"]) == ("custom-sts", "sts", "sim")
+    # the folder remembers its custom STS files and that it is an embedding model
+    evaluated = tmp_path / "eval.json"
+    invoke("evaluate", "--model", out, "--output", evaluated)
+    assert json.loads(evaluated.read_text())["eval"]["dev"]["spearman_cosine"] == pytest.approx(
+        metrics["eval"]["after"]["dev"]["spearman_cosine"], abs=1e-9
+    )
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        "query,passage\n" + "".join(f"{q},{p}\n" for q, p in zip(SENTENCES_B, SENTENCES_A[:6], strict=True))
+    )
+    invoke("evaluate", "--model", tiny_model_dir, "--task", "custom-retrieval", "--dev-file", pairs, "--output",
+           evaluated, "--max-length", "16")  # fmt: skip
+    assert set(json.loads(evaluated.read_text())["eval"]["dev"]) == {"ndcg@10", "mrr@10", "recall@1", "recall@10"}
+    with pytest.raises(SlimformerError, match="needs --dev-file and/or --train-file"):
+        invoke("evaluate", "--model", tiny_model_dir, "--task", "custom-retrieval")
+    with pytest.raises(DataFileError, match="is empty"):
+        invoke("prune", "--model", tiny_model_dir, "--task", "custom-sts", "--dev-file", dev, "--text-columns",
+               "s1,s2", "--label-column", "sim", "--out", tmp_path / "x", "--budget-flops", "0.5",
+               "--calibration-file", write_lines(tmp_path / "empty.txt", []))  # fmt: skip

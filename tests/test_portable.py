@@ -28,25 +28,33 @@ TESTS = Path(__file__).resolve().parent
 
 def layout_plan(model, kind: str) -> PruningPlan:
     """``uneven``: every layer keeps a different number of heads and neurons; ``headless``: layer 0 keeps no
-    heads; ``ffnless``: layer 1 keeps no FFN neurons (and layer 0 loses a head)."""
+    heads; ``ffnless``: layer 1 keeps no FFN neurons (and layer 0 loses a head); ``hidden``: uneven, and a third
+    of the hidden dimensions removed."""
     layout = Layout.of(model)
     heads, neurons = layout.heads, layout.ffn
     kept_heads = {
         "uneven": [[0, 2, 3], [1]],
+        "hidden": [[0, 2, 3], [1]],
         "headless": [[], list(range(heads[1]))],
         "ffnless": [[1, 2, 3], list(range(heads[1]))],
     }[kind]
     kept_neurons = {
         "uneven": [list(range(0, neurons[0], 2)), list(range(5, 40))],
+        "hidden": [list(range(0, neurons[0], 2)), list(range(5, 40))],
         "headless": [list(range(neurons[0])), list(range(0, neurons[1], 3))],
         "ffnless": [list(range(10, neurons[0])), []],
     }[kind]
+    kept_hidden = [i for i in range(layout.hidden) if i % 3] if kind == "hidden" else None
     return PruningPlan(
-        layout=layout, kept_heads=kept_heads, kept_neurons=kept_neurons, model_type=model.config.model_type
+        layout=layout,
+        kept_heads=kept_heads,
+        kept_neurons=kept_neurons,
+        model_type=model.config.model_type,
+        kept_hidden=kept_hidden,
     )
 
 
-KINDS = ("uneven", "headless", "ffnless")
+KINDS = ("uneven", "headless", "ffnless", "hidden")
 # Loads every folder with plain transformers in a process where importing slimformer fails; saves the logits.
 RECEIVER = textwrap.dedent(
     """

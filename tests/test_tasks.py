@@ -13,10 +13,14 @@ from slimformer.errors import DataFileError, TaskError
 from slimformer.tasks import (
     GLUE_TASKS,
     TaskData,
+    TaskRef,
     get_task_spec,
+    load_custom_embedding_task,
     load_custom_task,
     load_task,
+    read_sentences,
     tokenize_task,
+    with_calibration_texts,
 )
 
 REAL_GLUE = Path(__file__).resolve().parents[1].parent / "shared/data/glue"
@@ -640,6 +644,138 @@ def test_custom_subsampling(tmp_path):
     a = load_custom_task(train, text_columns=["t"], max_train_samples=7, seed=5)
     b = load_custom_task(train, text_columns=["t"], max_train_samples=7, seed=5)
     assert len(a.splits["train"]) == 7 and a.splits["train"]["text_a"] == b.splits["train"]["text_a"]
+
+
+# ------------------------------------------------------------------------------------------ custom embedding files
+
+
+def test_custom_sts_file_splits(tmp_path):
+    train = write(tmp_path / "train.jsonl", [
+        json.dumps({"sentence1": "a cat", "sentence2": "a kitten", "score": 90}),
+        json.dumps({"sentence1": "a dog", "sentence2": "the sea", "score": "2.5", "id": 7}),
+    ])  # fmt: skip
+    dev = write(tmp_path / "dev.csv", ["id,sentence1,score,sentence2", '1,"one, two",0.5,three'])
+    data = load_custom_embedding_task("sts", train, dev)
+    assert data.spec.name == "custom-sts" and data.spec.is_embedding and data.spec.embedding_eval == "sts"
+    assert data.spec.metrics == get_task_spec("stsb-embed").metrics and data.spec.primary_metric == "spearman_cosine"
+    assert data.splits["train"]["label"] == [90.0, 2.5]  # any scale: only the ranking of the scores counts
+    assert data.splits["dev"][0] == {"text_a": "one, two", "text_b": "three", "label": 0.5}
+    assert data.ref.embedding == "sts" and data.ref.text_columns == ("sentence1", "sentence2")
+    # what a model folder remembers loads the same data again
+    again = TaskRef.from_dict(json.loads(json.dumps(data.ref.to_dict()))).load()
+    assert again.spec == data.spec and again.splits["dev"][:] == data.splits["dev"][:]
+    renamed = write(tmp_path / "renamed.tsv", [tsv("a", "b", "sim"), tsv("x", "y", "1")])
+    custom = load_custom_embedding_task("sts", dev_file=renamed, text_columns=["a", "b"], label_column="sim")
+    assert custom.splits["dev"][0] == {"text_a": "x", "text_b": "y", "label": 1.0}
+
+
+def test_custom_retrieval_file_splits_deduplicate_passages(tmp_path):
+    pairs = [("q1", "Cats, on mats."), ("q2", "Dogs run."), ("q3", "Cats, on mats."), ("q4", "Birds fly.")]
+    dev = write(tmp_path / "dev.csv", ["query,passage"] + [f'{q},"{p}"' for q, p in pairs])
+    data = load_custom_embedding_task("retrieval", dev_file=dev)
+    assert data.spec.name == "custom-retrieval" and data.spec.embedding_eval == "retrieval" and not data.spec.is_pair
+    assert data.spec.metrics == get_task_spec("squad-retrieval").metrics
+    assert data.splits["corpus"]["text_a"] == ["Cats, on mats.", "Dogs run.", "Birds fly."]
+    assert data.splits["dev"]["text_a"] == ["q1", "q2", "q3", "q4"] and data.splits["dev"]["label"] == [0, 1, 0, 2]
+    # no training file: the dev file's texts, unlabelled, as squad-retrieval does
+    assert data.train["text_a"] == ["q1", "q2", "q3", "q4", "Cats, on mats.", "Dogs run.", "Birds fly."]
+    assert set(data.train["label"]) == {-1}
+    # a subset of the queries; the corpus keeps every passage
+    sub = load_custom_embedding_task("retrieval", dev_file=dev, max_eval_samples=2, seed=1)
+    assert len(sub.splits["dev"]) == 2 and len(sub.splits["corpus"]) == 3
+    train = write(tmp_path / "train.jsonl", [json.dumps({"query": "tq", "passage": "tp"})])
+    both = load_custom_embedding_task("retrieval", train, dev)
+    assert both.train["text_a"] == ["tq", "tp"] and both.splits["corpus"]["text_a"] == data.splits["corpus"]["text_a"]
+    assert TaskRef.from_dict(both.ref.to_dict()).load().train["text_a"] == ["tq", "tp"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "lines", "line", "fragment"),
+    [
+        ("sts", "a.csv", ["sentence1,sentence2", "x,y"], 1,
+         "missing required column(s) 'score'; the header has: 'sentence1', 'sentence2'"),
+        ("sts", "b.csv", ["sentence1,sentence2,score", "x,y,1", "x,y,high"], 3, "bad label 'high' in column 'score'"),
+        ("sts", "c.tsv", [tsv("sentence1", "sentence2", "score"), tsv("x", " ", "1")], 2,
+         "empty text in column 'sentence2'"),
+        ("sts", "d.jsonl", [json.dumps({"sentence1": "x", "sentence2": "y", "score": "nan"})], 1, "finite number"),
+        ("sts", "e.csv", ["sentence1,sentence2,score", "x,y,1,extra"], 2, "4 comma-separated fields"),
+        ("retrieval", "f.jsonl", [json.dumps({"query": "q", "passage": "p"}), json.dumps({"query": "q"})], 2,
+         "missing required key(s) 'passage'"),
+        ("retrieval", "g.jsonl", [json.dumps({"query": "q", "passage": 3})], 1, "'passage' holds 3, expected a string"),
+        ("retrieval", "h.jsonl", ['{"query": "q", "passage": '], 1, "not valid JSON lines"),
+        ("retrieval", "i.csv", [], None, "is empty"),
+        ("retrieval", "j.csv", ["query,passage"], None, "has no data rows"),
+        ("retrieval", "k.txt", ["query,passage"], None, "unknown file type '.txt'"),
+    ],
+)  # fmt: skip
+def test_bad_custom_embedding_file(tmp_path, kind, name, lines, line, fragment):
+    path = write(tmp_path / name, lines) if lines else tmp_path / name
+    if not lines:
+        path.write_text("")
+    with pytest.raises(DataFileError) as caught:
+        load_custom_embedding_task(kind, dev_file=path)
+    assert caught.value.path == str(path) and caught.value.line == line and fragment in caught.value.problem
+
+
+def test_custom_embedding_configuration_errors(tmp_path):
+    dev = write(tmp_path / "dev.csv", ["query,passage", "q,p"])
+    with pytest.raises(TaskError, match="no label column"):
+        load_custom_embedding_task("retrieval", dev_file=dev, label_column="score")
+    with pytest.raises(TaskError, match="two different text columns"):
+        load_custom_embedding_task("sts", dev_file=dev, text_columns=["query"])
+    with pytest.raises(TaskError, match="also listed as a text column"):
+        load_custom_embedding_task("sts", dev_file=dev, text_columns=["query", "passage"], label_column="query")
+    with pytest.raises(TaskError, match="needs a dev file, a training file"):
+        load_custom_embedding_task("sts")
+    with pytest.raises(TaskError, match="Unknown embedding evaluation"):
+        load_custom_embedding_task("classification", dev_file=dev)
+    with pytest.raises(DataFileError, match="does not exist"):
+        load_custom_embedding_task("sts", dev_file=tmp_path / "missing.csv")
+    with pytest.raises(TaskError, match="load_custom_embedding_task"):
+        load_task("custom-sts")
+    (tmp_path / "gone").mkdir()
+    moved = write(tmp_path / "gone" / "dev.csv", ["query,passage", "q,p"])
+    ref = load_custom_embedding_task("retrieval", dev_file=moved).ref
+    moved.unlink()
+    with pytest.raises(TaskError, match="--task custom-retrieval --train-file / --dev-file"):
+        ref.load()
+
+
+def test_calibration_sentences_from_a_text_file(tmp_path):
+    path = tmp_path / "sentences.txt"
+    path.write_text(BOM + "  first sentence \r\n\n\tsecond one\nthird\u2028still third", encoding="utf-8", newline="")
+    assert read_sentences(path) == ["first sentence", "second one", "third\u2028still third"]
+    dev = write(tmp_path / "dev.csv", ["sentence1,sentence2,score", "a,b,1", "c,d,2"])
+    data = load_custom_embedding_task("sts", dev_file=dev)
+    calibrated = with_calibration_texts(data, path)
+    assert calibrated.train["text_a"] == read_sentences(path) and set(calibrated.train["label"]) == {-1}
+    assert calibrated.splits["dev"][:] == data.splits["dev"][:] and calibrated.ref == data.ref
+    assert str(path) in calibrated.source
+    assert len(with_calibration_texts(data, path, max_samples=2, seed=3).train) == 2
+    regression = load_custom_task(dev, text_columns=["sentence1", "sentence2"], label_column="score", regression=True)
+    with pytest.raises(TaskError, match="for sentence-embedding tasks"):
+        with_calibration_texts(regression, path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "line", "fragment"),
+    [
+        ("missing.txt", None, None, "does not exist"),
+        ("empty.txt", b"", None, "is empty: expected a plain text file with one sentence per line"),
+        ("blank.txt", b"\n  \n\t\n", None, "is empty (blank lines only)"),
+        ("latin1.txt", b"fine\ncaf\xe9\n", 2, "is not UTF-8 text"),
+        ("binary.txt", b"fine\nab\x00cd\n", 2, "NUL character"),
+        ("rows.csv", b"text\na sentence\n", None, "is a CSV data file"),
+        ("rows.jsonl", b'{"text": "a"}\n', None, "is a JSONL data file"),
+    ],
+)
+def test_bad_calibration_file(tmp_path, name, content, line, fragment):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataFileError) as caught:
+        read_sentences(path)
+    assert caught.value.path == str(path) and caught.value.line == line and fragment in caught.value.problem
 
 
 # ------------------------------------------------------------------------------------------ tokenization

@@ -30,6 +30,7 @@ from slimformer.configs import (
     GradualMagnitude,
     Iterative,
     LatencyBudget,
+    Learned,
     Magnitude,
     Movement,
     PlanFile,
@@ -41,7 +42,7 @@ from slimformer.deploy import Compress, Quantize
 from slimformer.errors import SlimformerError
 from slimformer.hub import push_to_hub
 from slimformer.models import DEFAULT_MODEL, LoadedModel, load_model
-from slimformer.tasks import TaskData, TaskRef, load_custom_task, load_task
+from slimformer.tasks import TaskData, TaskRef, load_custom_embedding_task, load_custom_task, load_task
 from slimformer.train import TrainConfig
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "GradualMagnitude",
     "Iterative",
     "LatencyBudget",
+    "Learned",
     "LoadedModel",
     "Magnitude",
     "Movement",
@@ -72,6 +74,7 @@ __all__ = [
     "export_onnx",
     "finetune",
     "load_config",
+    "load_custom_embedding_task",
     "load_custom_task",
     "load_model",
     "load_task",

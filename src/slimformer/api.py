@@ -188,6 +188,7 @@ def prune(
     overwrite: bool = False,
     progress: bool = True,
     weight_storage: str | None = None,
+    calibration_file: str | os.PathLike[str] | None = None,
 ) -> PruneResult:
     """Prune ``model`` with the method ``config`` describes and return the physically smaller model.
 
@@ -199,6 +200,8 @@ def prune(
     the model is saved there with ``plan.json`` and ``metrics.json`` (the report), atomically; its weights as
     ``weight_storage`` says (``dense``, or ``sparse-bitmask`` for weight-level sparse models: smaller, read by
     :func:`slimformer.load_model`; default: ``sparse-bitmask`` after a sparse method, else ``dense``).
+    ``calibration_file``: for a sentence-embedding task, a plain text file (one sentence per line) whose sentences
+    the method calibrates (or trains) on instead of the task's training texts; the dev splits stay the task's.
 
     The model object passed in is changed in place (pruned); pass a copy to keep the dense one.
     """
@@ -209,6 +212,10 @@ def prune(
     out_dir = Path(out) if out is not None else None
     if out_dir is not None and out_dir.exists() and not overwrite:
         raise SlimformerError(f"Output folder {out_dir} already exists. Choose another --out or pass --overwrite.")
+    if calibration_file is not None and not config.needs_data:
+        raise SlimformerError(
+            f"calibration_file gives the texts a method calibrates on, but {config.method} reads no data."
+        )
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     needs_data = config.needs_data or evaluate
@@ -217,6 +224,10 @@ def prune(
         if needs_data
         else None
     )
+    if calibration_file is not None:
+        from slimformer.tasks import with_calibration_texts
+
+        data_resolved = with_calibration_texts(data_resolved, calibration_file)
     loaded = _loaded(model, tokenizer, data_resolved)
     net, tokenizer = loaded.model, loaded.tokenizer
     if data_resolved is not None:
@@ -291,7 +302,11 @@ def prune(
         eval_after=eval_after,
         latency=latency,
         seconds=seconds,
-        details={"plan": plan_summary, **outcome.details},
+        details={
+            "plan": plan_summary,
+            **outcome.details,
+            **({"calibration_file": str(Path(calibration_file).expanduser().resolve())} if calibration_file else {}),
+        },
         seq_len=seq_len,
     )
     if out_dir is not None:
@@ -358,10 +373,13 @@ def distill(
     evaluate_before: bool = True,
     progress: bool = True,
     callbacks=None,
+    calibration_file: str | os.PathLike[str] | None = None,
 ):
     """Distill the fine-tuned ``teacher`` into ``student`` (a model folder such as a pruned one, or a spec made
     from the teacher: ``drop:top:2``, ``every:3``, ``layers:0,2,4``) on ``data`` (default: the task the teacher
-    was trained on); see :func:`slimformer.distill.distill`."""
+    was trained on); see :func:`slimformer.distill.distill`. ``calibration_file``: for a sentence-embedding task,
+    a plain text file (one sentence per line) whose sentences the student learns the teacher's embeddings of,
+    instead of the task's training texts (``config.max_train_samples`` of them at most)."""
     from slimformer.distill.pipeline import distill as run_distill
     from slimformer.train import TrainConfig
 
@@ -374,6 +392,10 @@ def distill(
         max_eval_samples=config.max_eval_samples,
         seed=config.seed,
     )
+    if calibration_file is not None:
+        from slimformer.tasks import with_calibration_texts
+
+        task = with_calibration_texts(task, calibration_file, max_samples=config.max_train_samples, seed=config.seed)
     return run_distill(
         teacher,
         student,

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from slimformer.cli_options import (
     BatchSizeOpt,
+    CalibrationFileOpt,
     DataDirOpt,
     DevFileOpt,
     EpochsOpt,
@@ -87,8 +88,8 @@ def finetune(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     max_length: MaxLengthOpt = 128,
     batch_size: BatchSizeOpt = 32,
@@ -132,8 +133,8 @@ def distill(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     alpha: Annotated[
         float, typer.Option(help="Weight of the logit distillation loss; the task loss gets 1-alpha.")
@@ -147,6 +148,7 @@ def distill(
     cache_teacher: Annotated[
         bool, typer.Option(help="Cache the teacher's logits on the training set on disk (logit-only runs).")
     ] = True,
+    calibration_file: CalibrationFileOpt = None,
     max_length: MaxLengthOpt = 128,
     batch_size: BatchSizeOpt = 32,
     epochs: EpochsOpt = 1.0,
@@ -168,6 +170,10 @@ def distill(
     from slimformer.distill import distill as run_distill
 
     config, data = _training_inputs(locals())
+    if calibration_file is not None:
+        from slimformer.tasks import with_calibration_texts
+
+        data = with_calibration_texts(data, calibration_file, max_samples=max_train_samples, seed=seed)
     settings = DistillConfig(
         alpha=alpha,
         temperature=temperature,
@@ -189,8 +195,8 @@ def evaluate(
     task: TaskOpt = None,
     data_dir: DataDirOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     max_length: MaxLengthOpt = 128,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 64,
@@ -254,8 +260,8 @@ def importance(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for scores JSON and heatmap PNG.")] = Path(
         "runs/importance"
@@ -318,6 +324,7 @@ def _prune_config(options: dict):
         "--iterative": options["iterative"],
         "--heads/--ffn": fractions,
         "--sparse": options["sparse"] is not None,
+        "--learned": options["learned"],
     }
     given = [name for name, on in chosen.items() if on]
     if options["drop_layers"] is not None and not fractions:
@@ -325,8 +332,8 @@ def _prune_config(options: dict):
     if len(given) != 1:
         raise SlimformerError(
             "Say what to prune in exactly one way: --budget-flops, --budget-latency, --heads/--ffn (optionally with "
-            "--drop-layers), --drop-layers, --iterative, --sparse METHOD --sparsity S, --plan plan.json, or "
-            "--config FILE" + (f"; got {', '.join(given)}." if given else ".")
+            "--drop-layers), --drop-layers, --iterative, --sparse METHOD --sparsity S, --learned --target-sparsity S, "
+            "--plan plan.json, or --config FILE" + (f"; got {', '.join(given)}." if given else ".")
         )
     if options["config"] is not None:
         return configs.load_config(options["config"])
@@ -357,6 +364,22 @@ def _prune_config(options: dict):
             adversarial_weight=options["adversarial_weight"],
             seed=options["seed"],
         )
+    if options["learned"]:
+        if options["target_sparsity"] is None:
+            raise SlimformerError("--learned needs --target-sparsity: the fraction of the encoder's weights to remove.")
+        learned = {
+            "target_sparsity": options["target_sparsity"],
+            "units": options["units"],
+            "epochs": options["epochs"],
+            "final_epochs": options["final_epochs"],
+            "layer_distill_weight": options["layer_distill_weight"],
+            "max_length": options["max_length"],
+            "max_train_samples": options["max_train_samples"],
+            "seed": options["seed"],
+        }
+        if options["learning_rate"] is not None:
+            learned["learning_rate"] = options["learning_rate"]
+        return configs.Learned(**learned)
     if options["budget_flops"] is not None:
         return configs.FlopsBudget(fraction=options["budget_flops"], **budget)
     if options["budget_latency"] is not None:
@@ -398,8 +421,8 @@ def prune(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     budget_flops: Annotated[
         float | None, typer.Option(help="Retraining-free (Kwon et al. 2022): keep this fraction of encoder FLOPs.")
@@ -428,7 +451,9 @@ def prune(
     granularity: Annotated[
         str | None, typer.Option(help="Sparse: weight, block:B (B x B tiles) or head; default set by --sparse.")
     ] = None,
-    epochs: Annotated[float, typer.Option(help="Sparse methods that train (gmp, movement): epochs.")] = 3.0,
+    epochs: Annotated[
+        float, typer.Option(help="Methods that train (gmp, movement, learned: its gate phase): epochs.")
+    ] = 3.0,
     learning_rate: Annotated[
         float | None,
         typer.Option(help="Sparse methods that train: learning rate of the weights (default 1e-4 for gmp, else 3e-5)."),
@@ -444,6 +469,25 @@ def prune(
         float,
         typer.Option(help="Sparse methods that train: weight of the task loss under a PGD attack (robust tickets)."),
     ] = 0.0,
+    learned: Annotated[
+        bool,
+        typer.Option(
+            help="Learned structured pruning (CoFi / Voita: hard-concrete gates trained while distilling, removed "
+            "after); with --target-sparsity."
+        ),
+    ] = False,
+    target_sparsity: Annotated[
+        float | None, typer.Option(help="Learned: fraction of the encoder's weights to remove (0.9 = 10x smaller).")
+    ] = None,
+    units: Annotated[
+        str, typer.Option(help="Learned: what to gate, a subset of heads,ffn,blocks,hidden.")
+    ] = "heads,ffn,blocks,hidden",
+    final_epochs: Annotated[
+        float, typer.Option(help="Learned: epochs of training with the structure fixed, after --epochs of gates.")
+    ] = 1.0,
+    layer_distill_weight: Annotated[
+        float, typer.Option(help="Learned: weight of layer distillation (hidden states; needs a teacher pass).")
+    ] = 0.0,
     storage: Annotated[
         str | None,
         typer.Option(
@@ -456,6 +500,7 @@ def prune(
         Path | None, typer.Option(help="Repeat a run: a config JSON, or an earlier output folder / its metrics.json.")
     ] = None,
     calibration_examples: Annotated[int, typer.Option(help="Budget pruning: calibration examples.")] = 2048,
+    calibration_file: CalibrationFileOpt = None,
     rearrange: Annotated[bool, typer.Option(help="Budget pruning: rearrange masks by the layer Fisher.")] = True,
     refit_head: Annotated[
         bool, typer.Option(help="Budget pruning: also refit the task head's output layer to the dense logits.")
@@ -519,6 +564,7 @@ def prune(
         threads=threads,
         overwrite=overwrite,
         weight_storage=storage,
+        calibration_file=calibration_file,
     )
     print_report(result.report, stdout, out=f"{out} (model, plan.json, metrics.json)")
 
@@ -531,8 +577,8 @@ def quantize(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     runtime: Annotated[str, typer.Option(help="Runtime to quantize for: onnxruntime or openvino.")] = "onnxruntime",
     mode: Annotated[
@@ -585,8 +631,8 @@ def compress(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     target_speedup: Annotated[
         float | None, typer.Option(help="Speedup to reach, measured on the runtime against dense PyTorch fp32.")

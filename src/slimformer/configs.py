@@ -102,6 +102,7 @@ def register_handler(config_type: type[PruneConfig]) -> Callable[[Callable[..., 
 def handler_for(config: PruneConfig) -> Callable[..., Any]:
     # the handlers live beside the code they drive; importing them registers them
     import slimformer.budget.method
+    import slimformer.learned.method
     import slimformer.prune.methods
     import slimformer.sparse.method  # noqa: F401
 
@@ -502,6 +503,81 @@ class Movement(_SparseTraining):
         super().check()
         if not self.score_learning_rate > 0:
             raise ConfigError(f"score_learning_rate must be > 0, got {self.score_learning_rate!r}.")
+
+
+LEARNED_UNITS = ("heads", "ffn", "blocks", "hidden")
+
+
+@register_config
+@dataclass(frozen=True)
+class Learned(PruneConfig):
+    """Learned structured pruning: a hard-concrete gate (Louizos, Welling & Kingma 2018, "Learning Sparse Neural
+    Networks through L0 Regularization") on every head, FFN neuron, whole attention and FFN block and hidden
+    dimension (``units``, comma-separated), trained with the weights while distilling from the dense model.
+    The expected share of encoder weights removed is driven to ``target_sparsity`` by a Lagrangian whose
+    multipliers are learned by gradient ascent, the target raised linearly over the first ``target_warmup`` of
+    the gate phase (CoFi: Xia, Zhong & Chen 2022, "Structured Pruning Learns Compact and Accurate Models"; head
+    gates alone are Voita et al. 2019). Then the structure is fixed (each gate group keeps its expected number of
+    open gates, those with the largest log_alpha) and the model trains ``final_epochs`` more before everything
+    closed is removed.
+
+    ``layer_distill_weight`` > 0 adds CoFi's layer distillation (each layer's hidden states matched to the
+    teacher's through a learned projection); it costs a teacher forward pass per step, so it is off by default."""
+
+    method: ClassVar[str] = "learned"
+
+    target_sparsity: float = 0.75
+    units: str = "heads,ffn,blocks,hidden"
+    epochs: float = 3.0
+    final_epochs: float = 1.0
+    learning_rate: float = 3e-5
+    gate_learning_rate: float = 0.1
+    # the Lagrange multipliers' own rate: CoFi trains for tens of epochs; in a few hundred steps the multipliers
+    # must grow fast enough to outweigh the distillation loss's pull to keep every gate open
+    multiplier_learning_rate: float = 0.5
+    # log_alpha at the start: 2.0 leaves about 3 gates in 4 fully open in each sample, so training starts close
+    # to the fine-tuned model (CoFi starts at 0, a half-open model)
+    gate_init: float = 2.0
+    target_warmup: float = 0.5
+    batch_size: int = 32
+    max_length: int = 128
+    max_train_samples: int | None = None
+    distill_alpha: float = 0.9
+    temperature: float = 2.0
+    layer_distill_weight: float = 0.0
+    save_steps: int = 200
+    seed: int = 0
+
+    @property
+    def unit_set(self) -> frozenset[str]:
+        return frozenset(u.strip() for u in self.units.split(",") if u.strip())
+
+    def check(self) -> None:
+        _fraction("target_sparsity", self.target_sparsity, what="of the encoder's weights to remove")
+        if not 0 < self.target_sparsity < 1:
+            raise ConfigError(f"target_sparsity must be strictly between 0 and 1, got {self.target_sparsity!r}.")
+        unknown = sorted(self.unit_set - set(LEARNED_UNITS))
+        if unknown or not self.unit_set:
+            raise ConfigError(f"units {self.units!r} must be a comma-separated subset of {','.join(LEARNED_UNITS)}.")
+        if not {"heads", "ffn", "hidden"} & self.unit_set:
+            raise ConfigError("units need heads, ffn or hidden: blocks alone only gate whole blocks of them.")
+        for name in ("epochs", "learning_rate", "gate_learning_rate", "multiplier_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+        if not self.final_epochs >= 0:
+            raise ConfigError(f"final_epochs must be >= 0, got {self.final_epochs!r}.")
+        if not 0 <= self.target_warmup <= 1:
+            raise ConfigError(
+                f"target_warmup must be in [0, 1] (a fraction of the gate phase), got {self.target_warmup!r}."
+            )
+        for name in ("batch_size", "max_length", "save_steps"):
+            _positive(name, getattr(self, name))
+        if self.max_train_samples is not None:
+            _positive("max_train_samples", self.max_train_samples)
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}.")
+        if not self.temperature > 0 or not self.layer_distill_weight >= 0:
+            raise ConfigError("temperature must be > 0 and layer_distill_weight >= 0.")
 
 
 # the names `slimformer prune --sparse NAME` takes: (config type, fixed settings, default granularity)

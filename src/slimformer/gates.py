@@ -21,23 +21,30 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from slimformer.arch import layer_views
+from slimformer.arch import head_inputs, layer_views, stream_entry, stream_norms
 
 
 @dataclass
 class Gates:
     """Per-layer gate vectors: ``heads[l]`` has one entry per head present in layer ``l``, ``neurons[l]`` one per
     FFN neuron; ``layers`` (optional) has one entry per layer (1 keeps the layer, 0 skips it: the layer's output
-    is replaced by its input). Any entry may be fractional, e.g. for learned or soft gates. A gate may also carry
-    a leading batch dimension (``[batch, units]``): one gate per example, whose gradients are then per-example
-    gradients (used for the empirical Fisher of Kwon et al. 2022)."""
+    is replaced by its input); ``hidden`` (optional) has one entry per dimension of the residual stream, shared by
+    every layer (see :func:`gated_layer_norm`). Any entry may be fractional, e.g. for learned or soft gates. Head
+    and neuron gates may also carry a leading batch dimension (``[batch, units]``): one gate per example, whose
+    gradients are then per-example gradients (used for the empirical Fisher of Kwon et al. 2022)."""
 
     heads: list[torch.Tensor]
     neurons: list[torch.Tensor]
     layers: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+    def _all(self) -> list[torch.Tensor]:
+        return [*self.heads, *self.neurons, *(g for g in (self.layers, self.hidden) if g is not None)]
 
     @classmethod
-    def ones(cls, model: PreTrainedModel, *, requires_grad: bool = False, layers: bool = False) -> Gates:
+    def ones(
+        cls, model: PreTrainedModel, *, requires_grad: bool = False, layers: bool = False, hidden: bool = False
+    ) -> Gates:
         """All-ones gates shaped like ``model``'s current layers (which may already be pruned unevenly)."""
         device = next(model.parameters()).device
         views = layer_views(model)
@@ -49,17 +56,22 @@ class Gates:
             heads=[one(v.num_heads) for v in views],
             neurons=[one(v.ffn_size) for v in views],
             layers=one(len(views)) if layers else None,
+            hidden=one(views[0].query.in_features) if hidden and views else None,
         )
 
     def detach(self) -> Gates:
+        def copy(g: torch.Tensor | None) -> torch.Tensor | None:
+            return None if g is None else g.detach().clone()
+
         return Gates(
-            heads=[g.detach().clone() for g in self.heads],
-            neurons=[g.detach().clone() for g in self.neurons],
-            layers=None if self.layers is None else self.layers.detach().clone(),
+            heads=[copy(g) for g in self.heads],
+            neurons=[copy(g) for g in self.neurons],
+            layers=copy(self.layers),
+            hidden=copy(self.hidden),
         )
 
     def grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
-        """Gradients accumulated on the gates (zeros where none flowed)."""
+        """Gradients accumulated on the head, neuron and layer gates (zeros where none flowed)."""
 
         def grad(g: torch.Tensor) -> torch.Tensor:
             return g.grad.detach().clone() if g.grad is not None else torch.zeros_like(g)
@@ -71,7 +83,7 @@ class Gates:
         )
 
     def zero_grad(self) -> None:
-        for gate in [*self.heads, *self.neurons, *([self.layers] if self.layers is not None else [])]:
+        for gate in self._all():
             gate.grad = None
 
 
@@ -110,6 +122,64 @@ def _layer_gate_hook(gate: torch.Tensor):
     return hook
 
 
+def gated_layer_norm(x: torch.Tensor, norm: nn.LayerNorm, gate: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the dimensions ``gate`` keeps, zero on the others.
+
+    The mean and variance are weighted by the gate, so a 0/1 gate gives exactly what slicing the dimensions out
+    of the stream gives (a LayerNorm over fewer dimensions, then nothing there), and a fractional gate stays
+    differentiable. Masking the input or output alone would not: a plain LayerNorm's statistics would still
+    count the masked dimensions, and the model could not be sliced without changing its outputs.
+    """
+    g = gate.to(x.dtype)
+    total = g.sum().clamp_min(torch.finfo(x.dtype).tiny)
+    mean = (x * g).sum(-1, keepdim=True) / total
+    centered = x - mean
+    variance = (centered.square() * g).sum(-1, keepdim=True) / total
+    normed = centered * torch.rsqrt(variance + norm.eps)
+    if norm.weight is not None:
+        normed = normed * norm.weight
+    if norm.bias is not None:
+        normed = normed + norm.bias
+    return normed * g
+
+
+def _gated_norm_hook(gate: torch.Tensor):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+        return gated_layer_norm(args[0], module, gate)
+
+    return hook
+
+
+def _gated_output_hook(gate: torch.Tensor):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+        return output * gate.to(output.dtype)
+
+    return hook
+
+
+def _hidden_gate_handles(model: PreTrainedModel, gate: torch.Tensor) -> list:
+    """Gate every dimension of the residual stream: it starts at the embeddings' LayerNorm (or ELECTRA's projection)
+    and is re-normalised after every attention and FFN block, so gating those modules zeroes the gated dimensions
+    everywhere the layers and the task head read the stream. Raises for a model whose width the gate does not fit
+    or whose output is the stream itself (an embedding model: the embedding would change size)."""
+    if not head_inputs(model):
+        raise ValueError("hidden-dimension gates need a task head: an embedding model's output is the stream itself")
+    if gate.dim() != 1:
+        raise ValueError("hidden-dimension gates are one vector shared by every example")
+    _, entry = stream_entry(model)
+    width = entry.out_features if isinstance(entry, nn.Linear) else entry.normalized_shape[-1]
+    if gate.shape[0] != width:
+        raise ValueError(f"hidden gates cover {gate.shape[0]} dimensions, the model's stream has {width}")
+    handles = []
+    if isinstance(entry, nn.LayerNorm):
+        handles.append(entry.register_forward_hook(_gated_norm_hook(gate)))
+    else:
+        handles.append(entry.register_forward_hook(_gated_output_hook(gate)))
+    for _, _, norm in stream_norms(model):
+        handles.append(norm.register_forward_hook(_gated_norm_hook(gate)))
+    return handles
+
+
 @contextmanager
 def gated(model: PreTrainedModel, gates: Gates) -> Iterator[Gates]:
     """Install ``gates`` on ``model`` for the duration of the ``with`` block; the hooks are always removed."""
@@ -130,6 +200,8 @@ def gated(model: PreTrainedModel, gates: Gates) -> Iterator[Gates]:
                 handles.append(
                     view.layer.register_forward_hook(_layer_gate_hook(gates.layers[view.index]), with_kwargs=True)
                 )
+        if gates.hidden is not None:
+            handles.extend(_hidden_gate_handles(model, gates.hidden))
         yield gates
     finally:
         for handle in handles:

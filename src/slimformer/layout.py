@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 
 from slimformer.arch import ArchSpec, LayerView, get_spec, layer_list, layer_views, resolve
 from slimformer.errors import ModelLoadError
-from slimformer.portable import EmptyAttention, empty_attention, reshape_to_layout, set_head_count
+from slimformer.portable import EmptyAttention, empty_attention, reshape_to_layout, set_head_count, slice_stream
 
 LAYOUT_KEY = "slimformer_layout"
 
@@ -83,6 +83,39 @@ def prune_layer_neurons(view: LayerView, spec: ArchSpec, keep: list[int]) -> Non
     _set(view.layer, spec.ffn_down, _sliced_linear(view.ffn_down, cols=index))
 
 
+def current_hidden_ids(model: PreTrainedModel) -> list[int] | None:
+    """The original index of each residual-stream dimension still present; None while none was removed."""
+    layout = getattr(model.config, LAYOUT_KEY, None)
+    ids = layout.get("hidden_ids") if layout else None
+    return list(ids) if ids is not None else None
+
+
+def model_width(model: PreTrainedModel) -> int:
+    """The width of the residual stream now (the config's hidden size keeps the original: heads keep their size)."""
+    ids = current_hidden_ids(model)
+    return len(ids) if ids is not None else get_spec(model).hidden_size(model.config)
+
+
+def slice_hidden(model: PreTrainedModel, keep: Sequence[int]) -> PreTrainedModel:
+    """Keep only the hidden dimensions ``keep`` (indices into the stream as it is now) in the embeddings, every
+    projection that reads or writes the stream, every LayerNorm on it and the task head's input, in place; record
+    them in the layout. Exactly what :func:`slimformer.gates.gated_layer_norm` computes with a 0/1 gate.
+
+    Hidden-dimension removal is CoFi's (Xia et al. 2022, "Structured Pruning Learns Compact and Accurate Models").
+    """
+    spec = get_spec(model)
+    width = model_width(model)
+    keep = sorted(set(int(i) for i in keep))
+    if not keep or keep[0] < 0 or keep[-1] >= width:
+        raise ValueError(f"hidden dimensions to keep must be a non-empty subset of 0..{width - 1}")
+    if not getattr(model, "has_task_head", True):
+        raise ValueError("hidden dimensions of an embedding model cannot be removed: its embeddings would change size")
+    old_ids = current_hidden_ids(model) or list(range(width))
+    slice_stream(model, spec.paths(), keep)
+    record_layout(model, spec, current_head_ids(model), hidden_ids=[old_ids[i] for i in keep])
+    return model
+
+
 def current_head_ids(model: PreTrainedModel) -> list[list[int]]:
     """For each layer, the original index of each head still present (composes successive prunings)."""
     layout = getattr(model.config, LAYOUT_KEY, None)
@@ -124,8 +157,16 @@ def slice_model(
     return model
 
 
-def record_layout(model: PreTrainedModel, spec: ArchSpec, head_ids: list[list[int]]) -> None:
-    """Write the per-layer shapes into the config; leave the config plain where transformers can rebuild it."""
+_UNCHANGED: Any = object()
+
+
+def record_layout(
+    model: PreTrainedModel, spec: ArchSpec, head_ids: list[list[int]], *, hidden_ids: Any = _UNCHANGED
+) -> None:
+    """Write the per-layer shapes into the config; leave the config plain where transformers can rebuild it.
+    ``hidden_ids`` (kept stream dimensions) stays what the config records unless given."""
+    if hidden_ids is _UNCHANGED:
+        hidden_ids = current_hidden_ids(model)
     views = layer_views(model, spec)
     heads = [v.num_heads for v in views]
     ffn = [v.ffn_size for v in views]
@@ -133,12 +174,15 @@ def record_layout(model: PreTrainedModel, spec: ArchSpec, head_ids: list[list[in
     full_heads = spec.num_heads(config)
     if len(set(ffn)) == 1:
         setattr(config, spec.ffn_key, ffn[0])
-    uniform_plain = all(h == full_heads for h in heads) and len(set(ffn)) == 1
+    uniform_plain = all(h == full_heads for h in heads) and len(set(ffn)) == 1 and hidden_ids is None
     if uniform_plain:
         if hasattr(config, LAYOUT_KEY):
             delattr(config, LAYOUT_KEY)
         return
-    setattr(config, LAYOUT_KEY, {"heads": heads, "ffn": ffn, "head_ids": head_ids})
+    layout: dict[str, Any] = {"heads": heads, "ffn": ffn, "head_ids": head_ids}
+    if hidden_ids is not None:
+        layout["hidden_ids"] = list(hidden_ids)
+    setattr(config, LAYOUT_KEY, layout)
 
 
 def rebuild_layout(model: PreTrainedModel, layout: dict[str, Any]) -> PreTrainedModel:
@@ -154,6 +198,12 @@ def rebuild_layout(model: PreTrainedModel, layout: dict[str, Any]) -> PreTrained
         )
     if head_ids is not None and [len(ids) for ids in head_ids] != list(heads):
         raise ModelLoadError("slimformer_layout's head_ids do not match its head counts.")
+    hidden_ids = layout.get("hidden_ids")
+    full = get_spec(model).hidden_size(model.config)
+    if hidden_ids is not None and (
+        not hidden_ids or len(set(hidden_ids)) != len(hidden_ids) or not all(0 <= i < full for i in hidden_ids)
+    ):
+        raise ModelLoadError(f"slimformer_layout's hidden_ids must be distinct dimensions of 0..{full - 1}.")
     spec = get_spec(model)
     reshape_to_layout(model, layout, spec.paths(), spec.on_heads_pruned)
     setattr(model.config, LAYOUT_KEY, dict(layout))
@@ -164,9 +214,12 @@ __all__ = [
     "LAYOUT_KEY",
     "EmptyAttention",
     "current_head_ids",
+    "current_hidden_ids",
+    "model_width",
     "prune_layer_heads",
     "prune_layer_neurons",
     "rebuild_layout",
     "record_layout",
+    "slice_hidden",
     "slice_model",
 ]

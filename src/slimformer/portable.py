@@ -95,6 +95,97 @@ def empty_attention(layer: nn.Module, spec: dict[str, str]) -> EmptyAttention:
     return EmptyAttention(projections, relative_path(spec["attn_out"], spec["attention"]))
 
 
+def stream_parts(model: nn.Module, spec: dict[str, Any]) -> list[tuple[nn.Module, str, str]]:
+    """Every module that holds the residual stream's dimensions, as (parent, path from it, how it holds them):
+    ``embedding`` tables and ``norm`` LayerNorms hold them as their width, ``rows`` Linears write them (their
+    output rows), ``cols`` Linears read them (their input columns). Slicing all of them alike removes hidden
+    dimensions."""
+    base = model.base_model
+    entry_path = None
+    for path in spec["stream_entry"]:
+        try:
+            entry = resolve_path(base, path)
+        except AttributeError:
+            continue
+        if isinstance(entry, (nn.LayerNorm, nn.Linear)):
+            entry_path = path
+            break
+    if entry_path is None:
+        raise ValueError(f"none of {spec['stream_entry']} starts the residual stream of {type(model).__name__}")
+    parts: list[tuple[nn.Module, str, str]] = []
+    if isinstance(entry, nn.LayerNorm):
+        embeddings = resolve_path(base, spec["embeddings"])
+        parts += [
+            (embeddings, name, "embedding")
+            for name, child in embeddings.named_children()
+            if isinstance(child, nn.Embedding)
+        ]
+        parts.append((base, entry_path, "norm"))
+    else:  # a projection of narrower embeddings (ELECTRA): the stream starts at its output
+        parts.append((base, entry_path, "rows"))
+    for layer in resolve_path(base, spec["layers"]):
+        parts += [(layer, spec[name], "cols") for name in ("query", "key", "value", "ffn_up")]
+        parts += [(layer, spec[name], "rows") for name in ("attn_out", "ffn_down")]
+        parts += [(layer, spec[name], "norm") for name in ("attn_norm", "ffn_norm")]
+    try:  # a base model's pooler reads the stream too, whether the task head uses it (BERT) or not (RoBERTa)
+        pooler = resolve_path(base, "pooler.dense")
+    except AttributeError:  # built without one
+        pooler = None
+    if isinstance(pooler, nn.Linear):
+        parts.append((base, "pooler.dense", "cols"))
+    if model.base_model is not model and getattr(model, "has_task_head", True):
+        parts += [(model, path, "cols") for path in spec["head_inputs"] if not path.startswith("base_model.")]
+    return parts
+
+
+def _sliced(module: nn.Module, kind: str, keep: torch.Tensor) -> nn.Module:
+    if kind == "embedding":
+        weight = module.weight.detach().index_select(1, keep)
+        return nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=module.padding_idx)
+    if kind == "norm":
+        new = nn.LayerNorm(
+            len(keep),
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            bias=module.bias is not None,
+            device=keep.device,
+            dtype=module.weight.dtype,
+        )
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                if getattr(module, name) is not None:
+                    getattr(new, name).copy_(getattr(module, name).index_select(0, keep))
+        return new
+    weight = module.weight.detach()
+    bias = module.bias.detach() if module.bias is not None else None
+    if kind == "rows":
+        weight = weight.index_select(0, keep)
+        bias = bias.index_select(0, keep) if bias is not None else None
+    else:
+        weight = weight.index_select(1, keep)
+    new = empty_linear(module, weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+def slice_stream(model: nn.Module, spec: dict[str, Any], keep: list[int]) -> nn.Module:
+    """Keep only the residual-stream dimensions ``keep`` (indices into the current stream), in place, in every
+    module that holds them (:func:`stream_parts`). The config's hidden size is left alone: transformers derives the
+    head size from it, and heads keep their size."""
+    parts = stream_parts(model, spec)
+    device = next(model.parameters()).device
+    index = torch.tensor(keep, dtype=torch.long, device=device)
+    for parent, path, kind in parts:
+        module = resolve_path(parent, path)
+        new = _sliced(module, kind, index.to(module.weight.device))
+        new.train(module.training)
+        set_path(parent, path, new)
+    return model
+
+
 def reshape_to_layout(
     model: nn.Module,
     layout: dict[str, Any],
@@ -102,7 +193,8 @@ def reshape_to_layout(
     on_heads_pruned: Callable[[nn.Module, list[int]], None] | None = None,
 ) -> nn.Module:
     """Resize every layer of a freshly built dense ``model`` to ``layout`` (``heads``, ``ffn`` and optionally
-    ``head_ids`` per layer), in place; its weights must be loaded afterwards.
+    ``head_ids`` per layer; optionally ``hidden_ids``, the residual-stream dimensions kept), in place; its weights
+    must be loaded afterwards.
 
     ``spec`` holds the family's dotted paths (``layers`` and ``embeddings`` from ``model.base_model``; ``attention``,
     ``query``, ``key``, ``value``, ``attn_out``, ``ffn_up``, ``ffn_down`` from a layer) and the config keys
@@ -111,6 +203,8 @@ def reshape_to_layout(
     """
     config = model.config
     head_size = getattr(config, spec["hidden_key"]) // getattr(config, spec["heads_key"])
+    if layout.get("hidden_ids") is not None:  # removed hidden dimensions: the dense build has them all, in order
+        slice_stream(model, spec, list(layout["hidden_ids"]))
     layers = resolve_path(model.base_model, spec["layers"])
     heads, ffn = layout["heads"], layout["ffn"]
     head_ids = layout.get("head_ids") or [list(range(n)) for n in heads]

@@ -268,6 +268,39 @@ def run_trainer(
     return trainer, train_output, time.perf_counter() - started
 
 
+def train_resumably(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Dataset,
+    work_dir: str | os.PathLike[str] | None,
+    config: TrainConfig,
+    signature: dict[str, Any],
+    **trainer_options: Any,
+) -> tuple[Any, float, Path | None]:
+    """:func:`run_trainer` for a method that trains inside a larger job (sparse and learned pruning): checkpoints
+    in ``work_dir`` (resumed when its ``signature`` matches, deleted once training has finished) or, without one,
+    in a temporary folder. Returns the trainer's output, the training seconds and the checkpoint resumed from."""
+    import tempfile
+
+    temporary = None
+    if work_dir is None:
+        temporary = tempfile.TemporaryDirectory(prefix="slimformer-train-")
+        folder = Path(temporary.name)
+    else:
+        folder = Path(work_dir)
+    try:
+        checkpoint = prepare_work_dir(folder, signature, resume=True)
+        _trainer, output, seconds = run_trainer(
+            model, tokenizer, train_dataset, folder, config, checkpoint, remove_unused_columns=False, **trainer_options
+        )
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
+    if work_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    return output, seconds, checkpoint
+
+
 def trained_report(
     command: str,
     model: PreTrainedModel,

@@ -13,6 +13,8 @@
   teacher predicts (label loyalty) and how close their distributions are (probability loyalty), on dev and AdvGLUE.
 * :func:`bias` — the Equity Evaluation Corpus test (Kiritchenko & Mohammad 2018): gender and race gaps in a sentiment
   model's positive probability, per emotion, with confidence intervals and paired t-tests.
+* :func:`gates` — Voita et al. 2019: head-only hard-concrete gates trained toward a rising share of heads removed;
+  the order in which heads close, against Michel et al.'s importance.
 * :func:`robustness` — accuracy on AdvGLUE (Wang et al. 2021) beside the clean one, and a PGD attack on the word
   embeddings (attack success rate per bound).
 
@@ -23,6 +25,7 @@ short report.md); ``slimformer analyze SUBCOMMAND`` runs them from the command l
 from slimformer.analyze.ablate import AblateResult, ablate
 from slimformer.analyze.bias import BiasResult, bias
 from slimformer.analyze.common import AnalyzeError
+from slimformer.analyze.gates import GatesResult, gates
 from slimformer.analyze.lottery import LotteryResult, lottery
 from slimformer.analyze.loyalty import LoyaltyResult, loyalty
 from slimformer.analyze.magnitude import WeightMasks, magnitude_prune, magnitude_step, masked_weights
@@ -40,6 +43,7 @@ __all__ = [
     "AnalyzeError",
     "AttentionPatterns",
     "BiasResult",
+    "GatesResult",
     "LotteryResult",
     "LoyaltyResult",
     "PapaResult",
@@ -51,6 +55,7 @@ __all__ = [
     "bias",
     "collect_patterns",
     "constant_attention",
+    "gates",
     "jaccard",
     "lottery",
     "loyalty",

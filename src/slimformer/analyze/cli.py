@@ -78,8 +78,8 @@ def ablate(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     out: _out_opt("runs/analyze/ablate") = Path("runs/analyze/ablate"),
     layers: Annotated[str | None, typer.Option(help="Only these layers, e.g. '0,2' or '0-3' (default all).")] = None,
@@ -142,8 +142,8 @@ def lottery(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     out: _out_opt("runs/analyze/lottery") = Path("runs/analyze/lottery"),
     prune_kinds: Annotated[str, typer.Option(help="s (heads + MLPs), m (weight magnitude), or both.")] = "s,m",
@@ -267,8 +267,8 @@ def papa(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     out: _out_opt("runs/analyze/papa") = Path("runs/analyze/papa"),
     configs: Annotated[
@@ -338,8 +338,8 @@ def loyalty(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     out: _out_opt("runs/analyze/loyalty") = Path("runs/analyze/loyalty"),
     advglue: Annotated[
@@ -396,8 +396,8 @@ def robustness(
     data_dir: DataDirOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    text_columns: TextColumnsOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
     regression: RegressionOpt = False,
     out: _out_opt("runs/analyze/robustness") = Path("runs/analyze/robustness"),
     advglue: Annotated[bool, typer.Option(help="Score the task's AdvGLUE examples too (where it has them).")] = True,
@@ -443,6 +443,49 @@ def robustness(
         result.save(staging)
     stdout.print(result.markdown())
     stdout.print(f"-> {out} (results.json, report.md, pgd.png)")
+
+
+@analyze_app.command()
+def gates(
+    model: FineTunedOpt,
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    train_file: TrainFileOpt = None,
+    dev_file: DevFileOpt = None,
+    text_columns: TextColumnsOpt = None,
+    label_column: LabelColumnOpt = None,
+    regression: RegressionOpt = False,
+    out: _out_opt("runs/analyze/gates") = Path("runs/analyze/gates"),
+    heads: Annotated[float, typer.Option(help="Share of heads the rising target ends at removing.")] = 0.75,
+    epochs: Annotated[float, typer.Option(help="Epochs of gate training.")] = 2.0,
+    max_train_samples: Annotated[int | None, typer.Option(help="Random subset of the training split.")] = None,
+    n_examples: Annotated[int, typer.Option(help="Examples Michel et al.'s importance is computed on.")] = 256,
+    max_length: MaxLengthOpt = 128,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Voita et al. 2019: train hard-concrete gates on the heads toward removing --heads of them, and report the
+    order in which they close, against Michel et al.'s importance (a heatmap of each)."""
+    from slimformer.analyze import gates as run_gates
+    from slimformer.analyze.common import output_folder
+
+    _check_out(out, overwrite)
+    result = run_gates(
+        model,
+        _analysis_task(model, locals()),
+        heads=heads,
+        epochs=epochs,
+        data_dir=data_dir,
+        max_train_samples=max_train_samples,
+        max_length=max_length,
+        n_examples=n_examples,
+        work_dir=out.with_name(out.name + ".work"),
+        seed=seed,
+    )
+    with output_folder(out, overwrite=overwrite) as staging:
+        result.save(staging)
+    stdout.print(result.markdown())
+    stdout.print(f"-> {out} (results.json, report.md, gates.png, michel.png)")
 
 
 @analyze_app.command()

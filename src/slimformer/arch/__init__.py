@@ -12,6 +12,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -41,6 +42,14 @@ class ArchSpec:
     ffn_down: str
     embeddings: str = "embeddings"
     classifier: tuple[str, ...] = ("classifier",)
+    # The residual stream (hidden dimensions), for hidden-dimension pruning: the LayerNorms after attention and
+    # after the FFN (relative to a layer); the module that first writes the stream (relative to ``base_model``;
+    # the first of these paths that exists: ELECTRA projects smaller embeddings up to the hidden size); and the
+    # task head's linear layers that read the final stream (relative to the task model).
+    attn_norm: str = "attention.output.LayerNorm"
+    ffn_norm: str = "output.LayerNorm"
+    stream_entry: tuple[str, ...] = ("embeddings.LayerNorm",)
+    head_inputs: tuple[str, ...] = ("classifier.dense",)
     heads_key: str = "num_attention_heads"
     ffn_key: str = "intermediate_size"
     layers_key: str = "num_hidden_layers"
@@ -64,7 +73,7 @@ class ArchSpec:
     def head_size(self, config: PretrainedConfig) -> int:
         return self.hidden_size(config) // self.num_heads(config)
 
-    def paths(self) -> dict[str, str]:
+    def paths(self) -> dict[str, Any]:
         """The module paths and config keys as a plain dict: what :mod:`slimformer.portable` takes, and what a
         saved folder's ``modeling_slimformer.py`` carries."""
         names = (
@@ -72,6 +81,10 @@ class ArchSpec:
             "embeddings",
             "attention",
             *_LINEAR_PARTS,
+            "attn_norm",
+            "ffn_norm",
+            "stream_entry",
+            "head_inputs",
             "heads_key",
             "ffn_key",
             "layers_key",
@@ -198,6 +211,51 @@ def embeddings(model: PreTrainedModel, spec: ArchSpec | None = None) -> nn.Modul
     return resolve(model.base_model, spec.embeddings)
 
 
+def stream_entry(model: PreTrainedModel, spec: ArchSpec | None = None) -> tuple[str, nn.Module]:
+    """(path from ``base_model``, module) of the module that first writes the residual stream: a LayerNorm (the
+    stream starts normalised) or a Linear (ELECTRA's projection of smaller embeddings)."""
+    spec = spec or get_spec(model)
+    for path in spec.stream_entry:
+        try:
+            module = resolve(model.base_model, path)
+        except UnsupportedArchitectureError:
+            continue
+        if isinstance(module, (nn.LayerNorm, nn.Linear)):
+            return path, module
+    raise UnsupportedArchitectureError(
+        f"{type(model).__name__}: none of {spec.stream_entry} is a LayerNorm or Linear; its arch spec does not match."
+    )
+
+
+def stream_norms(model: PreTrainedModel, spec: ArchSpec | None = None) -> list[tuple[nn.Module, str, nn.LayerNorm]]:
+    """(layer, path from the layer, LayerNorm) for every LayerNorm that re-normalises the residual stream, in
+    order (after attention, after the FFN, layer by layer)."""
+    spec = spec or get_spec(model)
+    norms = []
+    for layer in layer_list(model, spec):
+        for path in (spec.attn_norm, spec.ffn_norm):
+            module = resolve(layer, path)
+            if not isinstance(module, nn.LayerNorm):
+                raise UnsupportedArchitectureError(f"{spec.family} spec: {path!r} is not a LayerNorm")
+            norms.append((layer, path, module))
+    return norms
+
+
+def head_inputs(model: PreTrainedModel, spec: ArchSpec | None = None) -> list[tuple[str, nn.Linear]]:
+    """(path from the task model, Linear) of the task head's layers that read the final residual stream; none
+    for a model without a task head."""
+    if not getattr(model, "has_task_head", True):
+        return []
+    spec = spec or get_spec(model)
+    readers = []
+    for path in spec.head_inputs:
+        module = resolve(model, path)
+        if not isinstance(module, nn.Linear):
+            raise UnsupportedArchitectureError(f"{spec.family} spec: head input {path!r} is not a Linear")
+        readers.append((path, module))
+    return readers
+
+
 def classifier_modules(model: PreTrainedModel, spec: ArchSpec | None = None) -> list[nn.Module]:
     """The task head's modules; none for a model without one (a sentence-embedding model pools and normalises)."""
     if not getattr(model, "has_task_head", True):
@@ -212,9 +270,12 @@ __all__ = [
     "classifier_modules",
     "embeddings",
     "get_spec",
+    "head_inputs",
     "layer_list",
     "layer_views",
     "resolve",
+    "stream_entry",
+    "stream_norms",
     "supported_families",
     "supported_model_types",
 ]

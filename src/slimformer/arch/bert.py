@@ -13,4 +13,5 @@ SPEC = ArchSpec(
     attn_out="attention.output.dense",
     ffn_up="intermediate.dense",
     ffn_down="output.dense",
+    head_inputs=("base_model.pooler.dense",),
 )

@@ -4,4 +4,10 @@ from dataclasses import replace
 
 from slimformer.arch.bert import SPEC as BERT
 
-SPEC = replace(BERT, family="electra", model_types=("electra",))
+SPEC = replace(
+    BERT,
+    family="electra",
+    model_types=("electra",),
+    stream_entry=("embeddings_project", "embeddings.LayerNorm"),
+    head_inputs=("classifier.dense",),
+)

@@ -42,5 +42,6 @@ SPEC = ArchSpec(
     attn_out="attention.attn.o",
     ffn_up="intermediate.dense",
     ffn_down="output.dense",
+    attn_norm="attention.LayerNorm",
     on_heads_pruned=keep_position_bias_heads,
 )

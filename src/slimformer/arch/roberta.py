@@ -4,4 +4,4 @@ from dataclasses import replace
 
 from slimformer.arch.bert import SPEC as BERT
 
-SPEC = replace(BERT, family="roberta", model_types=("roberta", "xlm-roberta"))
+SPEC = replace(BERT, family="roberta", model_types=("roberta", "xlm-roberta"), head_inputs=("classifier.dense",))

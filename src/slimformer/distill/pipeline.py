@@ -169,6 +169,14 @@ def capture_queries_keys(
             handle.remove()
 
 
+def _identity_linear(width: int) -> nn.Linear:
+    linear = nn.Linear(width, width)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(width))
+        linear.bias.zero_()
+    return linear
+
+
 class DistillationModel(nn.Module):
     """What the Trainer trains: the student (and any hidden-state projections) with the loss of
     :class:`DistillConfig`. The teacher is held outside the module tree, so it is neither trained nor written
@@ -180,6 +188,8 @@ class DistillationModel(nn.Module):
         teacher: PreTrainedModel | None,
         config: DistillConfig,
         pairs: list[tuple[int, int]],
+        *,
+        project_hidden: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
@@ -198,6 +208,8 @@ class DistillationModel(nn.Module):
             if widths[0] != widths[1]:
                 # one projection for the embeddings and one per mapped layer (TinyBERT's W_h)
                 self.projections = nn.ModuleList(nn.Linear(*widths) for _ in range(len(pairs) + 1))
+            elif project_hidden:  # a student whose hidden dimensions are gated (CoFi's learned W), from identity
+                self.projections = nn.ModuleList(_identity_linear(widths[0]) for _ in range(len(pairs) + 1))
             self.heads = head_pairing(student, teacher, pairs)
 
     def _teacher_outputs(self, inputs: dict[str, torch.Tensor], layers: set[int]):

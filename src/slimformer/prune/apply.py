@@ -16,7 +16,7 @@ from typing import Literal
 from transformers import PreTrainedModel
 
 from slimformer.gates import Gates, gated
-from slimformer.layout import slice_model
+from slimformer.layout import slice_hidden, slice_model
 from slimformer.prune.plan import PlanError, PruningPlan
 
 
@@ -24,12 +24,14 @@ from slimformer.prune.plan import PlanError, PruningPlan
 def plan_gates(model: PreTrainedModel, plan: PruningPlan) -> Gates:
     """0/1 gates that mask what ``plan`` prunes (dropped layers are skipped via layer gates)."""
     plan.validate(model)
-    gates = Gates.ones(model, layers=bool(plan.dropped_layers))
+    gates = Gates.ones(model, layers=bool(plan.dropped_layers), hidden=plan.kept_hidden is not None)
     for layer, (heads, neurons) in enumerate(zip(plan.kept_heads, plan.kept_neurons, strict=True)):
         gates.heads[layer].zero_()[heads] = 1.0
         gates.neurons[layer].zero_()[neurons] = 1.0
     if gates.layers is not None:
         gates.layers[plan.dropped_layers] = 0.0
+    if gates.hidden is not None:
+        gates.hidden.zero_()[plan.kept_hidden] = 1.0
     return gates
 
 
@@ -44,7 +46,10 @@ def masked(model: PreTrainedModel, plan: PruningPlan) -> Iterator[Gates]:
 def remove(model: PreTrainedModel, plan: PruningPlan) -> PreTrainedModel:
     """Physically remove what ``plan`` prunes, in place; returns ``model`` (now smaller and faster)."""
     plan.validate(model)
-    return slice_model(model, plan.kept_heads, plan.kept_neurons, plan.dropped_layers)
+    slice_model(model, plan.kept_heads, plan.kept_neurons, plan.dropped_layers)
+    if plan.kept_hidden is not None and len(plan.kept_hidden) < plan.layout.hidden:
+        slice_hidden(model, plan.kept_hidden)
+    return model
 
 
 def apply_plan(model: PreTrainedModel, plan: PruningPlan, mode: Literal["mask", "remove"] = "remove"):

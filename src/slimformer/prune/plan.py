@@ -19,10 +19,12 @@ from typing import Any, Literal
 import numpy as np
 from transformers import PreTrainedModel
 
-from slimformer.arch import get_spec, layer_views
+from slimformer.arch import get_spec, layer_list, layer_views, resolve
 from slimformer.errors import SlimformerError
 from slimformer.io import write_json_atomic
+from slimformer.layout import model_width
 from slimformer.measure.flops import encoder_flops
+from slimformer.portable import stream_parts
 
 PLAN_VERSION = 1
 
@@ -48,7 +50,7 @@ class Layout:
             heads=tuple(v.num_heads for v in views),
             ffn=tuple(v.ffn_size for v in views),
             head_size=spec.head_size(model.config),
-            hidden=spec.hidden_size(model.config),
+            hidden=model_width(model),
         )
 
     @property
@@ -68,10 +70,11 @@ class Layout:
 
 @dataclass
 class PruningPlan:
-    """Which heads and FFN neurons each layer keeps, and which layers are dropped.
+    """Which heads and FFN neurons each layer keeps, which layers are dropped, and which hidden dimensions stay.
 
     ``kept_heads[l]`` and ``kept_neurons[l]`` are sorted indices into layer ``l`` of ``layout``;
-    ``dropped_layers`` are layer indices of ``layout`` removed whole. ``meta`` records how the plan was made.
+    ``dropped_layers`` are layer indices of ``layout`` removed whole; ``kept_hidden`` (None: all) are the indices
+    of the residual-stream dimensions kept, shared by every layer. ``meta`` records how the plan was made.
     """
 
     layout: Layout
@@ -80,11 +83,14 @@ class PruningPlan:
     dropped_layers: list[int] = field(default_factory=list)
     model_type: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    kept_hidden: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.kept_heads = [sorted(int(i) for i in layer) for layer in self.kept_heads]
         self.kept_neurons = [sorted(int(i) for i in layer) for layer in self.kept_neurons]
         self.dropped_layers = sorted(int(i) for i in self.dropped_layers)
+        if self.kept_hidden is not None:
+            self.kept_hidden = sorted(int(i) for i in self.kept_hidden)
         self.check()
 
     # construction -------------------------------------------------------------------------------------------
@@ -122,6 +128,11 @@ class PruningPlan:
             )
         if len(self.dropped_layers) == layout.num_layers:
             raise PlanError("The plan drops every layer; keep at least one.")
+        hidden = self.kept_hidden
+        if hidden is not None and (
+            not hidden or len(set(hidden)) != len(hidden) or not all(0 <= i < layout.hidden for i in hidden)
+        ):
+            raise PlanError(f"kept_hidden must be distinct indices in 0..{layout.hidden - 1}, at least one.")
 
     def validate(self, model: PreTrainedModel) -> None:
         """Raise :class:`PlanError` unless this plan was made for ``model``'s family and current layout."""
@@ -136,6 +147,10 @@ class PruningPlan:
 
     # views ----------------------------------------------------------------------------------------------------
     @property
+    def hidden_after(self) -> int:
+        return self.layout.hidden if self.kept_hidden is None else len(self.kept_hidden)
+
+    @property
     def kept_layers(self) -> list[int]:
         return [i for i in range(self.layout.num_layers) if i not in self.dropped_layers]
 
@@ -146,7 +161,7 @@ class PruningPlan:
             heads=tuple(len(self.kept_heads[i]) for i in keep),
             ffn=tuple(len(self.kept_neurons[i]) for i in keep),
             head_size=self.layout.head_size,
-            hidden=self.layout.hidden,
+            hidden=self.hidden_after,
         )
 
     def head_mask(self) -> np.ndarray:
@@ -166,34 +181,41 @@ class PruningPlan:
         self.validate(model)
         layout = self.layout
         views = layer_views(model)
+        hidden = self.hidden_after
+        shrink = hidden / layout.hidden  # the share of every hidden-sized vector that stays
         linear = {"query", "key", "value", "attn_out", "ffn_up", "ffn_down"}
-        fixed_per_layer = [  # layer norms and anything else in a layer that pruning does not shrink
+        norms = stream_norm_params(model)
+        fixed_per_layer = [  # layer norms (which shrink with the stream) and anything else pruning leaves alone
             sum(p.numel() for p in v.layer.parameters())
             - sum(p.numel() for name in linear for p in getattr(v, name).parameters())
+            - norms[v.index]
+            + round(norms[v.index] * shrink)
             for v in views
         ]
         total_params = sum(p.numel() for p in model.parameters())
         encoder_params = sum(p.numel() for v in views for p in v.layer.parameters())
 
         def layer_params(layer: int, heads: int, neurons: int) -> int:
-            width, hidden = heads * layout.head_size, layout.hidden
+            width = heads * layout.head_size
             params = 3 * (hidden * width + width) + (width * hidden + hidden)
             return params + (hidden * neurons + neurons) + (neurons * hidden + hidden) + fixed_per_layer[layer]
 
         # a dropped layer keeps nothing: 0 heads and 0 neurons, which cost 0 FLOPs
         heads_kept = [len(self.kept_heads[i]) if i in self.kept_layers else 0 for i in range(layout.num_layers)]
         neurons_kept = [len(self.kept_neurons[i]) if i in self.kept_layers else 0 for i in range(layout.num_layers)]
-        kept_params = total_params - encoder_params
+        kept_params = total_params - encoder_params - outside_stream_params(model, 1.0)
+        kept_params += outside_stream_params(model, shrink)
         kept_params += sum(layer_params(i, heads_kept[i], neurons_kept[i]) for i in self.kept_layers)
-        shapes = {"head_size": layout.head_size, "hidden": layout.hidden, "seq_len": seq_len}
-        dense_flops = encoder_flops(layout.heads, layout.ffn, **shapes)
-        kept_flops = encoder_flops(heads_kept, neurons_kept, **shapes)
+        shapes = {"head_size": layout.head_size, "seq_len": seq_len}
+        dense_flops = encoder_flops(layout.heads, layout.ffn, hidden=layout.hidden, **shapes)
+        kept_flops = encoder_flops(heads_kept, neurons_kept, hidden=hidden, **shapes)
         heads_before, neurons_before = sum(layout.heads), sum(layout.ffn)
         heads_after, neurons_after = sum(heads_kept), sum(neurons_kept)
         return {
             "layers": {"before": layout.num_layers, "after": len(self.kept_layers)},
             "heads": {"before": heads_before, "after": heads_after},
             "neurons": {"before": neurons_before, "after": neurons_after},
+            "hidden": {"before": layout.hidden, "after": hidden},
             "heads_per_layer": heads_kept,
             "neurons_per_layer": neurons_kept,
             "params": {"before": total_params, "after": kept_params, "ratio": kept_params / total_params},
@@ -214,6 +236,7 @@ class PruningPlan:
             "kept_heads": self.kept_heads,
             "kept_neurons": self.kept_neurons,
             "dropped_layers": self.dropped_layers,
+            "kept_hidden": self.kept_hidden,
             "meta": self.meta,
         }
 
@@ -232,6 +255,7 @@ class PruningPlan:
                 dropped_layers=data.get("dropped_layers", []),
                 model_type=data.get("model_type"),
                 meta=data.get("meta", {}),
+                kept_hidden=data.get("kept_hidden"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise PlanError(f"Malformed pruning plan: {error!r}") from error
@@ -248,6 +272,39 @@ class PruningPlan:
         except ValueError as error:
             raise PlanError(f"Plan file {path} is not valid JSON: {error}") from error
         return cls.from_dict(data)
+
+
+def stream_norm_params(model: PreTrainedModel) -> list[int]:
+    """Per layer: the parameters of its LayerNorms on the residual stream."""
+    spec = get_spec(model)
+    return [
+        sum(p.numel() for path in (spec.attn_norm, spec.ffn_norm) for p in resolve(v.layer, path).parameters())
+        for v in layer_views(model, spec)
+    ]
+
+
+def outside_stream_params(model: PreTrainedModel, shrink: float) -> int:
+    """Parameters outside the layers that hold the residual stream's dimensions (embedding tables, the stream's
+    first LayerNorm or projection, the task head's input), when a ``shrink`` share of the dimensions stays."""
+    spec = get_spec(model)
+    width = model_width(model)
+    kept = round(width * shrink)
+    layers = {id(layer) for layer in layer_list(model, spec)}
+    total = 0
+    for parent, path, kind in stream_parts(model, spec.paths()):
+        if id(parent) in layers:
+            continue
+        module = resolve(parent, path)
+        bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
+        if kind == "embedding":
+            total += module.num_embeddings * kept
+        elif kind == "norm":
+            total += round((module.weight.numel() + bias) * shrink)
+        elif kind == "rows":
+            total += (module.in_features + 1) * kept if bias else module.in_features * kept
+        else:
+            total += kept * module.out_features + bias
+    return total
 
 
 def _check_fraction(name: str, value: float) -> None:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,7 +115,7 @@ def train_sparse(
         sawtooth_lambda,
         score_optimizer,
     )
-    from slimformer.train import TrainConfig, prepare_work_dir, run_trainer
+    from slimformer.train import TrainConfig, train_resumably
 
     seconds: dict[str, float] = {}
     set_seed(config.seed)
@@ -176,29 +174,16 @@ def train_sparse(
         logging_steps=50,
         group_by_length=True,  # batches of similar lengths: far less padding (about twice as fast on STS-B)
     )
-    temporary = None
-    if ctx.work_dir is None:
-        temporary = tempfile.TemporaryDirectory(prefix="slimformer-sparse-")
-        work_dir = Path(temporary.name)
-    else:
-        work_dir = Path(ctx.work_dir)
-    try:
-        signature = {"config": config.to_dict(), "examples": len(train)}
-        checkpoint = prepare_work_dir(work_dir, signature, resume=True)
-        _trainer, output, train_seconds = run_trainer(
-            wrapper,
-            tokenizer,
-            train,
-            work_dir,
-            train_config,
-            checkpoint,
-            callbacks=[SparsityCallback(controller, schedule, state)],
-            remove_unused_columns=False,
-            optimizers=(optimizer, scheduler),
-        )
-    finally:
-        if temporary is not None:
-            temporary.cleanup()
+    output, train_seconds, checkpoint = train_resumably(
+        wrapper,
+        tokenizer,
+        train,
+        ctx.work_dir,
+        train_config,
+        {"config": config.to_dict(), "examples": len(train)},
+        callbacks=[SparsityCallback(controller, schedule, state)],
+        optimizers=(optimizer, scheduler),
+    )
     seconds["train"] = round(train_seconds, 2)
     if mode == "magnitude" and controller.target < config.sparsity:
         controller.prune_by_magnitude(config.sparsity)  # a run shorter than the schedule still reaches the target
@@ -226,10 +211,6 @@ def train_sparse(
             "sparsity_reached": round(reached, 6),
             "projected_to_target": controller.mode == "topk",
         }
-    if ctx.work_dir is not None:
-        import shutil
-
-        shutil.rmtree(work_dir, ignore_errors=True)
     return masks, details, seconds
 
 

@@ -269,6 +269,15 @@ def load_task(
     ``"hub"`` loads ``nyu-mll/glue``; ``"auto"`` reads the local folder when there is one, else the hub.
     ``max_train_samples`` / ``max_eval_samples`` keep a random subset (seeded by ``seed``) of each split.
     """
+    from slimformer.tasks.embedding_files import custom_embedding_kind
+
+    kind = custom_embedding_kind(name) if isinstance(name, str) else None
+    if kind is not None:
+        raise TaskError(
+            f"{name} is a sentence-embedding task on your own files: load it with "
+            f"load_custom_embedding_task({kind!r}, train_file, dev_file) (on the command line: --task {name} "
+            "--dev-file ... and/or --train-file ...)."
+        )
     spec = get_task_spec(name)
     if source not in SOURCES:
         raise TaskError(f"Unknown data source {source!r}; use one of: {', '.join(SOURCES)}.")

@@ -1,8 +1,9 @@
 """What a model folder remembers about the data it was trained on, so later commands need no data options.
 
 A :class:`TaskRef` is small and JSON-serialisable: a GLUE task's name (and the local folder it was read from, if
-any), or a custom task's files, columns and label names. ``slimformer finetune`` writes it into the folder's
-manifest; ``prune``, ``distill``, ``importance`` and ``analyze`` read it back when the user gives no task.
+any), or a custom task's files, columns and label names (and, for a custom sentence-embedding task, how it is
+scored). ``slimformer finetune`` writes it into the folder's manifest; ``prune``, ``distill``, ``importance`` and
+``analyze`` read it back when the user gives no task.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ TASK_REF_VERSION = 1
 
 @dataclass(frozen=True)
 class TaskRef:
-    """How to load a task again: ``kind`` "glue" (``name``, ``data_dir``) or "custom" (files and columns)."""
+    """How to load a task again: ``kind`` "glue" (``name``, ``data_dir``) or "custom" (files and columns; with
+    ``embedding`` "sts" or "retrieval", a custom sentence-embedding task)."""
 
     kind: str
     name: str
@@ -30,6 +32,7 @@ class TaskRef:
     label_column: str = "label"
     regression: bool = False
     label_names: tuple[str, ...] | None = None
+    embedding: str | None = None
     version: int = field(default=TASK_REF_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,9 +77,22 @@ class TaskRef:
             return load_task(self.name, folder, **limits)
         missing = [p for p in (self.train_file, self.dev_file) if p and not Path(p).is_file()]
         if missing:
+            again = f"--task custom-{self.embedding} " if self.embedding else "--text-columns and --label-column with "
             raise TaskError(
                 f"The model was trained on the custom task {self.describe()}, but {missing[0]} no longer exists. "
-                "Pass the data again (--train-file / --dev-file with --text-columns and --label-column)."
+                f"Pass the data again ({again}--train-file / --dev-file)."
+            )
+        if self.embedding is not None:
+            from slimformer.tasks.embedding_files import load_custom_embedding_task
+
+            return load_custom_embedding_task(
+                self.embedding,
+                self.train_file,
+                self.dev_file,
+                text_columns=self.text_columns or None,
+                label_column=self.label_column or None,
+                name=self.name,
+                **limits,
             )
         return load_custom_task(
             self.train_file,

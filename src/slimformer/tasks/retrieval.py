@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,7 @@ def read_squad(path: Path) -> tuple[list[str], list[str], list[int]]:
 
 def _from_hub() -> tuple[list[str], list[str], list[int]]:
     loaded = datasets.load_dataset(SQUAD_HUB_REPO, split="validation")
-    passages: dict[str, int] = {}
-    relevant = [passages.setdefault(context, len(passages)) for context in loaded["context"]]
-    return list(loaded["question"]), list(passages), relevant
+    return index_passages(zip(loaded["question"], loaded["context"], strict=True))
 
 
 def load_squad_retrieval(
@@ -77,7 +76,7 @@ def load_squad_retrieval(
 
     ``max_eval_samples`` keeps a seeded random subset of the questions; the corpus always has every paragraph.
     """
-    from slimformer.tasks.data import TaskData, _sample_indices
+    from slimformer.tasks.data import TaskData
 
     path = find_squad_file(data_dir)
     if path is not None:
@@ -98,18 +97,52 @@ def load_squad_retrieval(
                 f"pointing to the folder holding {SQUAD_DEV_FILE}."
             ) from error
         source, ref = f"hub {SQUAD_HUB_REPO}", TaskRef(kind="glue", name=spec.name)
-    indices = _sample_indices(len(questions), max_eval_samples, seed, "max_eval_samples")
-    chosen = indices if indices is not None else range(len(questions))
-    splits = {
-        "train": Dataset.from_dict(
-            {"text_a": [*questions, *passages], "label": [-1] * (len(questions) + len(passages))}, features=_FEATURES
-        ),
-        "dev": Dataset.from_dict(
-            {"text_a": [questions[i] for i in chosen], "label": [relevant[i] for i in chosen]}, features=_FEATURES
-        ),
-        "corpus": Dataset.from_dict({"text_a": passages, "label": list(range(len(passages)))}, features=_FEATURES),
-    }
+    splits = retrieval_splits(questions, passages, relevant, max_eval_samples=max_eval_samples, seed=seed)
     return TaskData(spec=spec, splits=splits, source=source, ref=ref)
 
 
-__all__ = ["find_squad_file", "load_squad_retrieval", "read_squad"]
+def index_passages(pairs: Iterable[tuple[str, str]]) -> tuple[list[str], list[str], list[int]]:
+    """Queries, unique passages (first-seen order; identical passages are one corpus entry) and each query's
+    passage index, from (query, relevant passage) pairs."""
+    passages: dict[str, int] = {}
+    queries: list[str] = []
+    relevant: list[int] = []
+    for query, passage in pairs:
+        queries.append(query)
+        relevant.append(passages.setdefault(passage, len(passages)))
+    return queries, list(passages), relevant
+
+
+def texts_split(texts: Sequence[str]) -> Dataset:
+    """Texts without labels (``label`` -1): what a sentence-embedding model is calibrated or distilled on."""
+    return Dataset.from_dict({"text_a": list(texts), "label": [-1] * len(texts)}, features=_FEATURES)
+
+
+def retrieval_splits(
+    queries: Sequence[str],
+    passages: Sequence[str],
+    relevant: Sequence[int],
+    *,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
+    train_texts: Sequence[str] | None = None,
+) -> dict[str, Dataset]:
+    """The splits of a retrieval task: ``dev`` (the queries, a seeded random subset of ``max_eval_samples`` of
+    them if given, ``label`` = the index of the relevant passage), ``corpus`` (every passage) and ``train``
+    (``train_texts``, by default the queries and passages themselves, as texts only)."""
+    from slimformer.tasks.data import _sample_indices
+
+    indices = _sample_indices(len(queries), max_eval_samples, seed, "max_eval_samples")
+    chosen = indices if indices is not None else range(len(queries))
+    return {
+        "train": texts_split(train_texts if train_texts is not None else [*queries, *passages]),
+        "dev": Dataset.from_dict(
+            {"text_a": [queries[i] for i in chosen], "label": [relevant[i] for i in chosen]}, features=_FEATURES
+        ),
+        "corpus": Dataset.from_dict(
+            {"text_a": list(passages), "label": list(range(len(passages)))}, features=_FEATURES
+        ),
+    }
+
+
+__all__ = ["find_squad_file", "index_passages", "load_squad_retrieval", "read_squad", "retrieval_splits", "texts_split"]

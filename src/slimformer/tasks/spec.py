@@ -215,6 +215,7 @@ def get_task_spec(name: str | TaskSpec) -> TaskSpec:
         raise TaskError(
             f"Unknown task {name!r}. Known GLUE tasks: {', '.join(GLUE_TASKS)}; sentence-embedding tasks: "
             f"{', '.join(EMBEDDING_TASKS)}. "
-            "For your own data use a custom task (--task custom --train-file ... --dev-file ...)."
+            "For your own data use a custom task (--task custom --train-file ... --dev-file ...; --task custom-sts "
+            "or custom-retrieval for sentence-embedding files)."
         )
     return spec

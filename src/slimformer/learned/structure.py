@@ -1,0 +1,178 @@
+"""The gates of learned structured pruning, one hard-concrete group per kind of unit, and what they imply: a sample
+of :class:`~slimformer.gates.Gates` for a training step, the expected model size (differentiable), and the
+structure to keep at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from slimformer.arch import layer_views
+from slimformer.gates import Gates
+from slimformer.layout import model_width
+from slimformer.learned.hard_concrete import HardConcrete
+
+
+class StructureGates(nn.Module):
+    """Hard-concrete gates on ``units`` of ``model``: ``heads`` (per head), ``ffn`` (per FFN neuron), ``blocks``
+    (one per layer's whole attention and one per its whole FFN) and ``hidden`` (per residual-stream dimension,
+    shared by all layers), as CoFi gates them (Xia et al. 2022)."""
+
+    def __init__(self, model: PreTrainedModel, units: tuple[str, ...], init: float = 2.0) -> None:
+        super().__init__()
+        views = layer_views(model)
+        self.units = tuple(units)
+        self.head_counts = [v.num_heads for v in views]
+        self.ffn_sizes = [v.ffn_size for v in views]
+        self.head_size = views[0].head_size
+        self.width = model_width(model)
+        layers = len(views)
+        self.heads = nn.ModuleList(HardConcrete(n, init) for n in self.head_counts) if "heads" in units else None
+        self.neurons = nn.ModuleList(HardConcrete(n, init) for n in self.ffn_sizes) if "ffn" in units else None
+        self.attn_blocks = HardConcrete(layers, init) if "blocks" in units else None
+        self.ffn_blocks = HardConcrete(layers, init) if "blocks" in units else None
+        self.hidden = HardConcrete(self.width, init) if "hidden" in units else None
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def sample(self) -> Gates:
+        """One draw of every gate (training mode) or the deterministic gates (eval mode), as model gates: a
+        block's gate multiplies the gates of the units in it."""
+        device = next(self.parameters()).device
+        heads, neurons = [], []
+        attn = self.attn_blocks() if self.attn_blocks is not None else None
+        ffn = self.ffn_blocks() if self.ffn_blocks is not None else None
+        for layer, (n_heads, n_neurons) in enumerate(zip(self.head_counts, self.ffn_sizes, strict=True)):
+            head = self.heads[layer]() if self.heads is not None else torch.ones(n_heads, device=device)
+            neuron = self.neurons[layer]() if self.neurons is not None else torch.ones(n_neurons, device=device)
+            heads.append(head * attn[layer] if attn is not None else head)
+            neurons.append(neuron * ffn[layer] if ffn is not None else neuron)
+        hidden = self.hidden() if self.hidden is not None else None
+        return Gates(heads=heads, neurons=neurons, hidden=hidden)
+
+    # --------------------------------------------------------------------------------------------- model size
+    def _expected_counts(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        device = next(self.parameters()).device
+        attn = self.attn_blocks.open_probability() if self.attn_blocks is not None else None
+        ffn = self.ffn_blocks.open_probability() if self.ffn_blocks is not None else None
+        heads, neurons = [], []
+        for layer, (n_heads, n_neurons) in enumerate(zip(self.head_counts, self.ffn_sizes, strict=True)):
+            h = self.heads[layer].open_probability().sum() if self.heads is not None else torch.tensor(float(n_heads))
+            f = (
+                self.neurons[layer].open_probability().sum()
+                if self.neurons is not None
+                else torch.tensor(float(n_neurons))
+            )
+            heads.append((h * attn[layer] if attn is not None else h).to(device))
+            neurons.append((f * ffn[layer] if ffn is not None else f).to(device))
+        hidden = self.hidden.open_probability().sum() if self.hidden is not None else torch.tensor(float(self.width))
+        return heads, neurons, hidden.to(device)
+
+    def encoder_weights(self, heads, neurons, hidden) -> torch.Tensor:
+        """Weights of the encoder's linear layers for per-layer head and neuron counts and a stream width (what
+        CoFi counts: q, k, v and output projections, FFN up and down; biases and LayerNorms are negligible)."""
+        per_layer = [4 * self.head_size * h * hidden + 2 * f * hidden for h, f in zip(heads, neurons, strict=True)]
+        return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in per_layer]).sum()
+
+    def dense_weights(self) -> float:
+        return float(self.encoder_weights(self.head_counts, self.ffn_sizes, self.width))
+
+    def expected_sparsity(self) -> torch.Tensor:
+        """The expected share of the encoder's weights removed (differentiable in every ``log_alpha``)."""
+        return 1 - self.encoder_weights(*self._expected_counts()) / self.dense_weights()
+
+    @torch.no_grad()
+    def meet_target(self, target: float, tolerance: float = 0.01) -> float:
+        """Where the expected sparsity is more than ``tolerance`` from ``target``, add one shift to every
+        log_alpha so that it meets the target (bisection); the ranking within each group is unchanged. Returns
+        the shift (0.0 when none was needed)."""
+        if abs(float(self.expected_sparsity()) - target) <= tolerance:
+            return 0.0
+        alphas = [p for p in self.parameters()]
+        original = [p.detach().clone() for p in alphas]
+
+        def sparsity_at(shift: float) -> float:
+            for p, o in zip(alphas, original, strict=True):
+                p.copy_(o + shift)
+            return float(self.expected_sparsity())
+
+        low, high = -30.0, 30.0  # sparsity falls as the shift grows
+        for _ in range(60):
+            middle = (low + high) / 2
+            if sparsity_at(middle) > target:
+                low = middle
+            else:
+                high = middle
+        shift = (low + high) / 2
+        sparsity_at(shift)
+        return shift
+
+    # ------------------------------------------------------------------------------------------ final structure
+    def final_structure(self) -> tuple[list[list[int]], list[list[int]], list[int] | None]:
+        """(kept heads per layer, kept neurons per layer, kept hidden dimensions or None): every group keeps its
+        expected number of open gates, those with the largest ``log_alpha`` (CoFi's deterministic gates); a
+        closed block keeps nothing of its layer."""
+        layers = range(len(self.head_counts))
+        attn_kept = set(self.attn_blocks.keep_top()) if self.attn_blocks is not None else set(layers)
+        ffn_kept = set(self.ffn_blocks.keep_top()) if self.ffn_blocks is not None else set(layers)
+        kept_heads = [
+            (self.heads[i].keep_top() if self.heads is not None else list(range(n))) if i in attn_kept else []
+            for i, n in zip(layers, self.head_counts, strict=True)
+        ]
+        kept_neurons = [
+            (self.neurons[i].keep_top() if self.neurons is not None else list(range(n))) if i in ffn_kept else []
+            for i, n in zip(layers, self.ffn_sizes, strict=True)
+        ]
+        kept_hidden = None
+        if self.hidden is not None:
+            kept_hidden = self.hidden.keep_top(max(1, self.hidden.expected_open()))
+        return kept_heads, kept_neurons, kept_hidden
+
+    def fixed_gates(self, structure) -> Gates:
+        """0/1 gates that keep exactly ``structure`` (the final phase trains under them)."""
+        kept_heads, kept_neurons, kept_hidden = structure
+        device = next(self.parameters()).device
+
+        def mask(size: int, keep: list[int]) -> torch.Tensor:
+            gate = torch.zeros(size, device=device)
+            gate[keep] = 1.0
+            return gate
+
+        return Gates(
+            heads=[mask(n, k) for n, k in zip(self.head_counts, kept_heads, strict=True)],
+            neurons=[mask(n, k) for n, k in zip(self.ffn_sizes, kept_neurons, strict=True)],
+            hidden=mask(self.width, kept_hidden) if kept_hidden is not None else None,
+        )
+
+    def structure_sparsity(self, structure) -> float:
+        kept_heads, kept_neurons, kept_hidden = structure
+        width = len(kept_hidden) if kept_hidden is not None else self.width
+        kept = self.encoder_weights([len(k) for k in kept_heads], [len(k) for k in kept_neurons], width)
+        return 1 - float(kept) / self.dense_weights()
+
+    @torch.no_grad()
+    def head_open_probabilities(self) -> list[list[float]] | None:
+        """P(open) of every head (times its layer's attention-block gate), per layer; None without head gates."""
+        if self.heads is None:
+            return None
+        blocks = self.attn_blocks.open_probability() if self.attn_blocks is not None else None
+        return [
+            [round(float(p * (blocks[i] if blocks is not None else 1.0)), 4) for p in gate.open_probability()]
+            for i, gate in enumerate(self.heads)
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        """Open probabilities per group, for the report and the closing-order analysis."""
+
+        def probs(gate: HardConcrete | None) -> list[float] | None:
+            return None if gate is None else [round(float(p), 4) for p in gate.open_probability()]
+
+        return {
+            "heads": [probs(g) for g in self.heads] if self.heads is not None else None,
+            "attention_blocks": probs(self.attn_blocks),
+            "ffn_blocks": probs(self.ffn_blocks),
+            "hidden_open": None if self.hidden is None else self.hidden.expected_open(),
+            "ffn_open": [g.expected_open() for g in self.neurons] if self.neurons is not None else None,
+        }

@@ -1,0 +1,180 @@
+"""Learned structured pruning: hard-concrete gates, the expected-size constraint, the final structure, and the
+handler's result (removed == masked under the learned structure)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimformer
+from conftest import tiny_inputs, tiny_model
+from slimformer.configs import ConfigError, PruneContext
+from slimformer.gates import gated
+from slimformer.learned import HardConcrete, StructureGates
+from slimformer.learned.method import LearnedPruningModel, prune_learned
+from slimformer.measure import count_parameters
+from slimformer.prune import PruningPlan, remove
+from slimformer.prune.apply import masked
+from slimformer.tasks import load_task
+from test_train import write_sst2
+
+
+def test_hard_concrete_open_probability_matches_samples():
+    torch.manual_seed(0)
+    gates = HardConcrete(4)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([-3.0, -0.5, 0.5, 3.0]))
+    samples = torch.stack([gates() for _ in range(20000)])
+    assert samples.min() == 0 and samples.max() == 1  # exact zeros and ones occur
+    assert ((samples > 0) & (samples < 1)).any()
+    torch.testing.assert_close((samples > 0).float().mean(0), gates.open_probability().detach(), atol=0.015, rtol=0)
+    gates.eval()
+    deterministic = gates()
+    assert deterministic[0] == 0 and deterministic[3] == 1
+    assert gates.keep_top(2) == [2, 3]
+
+
+def test_expected_sparsity_is_differentiable_and_spans_zero_to_one():
+    model = tiny_model("bert")
+    gates = StructureGates(model, ("heads", "ffn", "blocks", "hidden"), init=10.0)
+    assert gates.expected_sparsity().item() == pytest.approx(0.0, abs=1e-3)
+    with torch.no_grad():
+        gates.hidden.log_alpha.fill_(-10.0)
+    assert gates.expected_sparsity().item() == pytest.approx(1.0, abs=1e-3)
+    with torch.no_grad():
+        gates.hidden.log_alpha.fill_(0.0)
+    gates.expected_sparsity().backward()
+    for parameter in gates.parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+
+
+def test_final_structure_keeps_the_expected_counts_and_its_sparsity_is_the_real_one():
+    model = tiny_model("bert")
+    gates = StructureGates(model, ("heads", "ffn", "blocks", "hidden"), init=10.0)
+    with torch.no_grad():
+        gates.heads[0].log_alpha[:2] = -10.0  # layer 0 loses two heads
+        gates.ffn_blocks.log_alpha[1] = -10.0  # layer 1 loses its whole FFN
+        gates.hidden.log_alpha[::4] = -10.0  # a quarter of the hidden dimensions
+    structure = gates.final_structure()
+    kept_heads, kept_neurons, kept_hidden = structure
+    assert kept_heads == [[2, 3], [0, 1, 2, 3]] and kept_neurons[1] == [] and len(kept_neurons[0]) == 64
+    assert kept_hidden == [i for i in range(32) if i % 4]
+    # the structure's sparsity counts the encoder's linear weights the removal really leaves
+    dense = sum(v.numel() for n, v in model.named_parameters() if "encoder" in n and n.endswith(".weight"))
+    dense -= sum(v.numel() for n, v in model.named_parameters() if "LayerNorm.weight" in n and "encoder" in n)
+    plan = PruningPlan.keep_all(model)
+    plan = PruningPlan(
+        layout=plan.layout,
+        kept_heads=kept_heads,
+        kept_neurons=kept_neurons,
+        kept_hidden=kept_hidden,
+        model_type="bert",
+    )
+    remove(model, plan)
+    kept = sum(v.numel() for n, v in model.named_parameters() if "encoder" in n and n.endswith(".weight"))
+    kept -= sum(v.numel() for n, v in model.named_parameters() if "LayerNorm.weight" in n and "encoder" in n)
+    assert gates.structure_sparsity(structure) == pytest.approx(1 - kept / dense, abs=1e-9)
+
+
+def test_the_multipliers_ascend_while_the_constraint_is_violated():
+    model = tiny_model("bert")
+    from slimformer.distill.pipeline import DistillationModel, DistillConfig
+
+    wrapper = LearnedPruningModel(
+        DistillationModel(model, None, DistillConfig(alpha=0.0), []), StructureGates(model, ("heads", "ffn"), init=3.0)
+    )
+    wrapper.target.fill_(0.5)  # the dense-ish model is far below the target sparsity: gap < 0
+    optimizer = torch.optim.SGD([wrapper.lambdas, *wrapper.gates.parameters()], lr=0.1)
+    inputs = {**tiny_inputs(), "labels": torch.tensor([0, 1, 2])}
+    before = wrapper.gates.expected_sparsity().item()
+    for _ in range(3):
+        optimizer.zero_grad()
+        wrapper(**inputs).loss.backward()
+        optimizer.step()
+    # ascent on l1 * (s - t) with s - t < 0 drives l1 negative, which then pushes s up toward t
+    assert wrapper.lambdas[0].item() < 0
+    for _ in range(20):
+        optimizer.zero_grad()
+        wrapper(**inputs).loss.backward()
+        optimizer.step()
+    assert wrapper.gates.expected_sparsity().item() > before
+
+
+def test_fixed_structure_stops_the_gates_and_uses_zero_one_masks():
+    model = tiny_model("distilbert")
+    from slimformer.distill.pipeline import DistillationModel, DistillConfig
+
+    gates = StructureGates(model, ("heads", "hidden"), init=3.0)
+    with torch.no_grad():
+        gates.heads[1].log_alpha[0] = -10.0
+    wrapper = LearnedPruningModel(DistillationModel(model, None, DistillConfig(alpha=0.0), []), gates)
+    wrapper.fix()
+    fixed = wrapper.current_gates()
+    assert all(set(g.unique().tolist()) <= {0.0, 1.0} for g in [*fixed.heads, *fixed.neurons])
+    assert fixed.heads[1][0] == 0 and not any(p.requires_grad for p in gates.parameters())
+    with gated(model, fixed), torch.no_grad():
+        gated_logits = model(**tiny_inputs()).logits
+    assert torch.isfinite(gated_logits).all()
+
+
+def test_learned_configs_refuse_what_cannot_work():
+    with pytest.raises(ConfigError, match=r"target_sparsity 1\.0 is impossible"):
+        slimformer.Learned(target_sparsity=1.0)
+    with pytest.raises(ConfigError, match="subset"):
+        slimformer.Learned(units="heads,layers")
+    with pytest.raises(ConfigError, match="blocks alone"):
+        slimformer.Learned(units="blocks")
+    assert slimformer.Learned(units="heads, ffn").unit_set == {"heads", "ffn"}
+
+
+def test_learned_pruning_removes_exactly_what_it_masked(tiny_model_dir, tmp_path):
+    """The handler's plan, masked, equals the model it removes; and the gates moved toward the target."""
+    loaded = slimformer.load_model(tiny_model_dir, "sst2")
+    data = load_task("sst2", write_sst2(tmp_path / "glue"))
+    config = slimformer.Learned(
+        target_sparsity=0.5,
+        epochs=4,
+        final_epochs=1,
+        batch_size=8,
+        max_length=16,
+        gate_learning_rate=0.2,
+        target_warmup=0.25,
+    )
+    outcome = prune_learned(loaded.model, loaded.tokenizer, config, PruneContext(data=data, progress=False))
+    model = loaded.model.eval()
+    inputs = {k: v for k, v in loaded.tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt").items()}
+    with masked(model, outcome.plan), torch.no_grad():
+        expected = model(**inputs).logits
+    params_before = count_parameters(model).total
+    remove(model, outcome.plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=0)
+    learned = outcome.details["learned"]
+    assert count_parameters(model).total < params_before
+    assert learned["reached_sparsity"] > 0.2 and learned["curve"][-1]["target"] == pytest.approx(0.5)
+
+
+def test_analyze_gates_reports_the_closing_order_against_michel_importance(tiny_model_dir, tmp_path):
+    from slimformer.analyze import gates
+    from slimformer.analyze.gates import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    data = load_task("sst2", write_sst2(tmp_path / "glue"))
+    loaded = slimformer.load_model(tiny_model_dir, "sst2")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    result = gates(loaded, data, heads=0.75, epochs=6, batch_size=8, max_length=16, n_examples=16, progress=False)
+    # the model given is left alone
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in before.items())
+    closing = result.closing_step
+    assert [len(row) for row in closing] == [4, 4] and any(s is not None for row in closing for s in row)
+    order = result.order()
+    steps = [closing[layer][head] for layer, head in order]
+    assert steps == sorted(steps)
+    out = result.save(tmp_path / "gates")
+    saved = __import__("json").loads((out / "results.json").read_text())
+    assert saved["closing_order"] == [list(p) for p in order] and (out / "gates.png").is_file()
+    assert (
+        -1.0 <= saved["spearman_survival_vs_michel"] <= 1.0
+        or saved["spearman_survival_vs_michel"] != saved["spearman_survival_vs_michel"]
+    )
