@@ -52,8 +52,9 @@ OUT = RUNS / "learned"
 def variants(epochs: float, final_epochs: float) -> dict[str, object]:
     train = {"epochs": epochs, "final_epochs": final_epochs}
     return {
-        "learned 75%": Learned(target_sparsity=0.75, **train),
-        "learned 90%": Learned(target_sparsity=0.9, **train),
+        # "learned": all four kinds of unit gated, hidden dimensions included
+        "learned 75%": Learned(target_sparsity=0.75, units="heads,ffn,blocks,hidden", **train),
+        "learned 90%": Learned(target_sparsity=0.9, units="heads,ffn,blocks,hidden", **train),
         "learned 90% no hidden": Learned(target_sparsity=0.9, units="heads,ffn,blocks", **train),
         "budget 30% FLOPs": FlopsBudget(0.3),
         "budget 15% FLOPs": FlopsBudget(0.15),

@@ -114,3 +114,16 @@ def test_hidden_plan_round_trips_through_json():
     plan = hidden_plan(model, [1, 2, 3, 10])
     again = PruningPlan.from_dict(plan.to_dict())
     assert again.kept_hidden == [1, 2, 3, 10] and again.result_layout().hidden == 4
+
+
+def test_a_narrower_student_is_reported_and_distilled_at_its_real_width():
+    from slimformer.distill.pipeline import DistillationModel, DistillConfig
+    from slimformer.measure.report import model_summary
+
+    teacher, student = tiny_model("bert"), tiny_model("bert")
+    slice_hidden(student, list(range(20)))
+    assert model_summary(student)["hidden"] == 20 and model_summary(teacher)["hidden"] == 32
+    distillation = DistillationModel(student, teacher, DistillConfig(hidden_weight=1.0), [(0, 0), (1, 1)])
+    assert distillation.projections is not None and distillation.projections[0].in_features == 20
+    loss = distillation(**tiny_inputs(), labels=torch.tensor([0, 1, 2])).loss
+    assert torch.isfinite(loss)

@@ -133,6 +133,7 @@ def test_learned_pruning_removes_exactly_what_it_masked(tiny_model_dir, tmp_path
     data = load_task("sst2", write_sst2(tmp_path / "glue"))
     config = slimformer.Learned(
         target_sparsity=0.5,
+        units="heads,ffn,blocks,hidden",
         epochs=4,
         final_epochs=1,
         batch_size=8,
@@ -178,3 +179,27 @@ def test_analyze_gates_reports_the_closing_order_against_michel_importance(tiny_
         -1.0 <= saved["spearman_survival_vs_michel"] <= 1.0
         or saved["spearman_survival_vs_michel"] != saved["spearman_survival_vs_michel"]
     )
+
+
+def test_cli_learned_prune_saves_a_smaller_model_that_reloads(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from slimformer.cli import app
+
+    glue = write_sst2(tmp_path / "glue")
+    runner = CliRunner()
+    args = ["prune", "--model", tiny_model_dir, "--task", "sst2", "--data-dir", str(glue), "--no-measure"]
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--learned"])
+    assert bad.exit_code != 0 and "--target-sparsity" in str(bad.exception)
+    out = tmp_path / "learned"
+    result = runner.invoke(
+        app,
+        [*args, "--out", str(out), "--learned", "--target-sparsity", "0.5", "--units", "heads,ffn,hidden",
+         "--epochs", "2", "--final-epochs", "1", "--max-length", "16"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = __import__("json").loads((out / "metrics.json").read_text())
+    assert report["config"]["method"] == "learned" and report["config"]["units"] == "heads,ffn,hidden"
+    reloaded = slimformer.load_model(out).model
+    assert count_parameters(reloaded).total == report["models"]["after"]["params"]["total"]
+    assert report["models"]["after"]["encoder_flops"] < report["models"]["before"]["encoder_flops"]

@@ -481,7 +481,7 @@ def prune(
     ] = None,
     units: Annotated[
         str, typer.Option(help="Learned: what to gate, a subset of heads,ffn,blocks,hidden.")
-    ] = "heads,ffn,blocks,hidden",
+    ] = "heads,ffn,blocks",
     final_epochs: Annotated[
         float, typer.Option(help="Learned: epochs of training with the structure fixed, after --epochs of gates.")
     ] = 1.0,

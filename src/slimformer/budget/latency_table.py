@@ -39,7 +39,7 @@ from transformers import PreTrainedModel
 
 from slimformer.arch import ArchSpec, LayerView, get_spec, layer_list, layer_views, resolve
 from slimformer.io import write_json_atomic
-from slimformer.layout import current_head_ids, prune_layer_heads, prune_layer_neurons
+from slimformer.layout import current_head_ids, model_width, prune_layer_heads, prune_layer_neurons
 from slimformer.measure.base import MeasureError, require_positive
 from slimformer.measure.latency import measure_latency
 from slimformer.prune.plan import Layout, PruningPlan
@@ -217,7 +217,7 @@ def table_key(
         },
         "model": {
             "model_type": model.config.model_type,
-            "hidden": spec.hidden_size(model.config),
+            "hidden": model_width(model),
             "head_size": spec.head_size(model.config),
             "max_heads": max(layout.heads, default=0),
             "max_ffn": max_ffn,

@@ -39,7 +39,7 @@ from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, set_seed
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from slimformer.arch import LayerView, get_spec, layer_views
+from slimformer.arch import LayerView, layer_views
 from slimformer.distill.losses import attention_log_probs, attention_loss, embedding_loss, hidden_loss, logit_loss
 from slimformer.distill.students import Student, make_student
 from slimformer.embedding import is_sentence_embedder
@@ -49,7 +49,7 @@ from slimformer.folders import save_model_folder
 from slimformer.gradients import is_regression, task_loss
 from slimformer.importance import model_fingerprint
 from slimformer.io import atomic_file
-from slimformer.layout import LAYOUT_KEY, current_head_ids
+from slimformer.layout import LAYOUT_KEY, current_head_ids, model_width
 from slimformer.models import load_model
 from slimformer.report import model_stats
 from slimformer.tasks import TaskData, load_task, tokenize_task
@@ -204,7 +204,7 @@ class DistillationModel(nn.Module):
         self.student_views = layer_views(student)
         self.teacher_views = layer_views(teacher) if teacher is not None else []
         if teacher is not None and config.needs_layers:
-            widths = get_spec(student).hidden_size(student.config), get_spec(teacher).hidden_size(teacher.config)
+            widths = model_width(student), model_width(teacher)
             if widths[0] != widths[1]:
                 # one projection for the embeddings and one per mapped layer (TinyBERT's W_h)
                 self.projections = nn.ModuleList(nn.Linear(*widths) for _ in range(len(pairs) + 1))

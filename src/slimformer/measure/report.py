@@ -9,6 +9,7 @@ from rich.table import Table
 from transformers import PreTrainedModel
 
 from slimformer.arch import get_spec, layer_views
+from slimformer.layout import model_width
 from slimformer.measure.disk import model_size_on_disk, size_on_disk
 from slimformer.measure.flops import flops
 from slimformer.measure.latency import measure_latency
@@ -23,7 +24,7 @@ def model_summary(model: PreTrainedModel) -> dict[str, Any]:
         "family": spec.family,
         "model_type": model.config.model_type,
         "layers": len(views),
-        "hidden": spec.hidden_size(model.config),
+        "hidden": model_width(model),
         "head_size": spec.head_size(model.config),
         "heads": [view.num_heads for view in views],
         "ffn": [view.ffn_size for view in views],
