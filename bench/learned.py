@@ -56,13 +56,17 @@ def variants(epochs: float, final_epochs: float) -> dict[str, object]:
         "learned 75%": Learned(target_sparsity=0.75, units="heads,ffn,blocks,hidden", **train),
         "learned 90%": Learned(target_sparsity=0.9, units="heads,ffn,blocks,hidden", **train),
         "learned 90% no hidden": Learned(target_sparsity=0.9, units="heads,ffn,blocks", **train),
+        # CoFi's layer distillation on top (each layer's hidden states matched to the teacher's same layer)
+        "learned 90% no hidden + layer KD": Learned(
+            target_sparsity=0.9, units="heads,ffn,blocks", layer_distill_weight=1.0, **train
+        ),
         "budget 30% FLOPs": FlopsBudget(0.3),
         "budget 15% FLOPs": FlopsBudget(0.15),
     }
 
 
 def slug(label: str) -> str:
-    return label.replace(" ", "-").replace("%", "")
+    return label.replace(" ", "-").replace("%", "").replace("+", "plus")
 
 
 def build(label: str, config, teacher: Path, data) -> tuple[Path, dict]:

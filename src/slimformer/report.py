@@ -240,6 +240,17 @@ def print_report(report: dict[str, Any], console: Console | None = None, out: st
             f"{removed} heads and {neurons} FFN neurons were left empty and removed. The zeros that stay give no "
             "speedup on dense CPU kernels; they make the folder smaller (sparse-bitmask storage)."
         )
+    learned = (report.get("details") or {}).get("learned")
+    if learned:
+        shift = learned.get("log_alpha_shift") or 0.0
+        hidden = ((report.get("details") or {}).get("plan") or {}).get("hidden")
+        console.print(
+            f"learned gates ({', '.join(learned['units'])}): {learned['reached_sparsity']:.1%} of the encoder's "
+            f"weights removed (target {learned['target_sparsity']:.0%})"
+            + (f", hidden size {hidden['before']} -> {hidden['after']}" if hidden and "after" in hidden else "")
+            + (f"; the gates were shifted by {shift:+.2f} in log-alpha to meet the target" if shift else "")
+            + "."
+        )
     seconds = report.get("seconds") or {}
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items() if k != "total")
     console.print(f"took {seconds.get('total', 0):.0f} s" + (f" ({phases})" if phases else ""))
