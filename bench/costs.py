@@ -1,11 +1,11 @@
 """Benchmark: what compression costs beyond the dev score (issue 17's analyses) on MiniLM-L6 for SST-2.
 
-For the dense SST-2 model and its compressed versions (retraining-free budget pruning to 50% of the FLOPs, one-shot
-magnitude pruning of 50% of the encoder's linear weights), every analysis of ``slimformer analyze``:
+For the dense SST-2 model and its compressed versions (retraining-free budget pruning to 50% and 30% of the FLOPs,
+one-shot magnitude pruning of 50% of the encoder's linear weights), every analysis of ``slimformer analyze``:
 
 - loyalty to the dense model (Xu et al. 2021) on SST-2 dev and on AdvGLUE SST-2: label and probability loyalty;
-- robustness: AdvGLUE SST-2 accuracy beside the clean one, PGD on the word embeddings (5 steps, 512 dev sentences)
-  at bounds of 5 / 10 / 20 / 50% of the mean word-embedding norm;
+- robustness: AdvGLUE SST-2 accuracy beside the clean one, PGD on the word embeddings (5 steps, 256 dev sentences)
+  at bounds of 1 / 2 / 5 / 10% of the mean word-embedding norm (int8 models: no PGD, the runtime has no gradients);
 - bias: EEC gender and race gaps in P(positive) with 95% CIs and paired t-tests.
 
 The dense model is the converged teacher of bench/teachers.py when ``runs/bench/teacher-sst2`` exists; otherwise a
@@ -64,8 +64,12 @@ def main() -> None:
     models = {
         "dense": dense,
         "budget 50% FLOPs": variant(dense, "budget-50", FlopsBudget(0.5)),
+        "budget 30% FLOPs": variant(dense, "budget-30", FlopsBudget(0.3)),
         "magnitude 50% of weights": variant(dense, "magnitude-50", Magnitude(sparsity=0.5)),
     }
+    kd = RUNS / "fairness" / "budget-50-KD-seed0"  # bench/fairness.py's KD student (seed 0), when built
+    if (kd / "metrics.json").is_file():
+        models["budget 50% FLOPs + KD"] = kd
     rows = []
     for name, folder in models.items():
         robust, robust_s = timed(robustness, folder, "sst2", max_length=64)
@@ -86,17 +90,59 @@ def main() -> None:
             row["seconds"]["loyalty"] = loyal_s
         print(json.dumps(row), flush=True)
         rows.append(row)
+    rows += int8_rows(dense, {"dense": dense, "budget 50% FLOPs": models["budget 50% FLOPs"]})
     write(rows, converged)
 
 
+def int8_rows(dense: Path, sources: dict[str, Path]) -> list[dict]:
+    """Dynamic int8 on ONNX Runtime of each source: dev and AdvGLUE accuracy, loyalty to the dense fp32 model and
+    the EEC gaps through the runtime (no PGD: the runtime has no gradients)."""
+    from slimformer.analyze.costs import compression_costs
+    from slimformer.deploy.quantize import Quantize, quantize
+    from slimformer.evaluation import evaluate_model
+    from slimformer.tasks import load_task
+
+    data = load_task("sst2")
+    reference = load_model(dense, "sst2")
+    rows = []
+    for name, folder in sources.items():
+        started = time.perf_counter()
+        quantized = quantize(load_model(folder, "sst2"), Quantize(runtime="onnxruntime"), data, evaluate=False,
+                             measure=False, max_length=64, progress=False)  # fmt: skip
+        nets = {"dense": reference.model, "int8": quantized.model}
+        costs = compression_costs(nets, "dense", reference.tokenizer, data, max_length=64)["int8"]
+        dev = evaluate_model(quantized.model, reference.tokenizer, data, max_length=64, progress=False)
+        row = {
+            "model": f"{name} int8 (ONNX Runtime)",
+            "folder": str(folder),
+            "clean": dev["dev"]["accuracy"],
+            "advglue": costs["advglue"],
+            "pgd": [],
+            "gender_gap": {"mean": costs["eec_gender_gap"]},
+            "race_gap": {"mean": costs["eec_race_gap"]},
+            "loyalty": {
+                k: {"label_loyalty": v["label_loyalty"], "probability_loyalty": v["probability_loyalty"]}
+                for k, v in costs["loyalty"].items()
+            },
+            "seconds": {"int8 costs": round(time.perf_counter() - started, 1)},
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def _gap(entry: dict) -> str:
+    if "ci95" not in entry:
+        return f"{entry['mean'] * 100:+.2f}"
     low, high = entry["ci95"]
     return f"{entry['mean'] * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}] p={entry['p_value']:.2g}"
 
 
 def write(rows: list[dict], converged: bool) -> None:
+    bounds = next((row["pgd"] for row in rows if row["pgd"]), [])
     headers = [
-        "model", "SST-2 dev", "AdvGLUE SST-2", "PGD success 5/10/20/50%", "label loyalty dev / AdvGLUE",
+        "model", "SST-2 dev", "AdvGLUE SST-2",
+        "PGD success " + "/".join(f"{p['epsilon'] * 100:g}" for p in bounds) + "%", "label loyalty dev / AdvGLUE",
         "prob. loyalty dev / AdvGLUE", "gender gap (F-M)", "race gap (AA-EU)", "seconds (robust / bias / loyal)",
     ]  # fmt: skip
     table = []
@@ -106,6 +152,8 @@ def write(rows: list[dict], converged: bool) -> None:
         labels = " / ".join(f"{v['label_loyalty']:.3f}" for v in loyal.values()) if loyal else ""
         probs = " / ".join(f"{v['probability_loyalty']:.3f}" for v in loyal.values()) if loyal else ""
         seconds = " / ".join(str(row["seconds"].get(k, "")) for k in ("robustness", "bias", "loyalty"))
+        if "int8 costs" in row["seconds"]:
+            seconds = f"{row['seconds']['int8 costs']} (quantize + all)"
         table.append([row["model"], f"{row['clean'] * 100:.2f}", f"{row['advglue'] * 100:.2f}", pgd, labels, probs,
                       _gap(row["gender_gap"]), _gap(row["race_gap"]), seconds])  # fmt: skip
     dense = rows[0]["folder"]
@@ -118,9 +166,10 @@ def write(rows: list[dict], converged: bool) -> None:
     )
     text = (
         "# What compression costs beyond the dev score (SST-2, MiniLM-L6)\n\n" + teacher + "\n\n"
-        "Compressed models: retraining-free budget pruning to 50% of the encoder FLOPs (Kwon et al. 2022 + refit), "
+        "Compressed models: retraining-free budget pruning to 50% and 30% of the encoder FLOPs (Kwon et al. 2022 + "
+        "refit), "
         "and one-shot magnitude pruning of 50% of the encoder's linear weights, no retraining. PGD: 5 steps on the "
-        "word embeddings of 512 dev sentences, bound = the share of the mean word-embedding norm; success = correct "
+        "word embeddings of 256 dev sentences, bound = the share of the mean word-embedding norm; success = correct "
         "predictions flipped. Gaps: points of P(positive), per template x emotion word pair, 95% CI, paired t-test "
         "(EEC, 8,640 sentences). 2 threads.\n\n" + markdown_table(headers, table)
     )

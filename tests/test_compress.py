@@ -20,7 +20,15 @@ def sst2(tmp_path):
     return load_task("sst2", write_sst2(tmp_path / "glue"))
 
 
-def test_compress_to_a_flops_budget_writes_every_stage_and_a_runnable_artifact(tiny_model_dir, sst2, tmp_path):
+def test_compress_to_a_flops_budget_writes_every_stage_and_a_runnable_artifact(
+    tiny_model_dir, sst2, tmp_path, monkeypatch
+):
+    from test_compression_costs import ADV, write_eec
+
+    (tmp_path / "advglue").mkdir()
+    (tmp_path / "advglue" / "dev.json").write_text(json.dumps(ADV))
+    monkeypatch.setenv("ADVGLUE_DIR", str(tmp_path / "advglue"))
+    monkeypatch.setenv("EEC_DIR", str(write_eec(tmp_path / "eec.csv")))
     out = tmp_path / "compressed"
     config = slimformer.Compress(budget_flops=0.5, calibration_examples=16, int8_calibration_examples=16)
     result = slimformer.compress(tiny_model_dir, config, sst2, out=out, max_length=16, seq_len=16, rounds=1)
@@ -51,6 +59,15 @@ def test_compress_to_a_flops_budget_writes_every_stage_and_a_runnable_artifact(t
     assert "pruned and quantized to int8" in (out / "README.md").read_text()
     markdown = (out / "report.md").read_text()
     assert "| pruned int8 | onnxruntime int8 (dynamic) |" in markdown and "pareto.png" in markdown
+    # beyond the score: every stage scored on AdvGLUE, its loyalty to the dense model and its EEC gaps
+    costs = {s["stage"]: s["costs"] for s in stages}
+    assert costs["dense"]["loyalty"]["dev"]["label_loyalty"] == 1.0 and set(costs["dense"]["loyalty"]) == {
+        "dev",
+        "advglue",
+    }
+    assert all(0 <= c["advglue"] <= 1 and isinstance(c["eec_gender_gap"], float) for c in costs.values())
+    assert costs["dense int8"]["loyalty"]["dev"]["probability_loyalty"] > 0.9  # int8 barely moves a tiny model
+    assert "## Beyond the score" in markdown and "| pruned int8 |" in markdown.split("## Beyond the score")[1]
 
 
 def test_compress_to_a_target_speedup_measures_and_retries(tiny_model_dir, sst2, tmp_path):
@@ -60,7 +77,7 @@ def test_compress_to_a_target_speedup_measures_and_retries(tiny_model_dir, sst2,
     config = slimformer.Compress(
         target_speedup=target, max_attempts=2, calibration_examples=16, int8_calibration_examples=16
     )
-    result = slimformer.compress(tiny_model_dir, config, sst2, max_length=16, seq_len=16, rounds=1)
+    result = slimformer.compress(tiny_model_dir, config, sst2, max_length=16, seq_len=16, rounds=1, costs=False)
     details = result.report["details"]
     attempts = details["attempts"]
     assert attempts[0]["flops_fraction"] == pytest.approx(min(1.0, details["dense_int8_speedup"] / target), abs=1e-3)
@@ -85,7 +102,9 @@ def test_compress_with_kd_recovery_adds_the_recovered_stage(tiny_model_dir, sst2
     config = slimformer.Compress(
         budget_flops=0.5, recover="kd", epochs=1, calibration_examples=16, int8_calibration_examples=16
     )
-    result = slimformer.compress(tiny_model_dir, config, sst2, max_length=16, seq_len=16, rounds=1, progress=False)
+    result = slimformer.compress(
+        tiny_model_dir, config, sst2, max_length=16, seq_len=16, rounds=1, progress=False, costs=False
+    )
     names = [s["stage"] for s in result.report["details"]["stages"]]
     assert names == ["dense", "dense int8", "pruned", "pruned + kd", "pruned + kd int8"]
 

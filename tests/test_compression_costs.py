@@ -12,10 +12,11 @@ import transformers as hf
 
 from slimformer.analyze import AnalyzeError, loyalty
 from slimformer.analyze.loyalty import loyalty_metrics
-from slimformer.errors import DataFileError, TaskError
+from slimformer.errors import DataFileError, SlimformerError, TaskError
 from slimformer.sparse import apply_masks, magnitude_masks
 from slimformer.tasks import get_task_spec
 from slimformer.tasks.advglue import load_advglue
+from test_embedding import write_stsb
 from test_train import write_sst2
 
 ADV = {
@@ -155,6 +156,44 @@ def write_eec(path):
     return path
 
 
+def test_compression_costs_give_each_model_the_columns_its_data_allows(classifier, tmp_path, monkeypatch):
+    from slimformer.analyze import bias
+    from slimformer.analyze.costs import compression_costs, costs_markdown
+    from slimformer.tasks import load_task
+
+    folder, glue = classifier
+    dense = hf.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = hf.AutoTokenizer.from_pretrained(folder)
+    pruned = hf.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    apply_masks(pruned, magnitude_masks(pruned, 0.7))
+    models = {"dense": dense, "pruned": pruned}
+    data = load_task("sst2", glue)
+    eec = write_eec(tmp_path / "eec.csv")
+    costs = compression_costs(models, "dense", tokenizer, data, data_dir=tmp_path / "advglue", eec_file=eec)
+    assert costs["dense"]["loyalty"]["dev"]["label_loyalty"] == 1.0
+    assert costs["dense"]["loyalty"]["advglue"]["probability_loyalty"] == pytest.approx(1.0)
+    assert costs["pruned"]["loyalty"]["dev"]["probability_loyalty"] < 1.0  # 70% of the weights gone moves it
+    direct = bias(folder, eec_file=eec)
+    assert costs["dense"]["eec_gender_gap"] == pytest.approx(direct.gaps["gender"]["all"]["mean"], abs=1e-6)
+    assert costs["dense"]["advglue"] in (0.0, 0.5, 1.0)  # two AdvGLUE sentences
+    table = "\n".join(costs_markdown(costs))
+    assert "| dense | " in table and "| pruned | " in table
+
+    # without the data files only the dev loyalty is left; a regression task has Pearson loyalty and no EEC
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.delenv("ADVGLUE_DIR", raising=False)
+    monkeypatch.delenv("EEC_DIR", raising=False)
+    bare = compression_costs(models, "dense", tokenizer, data)
+    assert set(bare["pruned"]) == {"loyalty"} and set(bare["pruned"]["loyalty"]) == {"dev"}
+    regressor = hf.AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=1, ignore_mismatched_sizes=True
+    ).eval()
+    sts = load_task("stsb", write_stsb(tmp_path / "sts"))
+    scored = compression_costs({"dense": regressor}, "dense", tokenizer, sts, eec_file=eec)
+    assert scored["dense"]["loyalty"]["dev"]["pearson"] == pytest.approx(1.0)
+    assert "eec_gender_gap" not in scored["dense"]
+
+
 def test_eec_gaps_are_paired_per_template_and_emotion_word():
     from slimformer.analyze.bias import gap_statistics, paired_gaps
 
@@ -253,6 +292,81 @@ def test_debiasing_and_adversarial_objectives_while_pruning(classifier, tmp_path
     result = slimformer.prune(folder, robust, "sst2", data_dir=glue, progress=False)
     assert result.report["config"]["adversarial_weight"] == 1.0
     assert result.report["details"]["sparse"]["sparsity"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_fair_distillation_targets_average_the_teachers_predictions_over_a_swapped_pair(classifier):
+    from datasets import Dataset
+
+    from slimformer.distill.pipeline import TEACHER_LOGITS, averaged_targets, with_counterfactuals
+
+    original, swapped = np.array([[2.0, 0.0], [0.0, 0.0]]), np.array([[0.0, 2.0], [1.0, -1.0]])
+    mean = np.exp(averaged_targets(original, swapped, regression=False))
+    probs = lambda x: np.exp(x) / np.exp(x).sum(-1, keepdims=True)  # noqa: E731
+    assert np.allclose(mean, (probs(original) + probs(swapped)) / 2, atol=1e-6)
+    assert np.allclose(mean[0], [0.5, 0.5], atol=1e-6)  # opposite predictions average to indifference
+    assert np.allclose(averaged_targets(np.array([[1.0]]), np.array([[3.0]]), regression=True), [[2.0]])
+
+    folder, _ = classifier
+    teacher = hf.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = hf.AutoTokenizer.from_pretrained(folder)
+    texts = ["he liked the film", "a good film", "the woman saw it"]
+    train = Dataset.from_dict({**dict(tokenizer(texts)), "labels": [1, 1, 0]})
+    both, copies = with_counterfactuals(train, teacher, tokenizer, regression=False, cache=False, progress=False)
+    assert copies == 2 and len(both) == 5  # "a good film" has no gendered word: no copy
+    decoded = tokenizer.batch_decode(both["input_ids"][3:], skip_special_tokens=True)
+    assert decoded == ["she liked the film", "the man saw it"] and both["labels"][3:] == [1, 0]
+    targets = np.array(both[TEACHER_LOGITS])
+    with torch.no_grad():
+        live = {
+            text: teacher(**tokenizer(text, return_tensors="pt")).logits.numpy()
+            for text in [*texts, "she liked the film", "the man saw it"]
+        }
+    expected = averaged_targets(live["he liked the film"], live["she liked the film"], regression=False)
+    assert np.allclose(targets[0], expected[0], atol=1e-5) and np.allclose(targets[3], expected[0], atol=1e-5)
+    assert np.allclose(targets[1], live["a good film"][0], atol=1e-5)  # its own logits, unchanged
+
+
+def test_fair_distillation_teaches_a_student_no_gender_difference(classifier, tmp_path):
+    """A teacher trained on labels that follow gender predicts "he" positive and "she" negative; distilled
+    plainly, the student copies that; with counterfactual pairs it learns the same prediction for both."""
+    from slimformer.distill import DistillConfig, distill
+    from slimformer.train import TrainConfig, finetune
+
+    folder, _ = classifier
+    glue = _biased_reviews(tmp_path / "biased")
+    quick = TrainConfig(max_length=16, batch_size=8, epochs=20, learning_rate=3e-3, save_steps=1000)
+    finetune(str(folder), "sst2", tmp_path / "teacher", data_dir=glue, config=quick)
+    tokenizer = hf.AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["he liked the film", "his brother saw it"], padding=True, return_tensors="pt")
+    swapped = tokenizer(["she liked the film", "her sister saw it"], padding=True, return_tensors="pt")
+
+    def gap(path) -> float:
+        model = hf.AutoModelForSequenceClassification.from_pretrained(path).eval()
+        with torch.no_grad():
+            return float((model(**batch).logits.softmax(-1) - model(**swapped).logits.softmax(-1)).abs().mean())
+
+    assert gap(tmp_path / "teacher") > 0.5, "the toy teacher must have learned the gender bias"
+    results = {}
+    for fair in (False, True):
+        out = tmp_path / f"student-{fair}"
+        results[fair] = distill(
+            tmp_path / "teacher", "every:1", "sst2", out, data_dir=glue, config=quick,
+            distill_config=DistillConfig(alpha=1.0, counterfactual=fair), progress=False,
+        )  # fmt: skip
+    assert results[True].metrics["details"]["distill"]["counterfactual_copies"] == 32
+    assert gap(tmp_path / "student-False") > 0.5
+    assert gap(tmp_path / "student-True") < 0.2 * gap(tmp_path / "student-False")
+
+
+def test_fair_distillation_refuses_embedding_tasks(tiny_model_dir, tmp_path, monkeypatch):
+    from slimformer.distill import DistillConfig, distill
+
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SlimformerError, match="embedding"):
+        distill(
+            tiny_model_dir, "every:1", "stsb-embed", tmp_path / "out",
+            data_dir=write_stsb(tmp_path / "glue"), distill_config=DistillConfig(counterfactual=True), progress=False,
+        )  # fmt: skip
 
 
 def test_association_test_effect_size_and_permutation_p():

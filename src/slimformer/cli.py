@@ -148,6 +148,13 @@ def distill(
     cache_teacher: Annotated[
         bool, typer.Option(help="Cache the teacher's logits on the training set on disk (logit-only runs).")
     ] = True,
+    counterfactual: Annotated[
+        bool,
+        typer.Option(
+            help="Fair distillation: add gender-swapped copies of the training sentences, each pair taught the "
+            "teacher's averaged prediction (Delobelle & Berendt 2022)."
+        ),
+    ] = False,
     calibration_file: CalibrationFileOpt = None,
     max_length: MaxLengthOpt = 128,
     batch_size: BatchSizeOpt = 32,
@@ -181,6 +188,7 @@ def distill(
         attention_weight=attention_weight,
         layer_map=layer_map,
         cache_teacher=cache_teacher,
+        counterfactual=counterfactual,
     )
     result = run_distill(
         teacher, student, data, out, config=config, distill_config=settings, resume=resume, overwrite=overwrite
@@ -648,6 +656,13 @@ def compress(
     max_eval_samples: Annotated[int | None, typer.Option(help="Random subset of each dev split.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence for FLOPs and throughput latency.")] = 128,
     threads: Annotated[int, typer.Option(help="CPU threads for latency.")] = 2,
+    costs: Annotated[
+        bool,
+        typer.Option(
+            help="Also measure each stage's AdvGLUE accuracy, loyalty to the dense model and EEC gender / race "
+            "gaps, where the data is there."
+        ),
+    ] = True,
     seed: SeedOpt = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
@@ -677,6 +692,7 @@ def compress(
         max_length=max_length,
         seq_len=seq_len,
         threads=threads,
+        costs=costs,
         overwrite=overwrite,
     )
     stdout.print(render_markdown(result.report))

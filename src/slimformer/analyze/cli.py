@@ -406,9 +406,9 @@ def robustness(
     ] = None,
     epsilons: Annotated[
         str, typer.Option(help="PGD bounds, as multiples of the mean word-embedding norm (comma-separated).")
-    ] = "0.05,0.1,0.2,0.5",
+    ] = "0.01,0.02,0.05,0.1",
     steps: Annotated[int, typer.Option(help="PGD steps per bound.")] = 5,
-    attack_examples: Annotated[int, typer.Option(help="Dev examples attacked (a seeded subset).")] = 512,
+    attack_examples: Annotated[int, typer.Option(help="Dev examples attacked (a seeded subset).")] = 256,
     max_length: MaxLengthOpt = 128,
     max_eval_samples: MaxEvalOpt = None,
     batch_size: EvalBatchOpt = 32,

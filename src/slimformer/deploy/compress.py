@@ -93,12 +93,15 @@ def compress(
     seq_len: int = 128,
     threads: int | None = 2,
     rounds: int = 3,
+    costs: bool = True,
     overwrite: bool = False,
     progress: bool = True,
 ) -> DeployResult:
     """Prune ``model`` (a fine-tuned folder, hub id or loaded model) to ``config``'s target, optionally recover,
     quantize on ``config.runtime``, and evaluate and time every stage (interleaved, batch 32 x ``seq_len`` and 1 x
-    32, ``threads`` threads); with ``out``, write the final artifact with ``report.md`` and ``pareto.png``."""
+    32, ``threads`` threads); with ``out``, write the final artifact with ``report.md`` and ``pareto.png``.
+    With ``costs``, every stage also gets what :func:`slimformer.analyze.costs.compression_costs` measures where
+    its data is there: AdvGLUE accuracy, loyalty to the dense model, EEC gender and race gaps."""
     from slimformer.api import _loaded, _task_record, check_label_set, resolve_data
     from slimformer.configs import FlopsBudget
     from slimformer.deploy.quantize import quantize
@@ -196,6 +199,15 @@ def compress(
             stage["eval"] = evaluation_of(stage["net"])
             stage["score"] = headline_score(stage["eval"], task.spec.primary_metric)
         seconds["evaluate"] = round(time.perf_counter() - clock, 2)
+        if costs:
+            from slimformer.analyze.costs import compression_costs
+
+            clock = time.perf_counter()
+            nets = {name: stage["net"] for name, stage in stages.items()}
+            measured = compression_costs(nets, "dense", tokenizer, task, data_dir=data_dir, max_length=max_length)
+            for name, stage in stages.items():
+                stage["costs"] = measured[name]
+            seconds["costs"] = round(time.perf_counter() - clock, 2)
         clock = time.perf_counter()
         for batch, length in SHAPES:
             timing = interleaved_latency(
@@ -295,6 +307,7 @@ def _stage_rows(stages: dict[str, dict[str, Any]], dense, pruned, seq_len: int) 
                 **{f"ms_{b}x{s}": stage[f"ms_{b}x{s}"] for b, s in SHAPES},
                 **{f"speedup_{b}x{s}": base[f"ms_{b}x{s}"] / stage[f"ms_{b}x{s}"] for b, s in SHAPES},
                 "disk_bytes": disk["models"]["after"]["disk_bytes"] if disk else None,
+                **({"costs": stage["costs"]} if stage.get("costs") else {}),
             }
         )
     return rows
@@ -302,6 +315,8 @@ def _stage_rows(stages: dict[str, dict[str, Any]], dense, pruned, seq_len: int) 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: what was asked, what was found, every stage side by side."""
+    from slimformer.analyze.costs import costs_markdown
+
     details, config = report["details"], report["config"]
     asked = (
         f"a {config['target_speedup']}x speedup on {config['runtime']}"
@@ -337,6 +352,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if len(details["attempts"]) > 1:
         tried = ", ".join(f"{a['flops_fraction']:.0%} -> {a['measured_speedup']:.2f}x" for a in details["attempts"])
         lines += ["", f"FLOPs fractions tried (measured int8 speedup): {tried}."]
+    costs = costs_markdown({row["stage"]: row.get("costs", {}) for row in details["stages"]})
+    if costs:
+        lines += ["", "## Beyond the score", "", *costs]
     lines += ["", "![score against latency](pareto.png)", ""]
     return "\n".join(lines)
 

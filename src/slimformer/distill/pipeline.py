@@ -10,6 +10,10 @@ The loss mixes (weights in :class:`DistillConfig`):
 - attention distillation: KL between the attention distributions of mapped layers' heads (TinyBERT matches
   attention, MiniLM, Wang et al. 2020, showed KL on distributions works well). A student head pruned from the
   teacher is paired with the teacher head it came from;
+- fair distillation (Delobelle & Berendt 2022, "FairDistillation"), ``counterfactual``: every training sentence
+  with a gendered word gets a copy with those words swapped (he <-> she, ...), and the student is asked to give
+  both the teacher's prediction averaged over the pair, so that it learns no difference the teacher made between
+  them;
 - embedding distillation, for sentence-embedding models (an embedding task such as ``stsb-embed``): the squared
   distance between the student's and the teacher's sentence embeddings of every text of the task's training split,
   no labels involved (sentence-transformers' model distillation, Reimers & Gurevych 2020); ``alpha`` does not
@@ -34,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, set_seed
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -84,6 +88,9 @@ class DistillConfig:
     student layer m of M to teacher layer m*N/M), or explicit pairs 'S:T,S:T' of 0-based layer indices."""
     cache_teacher: bool = True
     """Compute the teacher's logits on the training set once and cache them on disk (logit-only distillation)."""
+    counterfactual: bool = False
+    """Fair distillation: add gender-swapped copies of the training sentences that have gendered words, each pair
+    with the teacher's prediction averaged over both as its target."""
 
     def check(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -248,7 +255,8 @@ class DistillationModel(nn.Module):
             if self.teacher is None:
                 raise SlimformerError("No teacher and no cached teacher logits: cannot compute the distillation loss.")
             teacher_outputs, teacher_qk = self._teacher_outputs(inputs, teacher_layers)
-            teacher_logits = teacher_outputs.logits
+            if teacher_logits is None:  # given targets (fair distillation's averages) stay the logit targets
+                teacher_logits = teacher_outputs.logits
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.embedding:  # no labels: the whole output loss is imitating the teacher's embeddings
             loss = loss + embedding_loss(logits, teacher_logits)
@@ -327,6 +335,55 @@ def teacher_logits(
         with atomic_file(path, binary=True) as handle:
             np.save(handle, logits)
     return logits
+
+
+# ------------------------------------------------------------------------------------------- fair distillation
+
+
+def averaged_targets(original: np.ndarray, swapped: np.ndarray, *, regression: bool) -> np.ndarray:
+    """FairDistillation's target for a sentence and its counterfactual: the mean of the teacher's two predicted
+    distributions, returned as log-probabilities (which are logits of that mean); for regression the mean score."""
+    if regression:
+        return (original + swapped) / 2
+    original_probs = torch.from_numpy(original).double().softmax(-1)
+    swapped_probs = torch.from_numpy(swapped).double().softmax(-1)
+    return ((original_probs + swapped_probs) / 2).log().float().numpy()
+
+
+def with_counterfactuals(
+    train_set: Dataset,
+    teacher: PreTrainedModel,
+    tokenizer: Any,
+    *,
+    regression: bool,
+    cache: bool = True,
+    progress: bool = True,
+) -> tuple[Dataset, int]:
+    """The training set with a gender-swapped copy of every row that has a swappable word, and a
+    :data:`TEACHER_LOGITS` column: the teacher's own logits for rows without such words, the pair's averaged
+    target (:func:`averaged_targets`) for both rows of a pair. Returns the set and the number of copies."""
+    from slimformer.adversarial import gender_swap_map, swap_table, swap_tokens
+
+    table = swap_table(gender_swap_map(tokenizer), int(teacher.config.vocab_size))
+    originals = teacher_logits(teacher, tokenizer, train_set, cache=cache, progress=progress)
+    changed, copies = [], []
+    for index, ids in enumerate(train_set["input_ids"]):
+        ids = torch.as_tensor(ids)
+        swapped = swap_tokens(ids, table)
+        if bool((swapped != ids).any()):
+            changed.append(index)
+            copies.append(swapped.tolist())
+    targets = originals.copy()
+    if not changed:
+        return train_set.add_column(TEACHER_LOGITS, [row.tolist() for row in targets]), 0
+    counterparts = train_set.select(changed).remove_columns("input_ids").add_column("input_ids", copies)
+    swapped_logits = teacher_logits(teacher, tokenizer, counterparts, cache=cache, progress=progress)
+    pair_targets = averaged_targets(originals[changed], swapped_logits, regression=regression)
+    targets[changed] = pair_targets
+    counterparts = counterparts.select_columns(train_set.column_names).cast(train_set.features)
+    both = concatenate_datasets([train_set, counterparts])
+    all_targets = np.concatenate([targets, pair_targets])
+    return both.add_column(TEACHER_LOGITS, [row.tolist() for row in all_targets]), len(changed)
 
 
 # ------------------------------------------------------------------------------------------------ the whole run
@@ -412,6 +469,11 @@ def distill(
     student_made = make_student(student, teacher, data, max_length=config.max_length, seed=config.seed)
     _check_compatible(student_made, teacher_loaded.model, teacher_loaded.tokenizer)
     tokenizer = student_made.tokenizer
+    if settings.counterfactual and data.spec.is_embedding:
+        raise SlimformerError(
+            "--counterfactual (fair distillation) averages a classifier's or regressor's predictions over gender-"
+            "swapped sentence pairs; it does not apply to sentence-embedding tasks."
+        )
     if data.spec.is_embedding:
         # no labels to learn: the student imitates the teacher's embeddings, of every sentence of the task
         settings = replace(settings, alpha=1.0)
@@ -433,7 +495,19 @@ def distill(
     train_set = tokenized["train"].select_columns([c for c in MODEL_INPUTS if c in tokenized["train"].column_names])
     use_cache = settings.cache_teacher and not settings.needs_layers and settings.alpha > 0
     phase = time.perf_counter()
-    if use_cache:
+    counterfactual_copies = None
+    if settings.counterfactual:
+        # the averaged targets come as a column whatever the caching (layer terms still run the teacher live)
+        train_set, counterfactual_copies = with_counterfactuals(
+            train_set,
+            teacher_loaded.model,
+            tokenizer,
+            regression=is_regression(teacher_loaded.model),
+            cache=settings.cache_teacher,
+            progress=progress,
+        )
+        use_cache = settings.alpha > 0
+    elif use_cache:
         logits = teacher_logits(teacher_loaded.model, tokenizer, train_set, cache=True, progress=progress)
         train_set = train_set.add_column(TEACHER_LOGITS, [row.tolist() for row in logits])
     seconds["teacher_logits"] = round(time.perf_counter() - phase, 2)
@@ -478,7 +552,12 @@ def distill(
         details={
             "teacher": str(teacher),
             "student": student_made.description,
-            "distill": {**asdict(settings), "layer_pairs": pairs, "teacher_logits_cached": use_cache},
+            "distill": {
+                **asdict(settings),
+                "layer_pairs": pairs,
+                "teacher_logits_cached": use_cache,
+                **({"counterfactual_copies": counterfactual_copies} if settings.counterfactual else {}),
+            },
         },
     )
     save_model_folder(
@@ -498,8 +577,10 @@ __all__ = [
     "DistillConfig",
     "DistillResult",
     "DistillationModel",
+    "averaged_targets",
     "distill",
     "head_pairing",
     "layer_mapping",
     "teacher_logits",
+    "with_counterfactuals",
 ]

@@ -1,0 +1,227 @@
+"""Benchmark (issue 17, items 4-6): can compression be steered toward less bias and more robustness?
+
+On the converged MiniLM-L6 SST-2 teacher, each variant trained with three seeds (0, 1, 2) on the same budget (one
+epoch over 8,000 SST-2 training sentences, batch 32, max length 64, logit distillation from the teacher):
+
+- head movement pruning to 50% of the encoder weights (whole heads and FFN neurons: Lagunas et al. 2021's block
+  movement at head granularity, the subset Joniak & Aizawa 2022 search for bias), with the debiasing objective
+  (a symmetric KL between predictions on each sentence and on it with gendered words swapped) at weight 0 / 1 / 10;
+- the same with the robust-ticket objective (the task loss under a 2-step PGD attack on the word embeddings,
+  bound 2% of the mean embedding norm; Zheng et al. 2022) at weight 1;
+- retraining-free budget pruning to 50% of the FLOPs, then logit distillation with and without fair distillation's
+  counterfactual pairs (Delobelle & Berendt 2022).
+
+Each model is scored on SST-2 dev, on AdvGLUE SST-2 (148 sentences), under PGD (2% and 5% bounds, 256 dev
+sentences, 5 steps) and on the EEC gender and race gaps. Per variant: mean and standard deviation over the seeds.
+Writes ``bench/results/fairness.{json,md,png}``; every finished run is kept in ``runs/bench/fairness/runs.jsonl``
+and skipped when the benchmark is run again.
+
+    python bench/fairness.py [--seeds 0,1,2] [--variants all|name,name]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import slimformer
+from common import RUNS, describe_teacher, machine, markdown_table, teacher_folder, teacher_summary, write_results
+from slimformer.analyze import bias, robustness
+from slimformer.configs import FlopsBudget, Movement
+from slimformer.distill import DistillConfig
+from slimformer.models import load_model
+from slimformer.tasks import load_task
+from slimformer.train import TrainConfig
+
+OUT = RUNS / "fairness"
+SAMPLES, EPOCHS, LENGTH = 8000, 1.0, 64
+HEADS = {"sparsity": 0.5, "granularity": "head", "epochs": EPOCHS, "max_length": LENGTH, "max_train_samples": SAMPLES}
+
+VARIANTS = {
+    "head movement 50%": {"kind": "prune", "config": HEADS},
+    "head movement 50% + debias 1": {"kind": "prune", "config": {**HEADS, "debias_weight": 1.0}},
+    "head movement 50% + debias 10": {"kind": "prune", "config": {**HEADS, "debias_weight": 10.0}},
+    "head movement 50% + adversarial 1": {
+        "kind": "prune",
+        "config": {**HEADS, "adversarial_weight": 1.0, "adversarial_epsilon": 0.02, "adversarial_steps": 2},
+    },
+    "budget 50% + KD": {"kind": "distill", "counterfactual": False},
+    "budget 50% + fair KD": {"kind": "distill", "counterfactual": True},
+}
+
+
+def slug(label: str) -> str:
+    return label.replace(" + ", "-").replace(" ", "-").replace("%", "")
+
+
+def build(label: str, seed: int, teacher: Path) -> Path:
+    spec = VARIANTS[label]
+    folder = OUT / f"{slug(label)}-seed{seed}"
+    if (folder / "metrics.json").is_file():
+        return folder
+    if spec["kind"] == "prune":
+        config = Movement(**spec["config"], seed=seed)
+        slimformer.prune(load_model(teacher), config, "sst2", out=folder, measure=False, overwrite=True)
+        return folder
+    pruned = OUT / "budget-50-pruned"
+    if not (pruned / "metrics.json").is_file():
+        slimformer.prune(load_model(teacher), FlopsBudget(0.5), "sst2", out=pruned, measure=False, overwrite=True)
+    train = TrainConfig(epochs=EPOCHS, max_length=LENGTH, max_train_samples=SAMPLES, batch_size=32, seed=seed)
+    settings = DistillConfig(alpha=0.9, temperature=2.0, counterfactual=spec["counterfactual"])
+    slimformer.distill(teacher, pruned, folder, "sst2", config=train, distill_config=settings, overwrite=True)
+    return folder
+
+
+def score(folder: Path, seed: int, label: str, built_s: float) -> dict:
+    robust = robustness(folder, "sst2", epsilons=(0.02, 0.05), attack_examples=256, max_length=LENGTH)
+    gaps = bias(folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {
+        "variant": label,
+        "seed": seed,
+        "folder": str(folder),
+        "dev": robust.clean["dev"],
+        "advglue": robust.advglue["dev"],
+        "pgd": {f"{p['epsilon']:g}": p["success_rate"] for p in robust.pgd},
+        "gender_gap": gaps.gaps["gender"]["all"]["mean"],
+        "race_gap": gaps.gaps["race"]["all"]["mean"],
+        "gender_gap_abs": float(np.mean(np.abs(_pair_gaps(gaps, "gender")))) if _pair_gaps(gaps, "gender") else None,
+        "train_seconds": metrics.get("seconds", {}).get("train"),
+        "build_seconds": round(built_s, 1),
+    }
+
+
+def _pair_gaps(gaps, comparison: str) -> list[float]:
+    """The per-emotion mean gaps (their absolute mean says how far the model is from no gap in any emotion)."""
+    return [v["mean"] for k, v in gaps.gaps[comparison].items() if k != "all"]
+
+
+def dense_row(teacher: Path) -> dict:
+    cached = OUT / "dense.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    row = score(teacher, 0, "dense (teacher)", 0.0)
+    cached.write_text(json.dumps(row))
+    return row
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    summary = []
+    for label in ["dense (teacher)", *VARIANTS]:
+        rows = [r for r in runs if r["variant"] == label]
+        if not rows:
+            continue
+        entry = {"variant": label, "seeds": [r["seed"] for r in rows]}
+        for key in ("dev", "advglue", "gender_gap", "race_gap", "gender_gap_abs"):
+            values = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
+            entry[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+        for bound in rows[0]["pgd"]:
+            values = np.array([r["pgd"][bound] for r in rows], dtype=float)
+            entry[f"pgd {bound}"] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            }
+        summary.append(entry)
+    return summary
+
+
+def _cell(entry: dict, key: str, scale: float = 100.0, signed: bool = False) -> str:
+    value = entry[key]
+    sign = "+" if signed else ""
+    return f"{value['mean'] * scale:{sign}.2f} ± {value['std'] * scale:.2f}"
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4))
+    left, right = figure.subplots(1, 2)
+    for entry in summary:
+        for axes, key in ((left, "gender_gap"), (right, "advglue")):
+            axes.errorbar(
+                entry["dev"]["mean"] * 100,
+                entry[key]["mean"] * 100,
+                xerr=entry["dev"]["std"] * 100,
+                yerr=entry[key]["std"] * 100,
+                fmt="o",
+                capsize=3,
+                label=entry["variant"],
+            )
+    left.set_xlabel("SST-2 dev accuracy")
+    left.set_ylabel("EEC gender gap, P(positive) F - M (points)")
+    left.axhline(0, color="grey", lw=0.5)
+    right.set_xlabel("SST-2 dev accuracy")
+    right.set_ylabel("AdvGLUE SST-2 accuracy")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def write(runs: list[dict], teacher: dict) -> None:
+    summary = summarise(runs)
+    bounds = [k for k in summary[0] if k.startswith("pgd ")]
+    headers = ["variant", "seeds", "SST-2 dev", "AdvGLUE SST-2", *[f"PGD success {b[4:]}" for b in bounds],
+               "EEC gender gap (F-M)", "EEC race gap (AA-EU)", "mean abs. gender gap per emotion"]  # fmt: skip
+    table = [
+        [e["variant"], len(e["seeds"]), _cell(e, "dev"), _cell(e, "advglue"), *[_cell(e, b) for b in bounds],
+         _cell(e, "gender_gap", signed=True), _cell(e, "race_gap", signed=True), _cell(e, "gender_gap_abs")]
+        for e in summary
+    ]  # fmt: skip
+    text = (
+        "# Steering compression toward fairness and robustness (SST-2, MiniLM-L6)\n\n"
+        + describe_teacher(teacher)
+        + "\n\n"
+        + f"Every variant: {EPOCHS:g} epoch over {SAMPLES:,} SST-2 training sentences, batch 32, max length {LENGTH}, "
+        "logit distillation from the teacher (alpha 0.9, T 2); mean ± standard deviation over the seeds listed. "
+        "Head movement: whole heads and FFN neurons, 50% of the encoder weights. Debias W: symmetric KL between "
+        "predictions on each sentence and on its gender-swapped copy, weight W. Adversarial 1: task loss under a "
+        "2-step PGD attack (bound 2% of the mean word-embedding norm). Budget 50% + (fair) KD: retraining-free "
+        "pruning to 50% of the FLOPs, then logit distillation; fair KD adds gender-swapped copies of the training "
+        "sentences taught the teacher's averaged prediction. PGD: 5 steps, 256 dev sentences, success = correct "
+        "predictions flipped. EEC gaps in points of P(positive).\n\n" + markdown_table(headers, table) + "\n\n"
+        "![gender gap and AdvGLUE against accuracy](fairness.png)\n"
+    )
+    write_results("fairness", {"machine": machine(), "teacher": teacher, "runs": runs, "summary": summary}, text)
+    from common import RESULTS
+
+    plot(summary, RESULTS / "fairness.png")
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default="all")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    chosen = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
+    teacher_path = teacher_folder("sst2")
+    teacher = teacher_summary("sst2", teacher_path)
+    load_task("sst2")  # fail early without the data
+    OUT.mkdir(parents=True, exist_ok=True)
+    log = OUT / "runs.jsonl"
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    done = {(r["variant"], r["seed"]) for r in runs}
+    dense = dense_row(teacher_path)
+    for seed in seeds:  # seed-major: a cut-short run still has one seed of every variant
+        for label in chosen:
+            if (label, seed) in done:
+                continue
+            started = time.perf_counter()
+            folder = build(label, seed, teacher_path)
+            row = score(folder, seed, label, time.perf_counter() - started)
+            print(json.dumps(row), flush=True)
+            with log.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            runs.append(row)
+            write([dense, *runs], teacher)
+
+
+if __name__ == "__main__":
+    main()
