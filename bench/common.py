@@ -160,3 +160,16 @@ def add_latency(rows: list[dict], runtimes: dict[str, dict], *, threads: int, ro
                 ms = row.get(f"ms_{runtime_name}_{key}")
                 if ms and base.get(f"ms_pytorch_{key}"):
                     row[f"speedup_{runtime_name}_{key}"] = base[f"ms_pytorch_{key}"] / ms
+
+
+def int8(folder: Path, data, source: Path | None = None) -> Path:
+    """Dynamic int8 on ONNX Runtime of the model in ``source`` (default ``folder``), cached beside ``folder``."""
+    target = folder.with_name(folder.name + "-int8")
+    if not (target / "slimformer.json").is_file():
+        import slimformer
+
+        slimformer.quantize(
+            source or folder, slimformer.Quantize(mode="dynamic"), data, out=target, evaluate=False, measure=False,
+            overwrite=True, progress=False,
+        )  # fmt: skip
+    return target

@@ -40,6 +40,7 @@ from common import (
     RUNS,
     add_latency,
     describe_teacher,
+    int8,
     machine,
     markdown_table,
     teacher_folder,
@@ -109,17 +110,6 @@ def build(label: str, config, teacher: Path, data, epochs: float) -> tuple[Path,
             slimformer.prune(loaded, config, data, out=folder, measure=False, overwrite=True)
         print(f"{label}: built in {time.perf_counter() - started:.0f} s", flush=True)
     return folder, json.loads((folder / "metrics.json").read_text())
-
-
-def int8(folder: Path, data, source: Path | None = None) -> Path:
-    """Dynamic int8 on ONNX Runtime of the model in ``source`` (default ``folder``), cached beside ``folder``."""
-    target = folder.with_name(folder.name + "-int8")
-    if not (target / "slimformer.json").is_file():
-        slimformer.quantize(
-            source or folder, slimformer.Quantize(mode="dynamic"), data, out=target, evaluate=False, measure=False,
-            overwrite=True, progress=False,
-        )  # fmt: skip
-    return target
 
 
 def int8_storage(folder: Path, model, tokenizer=None) -> Path:

@@ -366,6 +366,23 @@ class LatencyBudget(_Budget):
 # --------------------------------------------------------------------------------------------- sparse methods
 
 
+def _check_training(config: PruneConfig) -> None:
+    """The settings every method that trains while pruning shares (sparse training, learned gates): epochs,
+    learning rate, batch, length, checkpoint interval, training subset, distillation mix and temperature."""
+    if not (isinstance(config.epochs, int | float) and config.epochs > 0):
+        raise ConfigError(f"epochs must be > 0, got {config.epochs!r}.")
+    if not config.learning_rate > 0:
+        raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate!r}.")
+    for name in ("batch_size", "max_length", "save_steps"):
+        _positive(name, getattr(config, name))
+    if config.max_train_samples is not None:
+        _positive("max_train_samples", config.max_train_samples)
+    if not 0.0 <= config.distill_alpha <= 1.0:
+        raise ConfigError(f"distill_alpha must be in [0, 1], got {config.distill_alpha!r}.")
+    if not config.temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {config.temperature!r}.")
+
+
 def _check_granularity(granularity: str) -> None:
     from slimformer.sparse.masks import Granularity, SparsityError
 
@@ -436,24 +453,12 @@ class _SparseTraining(_Sparse):
 
     def check(self) -> None:
         super().check()
-        _positive("save_steps", self.save_steps)
         if not (self.debias_weight >= 0 and self.adversarial_weight >= 0):
             raise ConfigError("debias_weight and adversarial_weight must be >= 0.")
         if not self.adversarial_epsilon > 0:
             raise ConfigError(f"adversarial_epsilon must be > 0, got {self.adversarial_epsilon!r}.")
         _positive("adversarial_steps", self.adversarial_steps)
-        if not (isinstance(self.epochs, int | float) and self.epochs > 0):
-            raise ConfigError(f"epochs must be > 0, got {self.epochs!r}.")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
-        _positive("batch_size", self.batch_size)
-        _positive("max_length", self.max_length)
-        if self.max_train_samples is not None:
-            _positive("max_train_samples", self.max_train_samples)
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}.")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}.")
+        _check_training(self)
         if not 0.0 <= self.prune_start < self.prune_end <= 1.0:
             raise ConfigError(
                 f"prune_start {self.prune_start!r} and prune_end {self.prune_end!r} must satisfy "
@@ -564,7 +569,8 @@ class Learned(PruneConfig):
             raise ConfigError(f"units {self.units!r} must be a comma-separated subset of {','.join(LEARNED_UNITS)}.")
         if not {"heads", "ffn", "hidden"} & self.unit_set:
             raise ConfigError("units need heads, ffn or hidden: blocks alone only gate whole blocks of them.")
-        for name in ("epochs", "learning_rate", "gate_learning_rate", "multiplier_learning_rate"):
+        _check_training(self)
+        for name in ("gate_learning_rate", "multiplier_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}.")
         if not self.final_epochs >= 0:
@@ -573,14 +579,8 @@ class Learned(PruneConfig):
             raise ConfigError(
                 f"target_warmup must be in [0, 1] (a fraction of the gate phase), got {self.target_warmup!r}."
             )
-        for name in ("batch_size", "max_length", "save_steps"):
-            _positive(name, getattr(self, name))
-        if self.max_train_samples is not None:
-            _positive("max_train_samples", self.max_train_samples)
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}.")
-        if not self.temperature > 0 or not self.layer_distill_weight >= 0:
-            raise ConfigError("temperature must be > 0 and layer_distill_weight >= 0.")
+        if not self.layer_distill_weight >= 0:
+            raise ConfigError(f"layer_distill_weight must be >= 0, got {self.layer_distill_weight!r}.")
 
 
 # the names `slimformer prune --sparse NAME` takes: (config type, fixed settings, default granularity)
