@@ -127,6 +127,66 @@ def test_learned_configs_refuse_what_cannot_work():
     assert slimformer.Learned(units="heads, ffn").unit_set == {"heads", "ffn"}
 
 
+def _synthetic_table(gates: StructureGates, key=None):
+    """A latency table with uneven, non-linear curves, so that following it differs from counting weights."""
+    from slimformer.budget.latency_table import LatencyTable
+
+    heads, neurons = gates.head_counts[0], gates.ffn_sizes[0]
+    return LatencyTable(
+        head_counts=[0, heads // 2, heads], attn_ms=[1.0, 1.5, 4.0],
+        neuron_counts=[0, neurons // 2, neurons], ffn_ms=[1.0, 3.0, 3.5],
+        fixed_ms=1.0, rest_ms=0.5, key=key or {},
+    )  # fmt: skip
+
+
+def test_latency_target_reads_the_latency_table_differentiably():
+    model = tiny_model("bert")
+    gates = StructureGates(model, ("heads", "ffn", "blocks"), init=10.0)
+    table = gates.latency = _synthetic_table(gates)
+    layers, heads, neurons = len(gates.head_counts), gates.head_counts[0], gates.ffn_sizes[0]
+    assert gates.expected_reduction().item() == pytest.approx(0.0, abs=1e-3)  # every gate open: the dense model
+    fractional = gates.predicted_ms([torch.tensor(1.5)] * layers, [torch.tensor(neurons * 0.75)] * layers)
+    assert fractional.item() == pytest.approx(table.rest_ms + layers * table.layer_ms(1.5, neurons * 0.75))
+    with torch.no_grad():
+        gates.heads[0].log_alpha[:2] = -10.0
+        gates.ffn_blocks.log_alpha[1] = -10.0
+    kept_heads, kept_neurons, _ = structure = gates.final_structure()
+    dense = table.rest_ms + layers * table.layer_ms(heads, neurons)
+    pruned = table.rest_ms + sum(table.layer_ms(len(h), len(n)) for h, n in zip(kept_heads, kept_neurons, strict=True))
+    assert gates.structure_speedup(structure) == pytest.approx(dense / pruned)
+    assert gates.expected_reduction().item() == pytest.approx(1 - pruned / dense, abs=1e-3)
+    with torch.no_grad():
+        for parameter in gates.parameters():
+            parameter.fill_(0.0)
+    gates.expected_reduction().backward()
+    assert gates.heads[1].log_alpha.grad.abs().sum() > 0 and gates.neurons[0].log_alpha.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="above 1"):
+        slimformer.Learned(target_speedup=1.0)
+    with pytest.raises(ConfigError, match="hidden"):
+        slimformer.Learned(target_speedup=2.0, units="heads,ffn,hidden")
+    assert slimformer.Learned(target_speedup=4.0).target_reduction == pytest.approx(0.75)
+
+
+def test_learned_pruning_to_a_target_speedup_lands_on_it(tiny_model_dir, tmp_path):
+    from slimformer.budget.latency_table import cache_path, table_key
+    from slimformer.io import write_json_atomic
+
+    loaded = slimformer.load_model(tiny_model_dir, "sst2")
+    data = load_task("sst2", write_sst2(tmp_path / "glue"))
+    config = slimformer.Learned(
+        target_speedup=2.0, epochs=4, final_epochs=0, batch_size=8, max_length=16, gate_learning_rate=0.2
+    )
+    # the machine's table, cached where the handler looks: a synthetic one, so the test does not time anything
+    gates = StructureGates(loaded.model, ("heads", "ffn", "blocks"))
+    key = table_key(loaded.model, batch_size=32, seq_len=config.seq_len, threads=config.threads, neuron_step=None)
+    write_json_atomic(cache_path(key, tmp_path / "cache"), _synthetic_table(gates, key).to_dict())
+    context = PruneContext(data=data, progress=False, cache_dir=tmp_path / "cache")
+    learned = prune_learned(loaded.model, loaded.tokenizer, config, context).details["learned"]
+    assert learned["target_speedup"] == 2.0 and learned["target_sparsity"] is None
+    assert learned["predicted_speedup"] == pytest.approx(2.0, rel=0.2)
+    assert "expected_latency_reduction" in learned["curve"][0]
+
+
 def test_learned_pruning_removes_exactly_what_it_masked(tiny_model_dir, tmp_path):
     """The handler's plan, masked, equals the model it removes; and the gates moved toward the target."""
     loaded = slimformer.load_model(tiny_model_dir, "sst2")
@@ -191,6 +251,10 @@ def test_cli_learned_prune_saves_a_smaller_model_that_reloads(tiny_model_dir, tm
     args = ["prune", "--model", tiny_model_dir, "--task", "sst2", "--data-dir", str(glue), "--no-measure"]
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--learned"])
     assert bad.exit_code != 0 and "--target-sparsity" in str(bad.exception)
+    both = runner.invoke(
+        app, [*args, "--out", str(tmp_path / "x"), "--learned", "--target-sparsity", "0.5", "--target-speedup", "2"]
+    )
+    assert both.exit_code != 0 and "one of" in str(both.exception) and not (tmp_path / "x").exists()
     out = tmp_path / "learned"
     result = runner.invoke(
         app,

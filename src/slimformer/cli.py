@@ -373,10 +373,15 @@ def _prune_config(options: dict):
             seed=options["seed"],
         )
     if options["learned"]:
-        if options["target_sparsity"] is None:
-            raise SlimformerError("--learned needs --target-sparsity: the fraction of the encoder's weights to remove.")
+        if (options["target_sparsity"] is None) == (options["target_speedup"] is None):
+            raise SlimformerError(
+                "--learned needs one of --target-sparsity (the fraction of the encoder's weights to remove) or "
+                "--target-speedup (predicted by this machine's latency table)."
+            )
         learned = {
-            "target_sparsity": options["target_sparsity"],
+            **({"target_sparsity": options["target_sparsity"]} if options["target_sparsity"] is not None else {}),
+            **({"target_speedup": options["target_speedup"]} if options["target_speedup"] is not None else {}),
+            "threads": options["threads"],
             "units": options["units"],
             "epochs": options["epochs"],
             "final_epochs": options["final_epochs"],
@@ -486,6 +491,13 @@ def prune(
     ] = False,
     target_sparsity: Annotated[
         float | None, typer.Option(help="Learned: fraction of the encoder's weights to remove (0.9 = 10x smaller).")
+    ] = None,
+    target_speedup: Annotated[
+        float | None,
+        typer.Option(
+            help="Learned: or a speedup to reach, predicted by this machine's per-layer latency table (batch 32 x "
+            "128, --threads)."
+        ),
     ] = None,
     units: Annotated[
         str, typer.Option(help="Learned: what to gate, a subset of heads,ffn,blocks,hidden.")

@@ -527,6 +527,11 @@ class Learned(PruneConfig):
     open gates, those with the largest log_alpha) and the model trains ``final_epochs`` more before everything
     closed is removed.
 
+    ``target_speedup`` (instead of a size): the expected latency of the gated model, predicted from the gates' open
+    probabilities by the per-layer latency table of :class:`LatencyBudget` (measured once per machine, batch
+    ``latency_batch_size`` x ``seq_len``, ``threads`` threads), is driven to 1 / ``target_speedup`` of the dense
+    model's; hidden-dimension gates are not available then (the table is measured at the model's full width).
+
     ``layer_distill_weight`` > 0 adds CoFi's layer distillation (each layer's hidden states matched to the
     teacher's through a learned projection); it costs a teacher forward pass per step, so it is off by default."""
 
@@ -555,10 +560,20 @@ class Learned(PruneConfig):
     layer_distill_weight: float = 0.0
     save_steps: int = 200
     seed: int = 0
+    target_speedup: float | None = None
+    latency_batch_size: int = 32
+    seq_len: int = 128
+    threads: int = 2
 
     @property
     def unit_set(self) -> frozenset[str]:
         return frozenset(u.strip() for u in self.units.split(",") if u.strip())
+
+    @property
+    def target_reduction(self) -> float:
+        """What the Lagrangian drives the gates to: the share of the encoder's weights removed, or with
+        ``target_speedup`` the share of the predicted latency removed (1 - 1 / speedup)."""
+        return 1 - 1 / self.target_speedup if self.target_speedup is not None else self.target_sparsity
 
     def check(self) -> None:
         _fraction("target_sparsity", self.target_sparsity, what="of the encoder's weights to remove")
@@ -581,6 +596,16 @@ class Learned(PruneConfig):
             )
         if not self.layer_distill_weight >= 0:
             raise ConfigError(f"layer_distill_weight must be >= 0, got {self.layer_distill_weight!r}.")
+        if self.target_speedup is not None:
+            if not (isinstance(self.target_speedup, int | float) and self.target_speedup > 1):
+                raise ConfigError(f"target_speedup must be above 1, got {self.target_speedup!r}.")
+            if "hidden" in self.unit_set:
+                raise ConfigError(
+                    "target_speedup reads a latency table measured at the model's full width, so it cannot steer "
+                    "hidden-dimension gates: drop 'hidden' from units, or give target_sparsity instead."
+                )
+        for name in ("latency_batch_size", "seq_len", "threads"):
+            _positive(name, getattr(self, name))
 
 
 # the names `slimformer prune --sparse NAME` takes: (config type, fixed settings, default granularity)

@@ -244,9 +244,14 @@ def print_report(report: dict[str, Any], console: Console | None = None, out: st
     if learned:
         shift = learned.get("log_alpha_shift") or 0.0
         hidden = ((report.get("details") or {}).get("plan") or {}).get("hidden")
+        target = (
+            f"target {learned['target_speedup']:g}x, predicted {learned['predicted_speedup']:.2f}x by the latency table"
+            if learned.get("target_speedup")
+            else f"target {learned['target_sparsity']:.0%}"
+        )
         console.print(
             f"learned gates ({', '.join(learned['units'])}): {learned['reached_sparsity']:.1%} of the encoder's "
-            f"weights removed (target {learned['target_sparsity']:.0%})"
+            f"weights removed ({target})"
             + (f", hidden size {hidden['before']} -> {hidden['after']}" if hidden and "after" in hidden else "")
             + (f"; the gates were shifted by {shift:+.2f} in log-alpha to meet the target" if shift else "")
             + "."

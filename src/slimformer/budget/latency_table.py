@@ -407,6 +407,19 @@ def latency_table(
     return table
 
 
+def table_for_config(model: PreTrainedModel, config: Any, ctx: Any) -> LatencyTable:
+    """:func:`latency_table` with a pruning config's measuring settings (``latency_batch_size``, ``seq_len``,
+    ``threads``) and the context's cache folder and progress setting."""
+    return latency_table(
+        model,
+        cache_dir=ctx.cache_dir,
+        batch_size=config.latency_batch_size,
+        seq_len=config.seq_len,
+        threads=config.threads,
+        progress=ctx.progress,
+    )
+
+
 __all__ = [
     "LatencyTable",
     "cache_path",
@@ -416,5 +429,6 @@ __all__ = [
     "latency_table",
     "measure_latency_table",
     "neuron_grid",
+    "table_for_config",
     "table_key",
 ]

@@ -117,16 +117,9 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
     table = None
     latency = isinstance(config, LatencyBudget)
     if latency:
-        from slimformer.budget.latency_table import latency_table
+        from slimformer.budget.latency_table import table_for_config
 
-        table = latency_table(
-            model,
-            cache_dir=ctx.cache_dir,
-            batch_size=config.latency_batch_size,
-            seq_len=config.seq_len,
-            threads=config.threads,
-            progress=ctx.progress,
-        )
+        table = table_for_config(model, config, ctx)
         lap("latency_table")
     plan, latency_info = plan_for_budget(
         model,

@@ -25,9 +25,10 @@ from slimformer.prune.plan import PruningPlan
 
 class LearnedPruningModel(nn.Module):
     """What the Trainer trains: the distillation model (student = the model being pruned) under sampled gates,
-    plus the Lagrangian ``l1 * (s - t) + l2 * (s - t)^2`` of the expected sparsity ``s`` and the current target
-    ``t``. The multipliers are maximised (their gradients are negated), so the constraint tightens while it is
-    violated. After :meth:`fix`, the model trains under the fixed 0/1 structure and the gates stop learning."""
+    plus the Lagrangian ``l1 * (s - t) + l2 * (s - t)^2`` of the expected reduction ``s`` (sparsity, or predicted
+    latency reduction: :meth:`StructureGates.expected_reduction`) and the current target ``t``. The multipliers
+    are maximised (their gradients are negated), so the constraint tightens while it is violated. After
+    :meth:`fix`, the model trains under the fixed 0/1 structure and the gates stop learning."""
 
     def __init__(self, distillation: nn.Module, gates: StructureGates) -> None:
         super().__init__()
@@ -63,7 +64,7 @@ class LearnedPruningModel(nn.Module):
         return self.gates.sample()
 
     def lagrangian(self) -> torch.Tensor:
-        gap = self.gates.expected_sparsity() - self.target
+        gap = self.gates.expected_reduction() - self.target
         return self.lambdas[0] * gap + self.lambdas[1] * gap.square()
 
     def forward(self, **inputs: Any):
@@ -77,7 +78,7 @@ class LearnedPruningModel(nn.Module):
 
 class PhaseCallback(TrainerCallback):
     """Raises the target linearly over the warm-up, fixes the structure when the gate phase ends, and records
-    the expected sparsity as training goes."""
+    the expected sparsity (and latency reduction) as training goes."""
 
     def __init__(self, wrapper: LearnedPruningModel, target: float, warmup_steps: int, gate_steps: int) -> None:
         self.wrapper, self.final_target = wrapper, target
@@ -105,6 +106,7 @@ class PhaseCallback(TrainerCallback):
         wrapper = self.wrapper
         with torch.no_grad():
             expected = float(wrapper.gates.expected_sparsity())
+            reduction = float(wrapper.gates.expected_reduction())
             lambdas = wrapper.lambdas.detach().tolist()
             heads = wrapper.gates.head_open_probabilities()
         if heads is not None:
@@ -114,6 +116,7 @@ class PhaseCallback(TrainerCallback):
                 "step": step,
                 "target": round(float(wrapper.target), 4),
                 "expected_sparsity": round(expected, 4),
+                **({"expected_latency_reduction": round(reduction, 4)} if wrapper.gates.latency is not None else {}),
                 "lambda1": round(lambdas[0], 4),
                 "lambda2": round(lambdas[1], 4),
             }
@@ -185,12 +188,19 @@ def prune_learned(model: PreTrainedModel, tokenizer, config: Learned, ctx: Prune
     pairs = [(i, i) for i in range(len(layer_views(model)))] if layer_kd else []
     distillation = DistillationModel(model, teacher, settings, pairs, project_hidden="hidden" in config.unit_set)
     gates = StructureGates(model, config.unit_set, init=config.gate_init)
+    if config.target_speedup is not None:
+        from slimformer.budget.latency_table import table_for_config
+
+        started = time.perf_counter()
+        gates.latency = table_for_config(model, config, ctx)
+        seconds["latency_table"] = round(time.perf_counter() - started, 2)
     wrapper = LearnedPruningModel(distillation, gates)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_epoch = math.ceil(len(train) / (config.batch_size * world))
     gate_steps = max(1, math.ceil(config.epochs * per_epoch))
-    callback = PhaseCallback(wrapper, config.target_sparsity, round(config.target_warmup * gate_steps), gate_steps)
+    target = config.target_reduction
+    callback = PhaseCallback(wrapper, target, round(config.target_warmup * gate_steps), gate_steps)
     train_config = TrainConfig(
         max_length=config.max_length,
         batch_size=config.batch_size,
@@ -214,7 +224,7 @@ def prune_learned(model: PreTrainedModel, tokenizer, config: Learned, ctx: Prune
     seconds["train"] = round(train_seconds, 2)
     if not bool(wrapper.fixed):  # no final phase: the gates are final as training left them
         callback.record(output.global_step)
-        wrapper.fix(config.target_sparsity)
+        wrapper.fix(target)
         callback.record(output.global_step)
     structure = wrapper.structure()
     model.eval()
@@ -226,13 +236,21 @@ def prune_learned(model: PreTrainedModel, tokenizer, config: Learned, ctx: Prune
         kept_neurons=kept_neurons,
         kept_hidden=kept_hidden if kept_hidden is not None and len(kept_hidden) < plan.layout.hidden else None,
         model_type=model.config.model_type,
-        meta={"method": "learned", "target_sparsity": config.target_sparsity},
+        meta={"method": "learned", "target": config.target_speedup or config.target_sparsity},
     )
     details = {
         "learned": {
             "units": sorted(config.unit_set),
-            "target_sparsity": config.target_sparsity,
+            "target_sparsity": None if config.target_speedup is not None else config.target_sparsity,
             "reached_sparsity": round(gates.structure_sparsity(structure), 4),
+            **(
+                {
+                    "target_speedup": config.target_speedup,
+                    "predicted_speedup": round(gates.structure_speedup(structure), 3),
+                }
+                if gates.latency is not None
+                else {}
+            ),
             "expected_sparsity_at_fix": callback.curve[-1]["expected_sparsity"] if callback.curve else None,
             # where the Lagrangian had not met the target, every log_alpha was shifted by this much to meet it
             "log_alpha_shift": round(wrapper.shift, 4),

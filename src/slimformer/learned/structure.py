@@ -4,7 +4,7 @@ structure to keep at the end."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from slimformer.arch import layer_views
 from slimformer.gates import Gates
 from slimformer.layout import model_width
 from slimformer.learned.hard_concrete import HardConcrete
+
+if TYPE_CHECKING:
+    from slimformer.budget.latency_table import LatencyTable
 
 
 class StructureGates(nn.Module):
@@ -35,6 +38,8 @@ class StructureGates(nn.Module):
         self.attn_blocks = HardConcrete(layers, init) if "blocks" in units else None
         self.ffn_blocks = HardConcrete(layers, init) if "blocks" in units else None
         self.hidden = HardConcrete(self.width, init) if "hidden" in units else None
+        # with a latency table the gates are driven to a latency instead of a size (Learned.target_speedup)
+        self.latency: LatencyTable | None = None
 
     # ---------------------------------------------------------------------------------------------- sampling
     def sample(self) -> Gates:
@@ -83,12 +88,45 @@ class StructureGates(nn.Module):
         """The expected share of the encoder's weights removed (differentiable in every ``log_alpha``)."""
         return 1 - self.encoder_weights(*self._expected_counts()) / self.dense_weights()
 
+    # ------------------------------------------------------------------------------------------ model latency
+    def predicted_ms(self, heads, neurons) -> torch.Tensor:
+        """The latency table's prediction for per-layer head and neuron counts (tensors: differentiable, the
+        table's curves interpolated piecewise linearly, as :meth:`LatencyTable.layer_ms` does)."""
+        table = self.latency
+        total = torch.tensor(table.rest_ms)
+        for h, f in zip(heads, neurons, strict=True):
+            attention = _interpolate(torch.as_tensor(h, dtype=torch.float32), table.head_counts, table.attn_ms)
+            ffn = _interpolate(torch.as_tensor(f, dtype=torch.float32), table.neuron_counts, table.ffn_ms)
+            total = total + (attention + ffn - table.fixed_ms).clamp_min(0.0)
+        return total
+
+    def expected_latency_reduction(self) -> torch.Tensor:
+        """1 - the predicted latency at the expected head and neuron counts over the dense model's."""
+        heads, neurons, _ = self._expected_counts()
+        dense = self.predicted_ms(self.head_counts, self.ffn_sizes)
+        return 1 - self.predicted_ms([h.cpu() for h in heads], [f.cpu() for f in neurons]) / dense
+
+    def expected_reduction(self) -> torch.Tensor:
+        """What the Lagrangian pushes to its target: the expected latency reduction with a latency table, the
+        expected sparsity without."""
+        return self.expected_latency_reduction() if self.latency is not None else self.expected_sparsity()
+
+    def structure_speedup(self, structure) -> float | None:
+        """The latency table's predicted speedup of a fixed structure (None without a table)."""
+        if self.latency is None:
+            return None
+        kept_heads, kept_neurons, _ = structure
+        dense = self.predicted_ms(self.head_counts, self.ffn_sizes)
+        pruned = self.predicted_ms([len(k) for k in kept_heads], [len(k) for k in kept_neurons])
+        return float(dense / pruned)
+
     @torch.no_grad()
     def meet_target(self, target: float, tolerance: float = 0.01) -> float:
-        """Where the expected sparsity is more than ``tolerance`` from ``target``, add one shift to every
+        """Where the expected reduction (:meth:`expected_reduction`) is more than ``tolerance`` from ``target``,
+        add one shift to every
         log_alpha so that it meets the target (bisection); the ranking within each group is unchanged. Returns
         the shift (0.0 when none was needed)."""
-        if abs(float(self.expected_sparsity()) - target) <= tolerance:
+        if abs(float(self.expected_reduction()) - target) <= tolerance:
             return 0.0
         alphas = [p for p in self.parameters()]
         original = [p.detach().clone() for p in alphas]
@@ -96,7 +134,7 @@ class StructureGates(nn.Module):
         def sparsity_at(shift: float) -> float:
             for p, o in zip(alphas, original, strict=True):
                 p.copy_(o + shift)
-            return float(self.expected_sparsity())
+            return float(self.expected_reduction())
 
         low, high = -30.0, 30.0  # sparsity falls as the shift grows
         for _ in range(60):
@@ -176,3 +214,14 @@ class StructureGates(nn.Module):
             "hidden_open": None if self.hidden is None else self.hidden.expected_open(),
             "ffn_open": [g.expected_open() for g in self.neurons] if self.neurons is not None else None,
         }
+
+
+def _interpolate(x: torch.Tensor, points: list[int], values: list[float]) -> torch.Tensor:
+    """``np.interp`` in torch, differentiable in ``x`` (clamped to the measured range)."""
+    if len(points) == 1:
+        return torch.tensor(float(values[0]))
+    x = x.clamp(float(points[0]), float(points[-1]))
+    grid = torch.tensor(points, dtype=torch.float32)
+    upper = int(torch.searchsorted(grid, x.detach().reshape(1), right=True).clamp(1, len(points) - 1))
+    x0, x1, y0, y1 = points[upper - 1], points[upper], values[upper - 1], values[upper]
+    return y0 + (x - x0) * ((y1 - y0) / (x1 - x0))
