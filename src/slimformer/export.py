@@ -50,7 +50,16 @@ DEFAULT_DYNAMO_OPSET = 18
 # A protobuf file cannot exceed 2 GiB; beyond it the weights would have to go to side files.
 MAX_SINGLE_FILE_BYTES = 2**31 - 2**26  # leave ~64 MiB for the graph itself
 OUTPUT_NAME = "logits"
+# a sentence-embedding model's graph returns its pooled, normalised embedding, under sentence-transformers' name
+EMBEDDING_OUTPUT_NAME = "sentence_embedding"
 INSTALL_HINT = "pip install slimformer[onnx]"
+
+
+def output_name(model) -> str:
+    """The graph's one output: ``logits`` for a task model, ``sentence_embedding`` for an embedding model."""
+    from slimformer.embedding import is_sentence_embedder
+
+    return EMBEDDING_OUTPUT_NAME if is_sentence_embedder(model) else OUTPUT_NAME
 
 
 @dataclass(frozen=True)
@@ -314,7 +323,7 @@ def export_onnx(
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
         shape_options: dict[str, Any] = {"dynamic_shapes": tuple({0: batch, 1: sequence} for _ in names)}
     else:
-        axes = {name: {0: "batch", 1: "sequence"} for name in names} | {OUTPUT_NAME: {0: "batch"}}
+        axes = {name: {0: "batch", 1: "sequence"} for name in names} | {output_name(model): {0: "batch"}}
         shape_options = {"dynamic_axes": axes}
 
     temporary = _temporary_path(path)
@@ -331,7 +340,7 @@ def export_onnx(
                 args,
                 str(temporary),
                 input_names=names,
-                output_names=[OUTPUT_NAME],
+                output_names=[output_name(model)],
                 opset_version=opset,
                 **shape_options,
                 **options,
@@ -403,7 +412,7 @@ def _max_abs_diff(model: PreTrainedModel, path: Path, batches: list[dict[str, to
         with _eval_mode(model), torch.no_grad():
             outputs = model(**{name: tensor.to(device) for name, tensor in feed.items()})
         expected = (outputs.logits if hasattr(outputs, "logits") else outputs[0]).detach().float().cpu().numpy()
-        (actual,) = session.run([OUTPUT_NAME], {name: tensor.numpy() for name, tensor in feed.items()})
+        actual = session.run(None, {name: tensor.numpy() for name, tensor in feed.items()})[0]
         if actual.shape != expected.shape:
             raise SlimformerError(f"{path} returned logits of shape {actual.shape}, PyTorch {expected.shape}.")
         diffs.append(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)), initial=0.0))

@@ -118,7 +118,8 @@ from transformers import AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{location}")
 model = ov.Core().compile_model("{location}/model.xml", "CPU")
 batch = tokenizer(["a gripping, funny film"], return_tensors="np")
-logits = model({{p.get_any_name(): batch[p.get_any_name()].astype("int64") for p in model.inputs}})[0]
+# one output: the logits (a task model) or the sentence embedding (an embedding model)
+output = model({{p.get_any_name(): batch[p.get_any_name()].astype("int64") for p in model.inputs}})[0]
 ```
 """
 
@@ -132,7 +133,8 @@ tokenizer = AutoTokenizer.from_pretrained("{location}")
 session = ort.InferenceSession("{location}/model.onnx", providers=["CPUExecutionProvider"])
 batch = tokenizer(["a gripping, funny film"], return_tensors="np")
 names = [i.name for i in session.get_inputs()]
-logits = session.run(["logits"], {{n: batch[n].astype("int64") for n in names}})[0]
+# one output: "logits" (a task model) or "sentence_embedding" (an embedding model)
+output = session.run(None, {{n: batch[n].astype("int64") for n in names}})[0]
 ```
 """
 

@@ -70,7 +70,8 @@ class OnnxClassifier(_RuntimeClassifier):
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **inputs: Any):
-        (logits,) = self.session.run(["logits"], self._arrays(input_ids, attention_mask, inputs))
+        # the graph's one output: logits, or an embedding model's sentence_embedding (older exports: logits)
+        logits = self.session.run(None, self._arrays(input_ids, attention_mask, inputs))[0]
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
 
