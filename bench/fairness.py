@@ -284,12 +284,68 @@ def findings(costs: dict | None, fairness: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PRONOUNS = {"he", "she", "him", "her"}
+
+
+def _is_name(person: str) -> bool:
+    """EEC persons are first names ("Amanda"), noun phrases ("my sister", "this man") or pronouns."""
+    return not (person.lower() in PRONOUNS or person.lower().startswith(("my ", "this ")))
+
+
+def person_split(folders: dict[str, str]) -> dict[str, dict]:
+    """The EEC gender gap of each model on the pairs whose person is a first name, and on those whose person is a
+    gendered noun phrase or pronoun (the words the debiasing objective swaps): cached in
+    ``runs/bench/fairness/person_split.json``."""
+    import csv
+
+    from slimformer.analyze.bias import find_eec_file
+
+    cache = OUT / "person_split.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    source = find_eec_file()
+    with open(source, newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames, list(reader)
+    files = {}
+    for kind, keep in (("names", True), ("words", False)):
+        files[kind] = OUT / f"eec-{kind}.csv"
+        with open(files[kind], "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(r for r in rows if (not r["Gender"]) or _is_name(r["Person"]) == keep)
+    for label, folder in folders.items():
+        if label not in known:
+            known[label] = {kind: bias(folder, eec_file=path).gaps["gender"]["all"] for kind, path in files.items()}
+            cache.write_text(json.dumps(known))
+    return known
+
+
 def write_findings() -> None:
     from common import RESULTS
 
     costs_file, fairness_file = RESULTS / "costs.json", RESULTS / "fairness.json"
     costs = json.loads(costs_file.read_text()) if costs_file.is_file() else None
-    FINDINGS.write_text(findings(costs, json.loads(fairness_file.read_text())))
+    fairness = json.loads(fairness_file.read_text())
+    seed0 = {r["variant"]: r["folder"] for r in fairness["runs"] if r["seed"] == 0}
+    split = person_split(seed0)
+    text = findings(costs, fairness)
+    table = ["## Which EEC pairs carry the gap: first names or gendered words?", "",
+             "The debiasing objective and fair distillation swap gendered words (he / she, brother / sister, ...; "
+             f"{SWAPPABLE}); 40 of the EEC's 62 persons are first names, which no word list swaps. Seed 0 of each "
+             "variant; gap in points of P(positive), female - male, 95% CI.", "",
+             "| model | first-name pairs | gendered-word pairs |", "|---|---|---|"]  # fmt: skip
+    for label, kinds in split.items():
+        cells = []
+        for kind in ("names", "words"):
+            entry = kinds[kind]
+            low, high = entry["ci95"]
+            cells.append(f"{entry['mean'] * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}]")
+        table.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    FINDINGS.write_text(text + "\n".join(table) + "\n")
+
+
+# measured on the 8,000-sentence training subset every variant trains on (MiniLM tokenizer, the package's list)
+SWAPPABLE = "668 of the 8,000 SST-2 training sentences (8.4%) contain one"
 
 
 def main() -> None:
