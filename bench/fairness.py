@@ -165,8 +165,9 @@ def plot(summary: list[dict], path: Path) -> None:
 def write(runs: list[dict], teacher: dict) -> None:
     summary = summarise(runs)
     bounds = [k for k in summary[0] if k.startswith("pgd ")]
-    headers = ["variant", "seeds", "SST-2 dev", "AdvGLUE SST-2", *[f"PGD success {b[4:]}" for b in bounds],
-               "EEC gender gap (F-M)", "EEC race gap (AA-EU)", "mean abs. gender gap per emotion"]  # fmt: skip
+    headers = ["variant", "seeds", "SST-2 dev", "AdvGLUE SST-2",
+               *[f"PGD success {float(b[4:]) * 100:g}%" for b in bounds], "EEC gender gap (F-M)",
+               "EEC race gap (AA-EU)", "mean abs. gender gap per emotion"]  # fmt: skip
     table = [
         [e["variant"], len(e["seeds"]), _cell(e, "dev"), _cell(e, "advglue"), *[_cell(e, b) for b in bounds],
          _cell(e, "gender_gap", signed=True), _cell(e, "race_gap", signed=True), _cell(e, "gender_gap_abs")]
@@ -266,7 +267,7 @@ def findings(costs: dict | None, fairness: dict) -> str:
         bounds = [k for k in robust if k.startswith("pgd ")]
         lines += ["## Do robust tickets beat ordinary ones?", "",
                   "| variant | SST-2 dev | AdvGLUE SST-2 | "
-                  + " | ".join(f"PGD success {b[4:]}" for b in bounds) + " |",
+                  + " | ".join(f"PGD success {float(b[4:]) * 100:g}%" for b in bounds) + " |",
                   "|---|---|---|" + "---|" * len(bounds)]  # fmt: skip
         for name, entry in (("ordinary (head movement 50%)", ordinary), ("robust (+ adversarial 1)", robust)):
             lines.append(f"| {name} | {_cell(entry, 'dev')} | {_cell(entry, 'advglue')} | "
@@ -277,7 +278,8 @@ def findings(costs: dict | None, fairness: dict) -> str:
                   f"{'beyond' if _separated(robust['advglue'], ordinary['advglue']) else 'within'} the seed spread "
                   "(difference of the means against the sum of the standard deviations)."]  # fmt: skip
         for bound in bounds:
-            lines.append(f"PGD success at {bound[4:]}: {(robust[bound]['mean'] - ordinary[bound]['mean']) * 100:+.2f} "
+            moved = (robust[bound]["mean"] - ordinary[bound]["mean"]) * 100
+            lines.append(f"PGD success at {float(bound[4:]) * 100:g}%: {moved:+.2f} "
                          f"points, {'beyond' if _separated(robust[bound], ordinary[bound]) else 'within'} the seed "
                          "spread.")  # fmt: skip
         lines += [""]
@@ -321,7 +323,11 @@ def person_split(folders: dict[str, str]) -> dict[str, dict]:
 
 
 def write_findings() -> None:
+    """The results table again from every finished run (``runs.jsonl``), then docs/findings/compression-costs.md."""
     from common import RESULTS
+
+    runs = [json.loads(line) for line in (OUT / "runs.jsonl").read_text().splitlines()]
+    write([json.loads((OUT / "dense.json").read_text()), *runs], teacher_summary("sst2", teacher_folder("sst2")))
 
     costs_file, fairness_file = RESULTS / "costs.json", RESULTS / "fairness.json"
     costs = json.loads(costs_file.read_text()) if costs_file.is_file() else None
