@@ -81,6 +81,7 @@ def score(folder: Path, seed: int, label: str, built_s: float) -> dict:
     robust = robustness(folder, "sst2", epsilons=(0.02, 0.05), attack_examples=256, max_length=LENGTH)
     gaps = bias(folder)
     metrics = json.loads((folder / "metrics.json").read_text())
+    per_emotion = _pair_gaps(gaps, "gender")
     return {
         "variant": label,
         "seed": seed,
@@ -90,7 +91,7 @@ def score(folder: Path, seed: int, label: str, built_s: float) -> dict:
         "pgd": {f"{p['epsilon']:g}": p["success_rate"] for p in robust.pgd},
         "gender_gap": gaps.gaps["gender"]["all"]["mean"],
         "race_gap": gaps.gaps["race"]["all"]["mean"],
-        "gender_gap_abs": float(np.mean(np.abs(_pair_gaps(gaps, "gender")))) if _pair_gaps(gaps, "gender") else None,
+        "gender_gap_abs": float(np.mean(np.abs(per_emotion))) if per_emotion else None,
         "train_seconds": metrics.get("seconds", {}).get("train"),
         "build_seconds": round(built_s, 1),
     }

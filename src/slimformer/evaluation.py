@@ -166,9 +166,13 @@ class Evaluator:
         """The task's metrics on every split."""
         if self.embedding is not None:
             return self.embedding.evaluate(model, progress=progress)
+        return self.metrics(self.logits(model, progress=progress))
+
+    def metrics(self, logits: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        """The task's metrics from logits :meth:`logits` already gave (no second pass over the data)."""
         return {
-            name: {k: float(v) for k, v in compute_metrics(self.spec, logits, self.splits[name][2]).items()}
-            for name, logits in self.logits(model, progress=progress).items()
+            name: {k: float(v) for k, v in compute_metrics(self.spec, values, self.splits[name][2]).items()}
+            for name, values in logits.items()
         }
 
     def score(self, model: PreTrainedModel, *, progress: bool = False) -> float:

@@ -56,9 +56,9 @@ def compression_costs(
         evaluator = Evaluator(tokenizer, task_data, max_length=max_length, batch_size=batch_size)
         logits = {name: evaluator.logits(net) for name, net in models.items()}
         if set_name == "advglue":
-            for name, net in models.items():
-                split = next(iter(logits[name]))
-                costs[name]["advglue"] = evaluator.evaluate(net)[split][metric]
+            for name in models:
+                scores = evaluator.metrics(logits[name])
+                costs[name]["advglue"] = scores[next(iter(scores))][metric]
         for name in models:
             for split, values in logits[name].items():
                 label = set_name if len(logits[name]) == 1 else f"{set_name} {split}"

@@ -135,8 +135,7 @@ def loyalty(
         evaluator = Evaluator(teacher_loaded.tokenizer, task_data, max_length=max_length, batch_size=batch_size)
         teacher_logits = evaluator.logits(teacher_loaded.model)
         student_logits = evaluator.logits(student_loaded.model)
-        teacher_eval = evaluator.evaluate(teacher_loaded.model)
-        student_eval = evaluator.evaluate(student_loaded.model)
+        teacher_eval, student_eval = evaluator.metrics(teacher_logits), evaluator.metrics(student_logits)
         for split in teacher_logits:
             name = set_name if len(teacher_logits) == 1 else f"{set_name} {split}"
             result.sets[name] = {
