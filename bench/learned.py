@@ -1,5 +1,5 @@
-"""Benchmark: learned structured pruning (hard-concrete gates + Lagrangian, CoFi) of the converged MiniLM-L6 STS-B
-teacher (bench/teachers.py), against the retraining-free budget pruner at similar FLOPs.
+"""Benchmark: learned structured pruning (hard-concrete gates + Lagrangian, CoFi) of a converged MiniLM-L6 teacher
+(bench/teachers.py; STS-B or SST-2), against the retraining-free budget pruner at similar FLOPs, with and without KD.
 
 Every variant is made through the front door, ``slimformer.prune(teacher, config, "stsb")``:
 
@@ -10,13 +10,17 @@ Every variant is made through the front door, ``slimformer.prune(teacher, config
 - ``FlopsBudget(F)``: the retraining-free pruner (Kwon et al. 2022 + least-squares refit) at a FLOPs fraction
   close to the learned models'.
 
-Columns: STS-B dev combined score (mean of Pearson and Spearman, as the teacher), encoder weight sparsity, encoder
+On SST-2 the targets are measured speedups instead (``Learned(target_speedup=S)``: the gates' expected latency
+from the per-layer latency table driven to 1 / S of the dense model's), 4x / 8x / 12x, 8x also with layer
+distillation, against budget pruning + the same KD budget.
+
+Columns: dev score (the teacher's metric), encoder weight sparsity, encoder
 FLOPs kept, the resulting shape (heads, FFN neurons, hidden size; per layer in the JSON), the score of dynamic int8
 on ONNX Runtime, and latency at 32 x 128 and 1 x 32 tokens (2 threads; every model of a runtime in one
 interleaved run, medians), as speedups over dense PyTorch fp32 and over dense int8. Writes
-``bench/results/learned.{json,md,png}``.
+``bench/results/learned.{json,md,png}`` (STS-B) or ``learned_<task>.{json,md,png}``.
 
-    python bench/learned.py [--variants all|name,name] [--epochs 3] [--final-epochs 1]
+    python bench/learned.py [--task stsb|sst2] [--variants all|name,name] [--epochs 3] [--final-epochs 1]
 """
 
 from __future__ import annotations
@@ -40,17 +44,42 @@ from common import (
     write_results,
 )
 from slimformer.configs import FlopsBudget, Learned
+from slimformer.distill import DistillConfig
 from slimformer.evaluation import Evaluator
 from slimformer.io import write_json_atomic
 from slimformer.measure import flops
 from slimformer.models import load_model
 from slimformer.tasks import load_task
 from slimformer.tasks.metrics import compute_metrics
+from slimformer.train import TrainConfig
 
 OUT = RUNS / "learned"
 
+# What every trained variant of a task sees: STS-B's whole training set at the teacher's length; on SST-2 (67k
+# sentences, 6 minutes an epoch here) the first 8,000 sentences, at the teacher's max length of 64
+TRAINING = {
+    "stsb": {"max_length": 128, "max_train_samples": None, "what": "the whole STS-B training set (5,749 pairs)"},
+    "sst2": {"max_length": 64, "max_train_samples": 8000, "what": "8,000 SST-2 training sentences (max length 64)"},
+}
+DISPLAY = {"stsb": "STS-B", "sst2": "SST-2"}
 
-def variants(epochs: float, final_epochs: float) -> dict[str, object]:
+
+def variants(epochs: float, final_epochs: float, task: str = "stsb") -> dict[str, object]:
+    data = {k: v for k, v in TRAINING[task].items() if k != "what"}
+    if task != "stsb":
+        train = {"epochs": epochs, "final_epochs": final_epochs, **data}
+        return {
+            # the issue's targets are measured speedups: the gates' expected latency is driven to 1 / S
+            "learned 4x": Learned(target_speedup=4.0, **train),
+            "learned 8x": Learned(target_speedup=8.0, **train),
+            "learned 8x + layer KD": Learned(target_speedup=8.0, layer_distill_weight=1.0, **train),
+            "learned 12x": Learned(target_speedup=12.0, **train),
+            # budget pruning, then logit KD with the learned variants' whole training budget
+            "budget 30% FLOPs + KD": FlopsBudget(0.3),
+            "budget 15% FLOPs + KD": FlopsBudget(0.15),
+            # the size target with hidden-dimension gates (a latency target cannot gate the width)
+            "learned 90% + hidden": Learned(target_sparsity=0.9, units="heads,ffn,blocks,hidden", **train),
+        }
     train = {"epochs": epochs, "final_epochs": final_epochs}
     return {
         # "learned": all four kinds of unit gated, hidden dimensions included
@@ -70,11 +99,24 @@ def slug(label: str) -> str:
     return label.replace(" ", "-").replace("%", "").replace("+", "plus")
 
 
-def build(label: str, config, teacher: Path, data) -> tuple[Path, dict]:
+def build(label: str, config, teacher: Path, data, kd_epochs: float, task: str) -> tuple[Path, dict]:
     folder = OUT / slug(label)
     if not (folder / "metrics.json").is_file():
         started = time.perf_counter()
-        slimformer.prune(load_model(teacher), config, data, out=folder, measure=False, overwrite=True)
+        if label.endswith("+ KD") and isinstance(config, FlopsBudget):
+            pruned = folder.with_name(folder.name + "-pruned")
+            if not (pruned / "metrics.json").is_file():
+                slimformer.prune(load_model(teacher), config, data, out=pruned, measure=False, overwrite=True)
+            training = TRAINING[task]
+            settings = TrainConfig(
+                epochs=kd_epochs, learning_rate=3e-5, max_length=training["max_length"], batch_size=32,
+                max_train_samples=training["max_train_samples"], save_steps=200,
+            )  # fmt: skip
+            slimformer.distill(
+                teacher, pruned, folder, data, config=settings, distill_config=DistillConfig(alpha=0.9, temperature=2.0)
+            )
+        else:
+            slimformer.prune(load_model(teacher), config, data, out=folder, measure=False, overwrite=True)
         print(f"{label}: built in {time.perf_counter() - started:.0f} s", flush=True)
     return folder, json.loads((folder / "metrics.json").read_text())
 
@@ -102,6 +144,7 @@ def encoder_weights(model) -> int:
 def main() -> None:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--task", default="stsb", choices=sorted(TRAINING))
     parser.add_argument("--variants", default="all")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--final-epochs", type=float, default=1.0)
@@ -110,16 +153,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="smoke runs: write elsewhere")
-    parser.add_argument("--runs-dir", type=Path, default=OUT, help="smoke runs: cache variants elsewhere")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="smoke runs: cache variants elsewhere")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="smoke runs only")
     args = parser.parse_args()
-    OUT = args.runs_dir
+    task = args.task
+    OUT = args.runs_dir or (RUNS / "learned" if task == "stsb" else RUNS / f"learned-{task}")
     from slimformer.deploy.runtime import load_artifact_folder
 
-    teacher_path = teacher_folder("stsb")
-    teacher = teacher_summary("stsb", teacher_path)
-    data = load_task("stsb", max_eval_samples=args.max_eval_samples)
-    chosen = variants(args.epochs, args.final_epochs)
+    teacher_path = teacher_folder(task)
+    teacher = teacher_summary(task, teacher_path)
+    data = load_task(task, max_eval_samples=args.max_eval_samples)
+    chosen = variants(args.epochs, args.final_epochs, task)
     if args.variants != "all":
         wanted = args.variants.split(",")
         chosen = {k: v for k, v in chosen.items() if slug(k) in wanted or k in wanted}
@@ -129,7 +173,7 @@ def main() -> None:
 
     def score(model) -> float:
         logits = evaluator.logits(model)["dev"]
-        return compute_metrics(data.spec, logits, evaluator.splits["dev"][2])["combined_score"]
+        return compute_metrics(data.spec, logits, evaluator.splits["dev"][2])[teacher["primary_metric"]]
 
     dense_runtime = load_artifact_folder(int8(OUT / "dense", data, source=teacher_path), threads=args.threads).model
     rows = [
@@ -144,7 +188,7 @@ def main() -> None:
     ]
     torch_models, runtime_models = {"dense": dense.model}, {"dense": dense_runtime}
     for label, config in chosen.items():
-        folder, report = build(label, config, teacher_path, data)
+        folder, report = build(label, config, teacher_path, data, args.epochs + args.final_epochs, task)
         model = load_model(folder).model
         runtime = load_artifact_folder(int8(folder, data), threads=args.threads).model
         cached = folder / "bench_row.json"
@@ -181,14 +225,19 @@ def main() -> None:
     write(rows, teacher, args)
 
 
+def results_name(task: str) -> str:
+    return "learned" if task == "stsb" else f"learned_{task}"
+
+
 def _x(row, key) -> str:
     value = row.get(key)
     return f"{value:.2f}x" if value else "-"
 
 
 def write(rows: list[dict], teacher: dict, args) -> None:
+    name = DISPLAY[args.task]
     headers = [
-        "variant", "STS-B", "int8 STS-B", "weight sparsity", "FLOPs kept", "heads", "FFN", "hidden",
+        "variant", name, f"int8 {name}", "weight sparsity", "FLOPs kept", "heads", "FFN", "hidden",
         "fp32 32x128", "fp32 1x32", "int8 32x128", "int8 1x32", "int8 32x128 vs dense int8",
     ]  # fmt: skip
     table = []
@@ -218,9 +267,12 @@ def write(rows: list[dict], teacher: dict, args) -> None:
             describe_teacher(teacher),
             "",
             f"Learned variants: {args.epochs:g} epochs of gate training + {args.final_epochs:g} under the fixed "
-            "structure on the whole STS-B training set (5,749 pairs), batch 32, weights at 3e-5, gates at 0.1, "
-            "multipliers at 0.5, logit KD from the teacher (alpha 0.9, T 2); one seed. Budget variants: "
-            "retraining-free, 2,048 calibration examples. Speedups: over dense PyTorch fp32, same interleaved run "
+            f"structure on {TRAINING[args.task]['what']}, batch 32, weights at 3e-5, gates at 0.1, "
+            "multipliers at 0.5, logit KD from the teacher (alpha 0.9, T 2); one seed. 'Nx': the target is a "
+            "measured speedup (the gates' expected latency from the per-layer latency table, batch 32 x 128, "
+            "driven to 1/N of the dense model's). Budget variants: retraining-free, 2,048 calibration examples; "
+            f"'+ KD': then {args.epochs + args.final_epochs:g} epochs of logit KD on the same data (the learned "
+            "variants' whole training budget). Speedups: over dense PyTorch fp32, same interleaved run "
             f"({args.threads} threads, medians of {args.repeats} x {args.rounds}). Weight sparsity: share of the "
             "encoder's linear weights removed (CoFi's measure).",
             "",
@@ -235,11 +287,12 @@ def write(rows: list[dict], teacher: dict, args) -> None:
             ],
         ]
     )
-    write_results("learned", {"machine": machine(), "teacher": teacher, "rows": rows}, markdown, args.results_dir)
-    plot(rows, teacher, args.results_dir / "learned.png")
+    name = results_name(args.task)
+    write_results(name, {"machine": machine(), "teacher": teacher, "rows": rows}, markdown, args.results_dir)
+    plot(rows, teacher, args.results_dir / f"{name}.png", args.task)
 
 
-def plot(rows: list[dict], teacher: dict, path: Path) -> None:
+def plot(rows: list[dict], teacher: dict, path: Path, task: str = "stsb") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,8 +312,8 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
                 ax.annotate(label, point, fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.axhline(100 * teacher["score"], color="grey", lw=0.8, ls="--")
     ax.set_xlabel("measured speedup, PyTorch fp32, batch 32 x 128")
-    ax.set_ylabel("STS-B dev (combined)")
-    ax.set_title("MiniLM-L6 on STS-B: learned gates vs retraining-free budget")
+    ax.set_ylabel(f"{DISPLAY[task]} dev ({teacher['primary_metric']})")
+    ax.set_title(f"MiniLM-L6 on {DISPLAY[task]}: learned gates vs budget pruning")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,4 +1,4 @@
-"""Benchmark: weight-level (sparse) pruning of the converged MiniLM-L6 STS-B teacher (bench/teachers.py).
+"""Benchmark: weight-level (sparse) pruning of a converged MiniLM-L6 teacher (bench/teachers.py; STS-B or SST-2).
 
 Every variant is made through the front door, ``slimformer.prune(teacher, config, "stsb")``:
 
@@ -9,19 +9,20 @@ Every variant is made through the front door, ``slimformer.prune(teacher, config
 - block movement (``Movement(granularity="block:32")``) and whole-head movement (``granularity="head"``: heads
   and FFN neurons), whose emptied heads and neurons are removed physically.
 
-All training variants get the same budget (``--epochs`` over the STS-B training set, batch 32, weights at lr 3e-5,
+All training variants get the same budget (``--epochs`` over the task's training set, 8,000 sentences at max
+length 64 on SST-2, batch 32, weights at lr 3e-5,
 movement scores at 1e-2, sparsity rising from 10% to 70% of training). Sparsity is counted over the encoder's
 linear weights (embeddings and head are dense). Each variant is also quantized to dynamic int8 on ONNX Runtime
 (per-channel), scored through the runtime.
 
-Columns: STS-B dev combined score (mean of Pearson and Spearman, as the teacher), sparsity, heads / FFN neurons
+Columns: dev score (the teacher's metric), loyalty to the teacher, sparsity, heads / FFN neurons
 left after removal, dense FLOPs kept (unstructured zeros still cost FLOPs on dense kernels), bytes on disk as
 dense safetensors, as slimformer's sparse-bitmask file, the int8 ONNX file and that file zip-compressed (zeros
 compress; the dense int8 kernels do not skip them), and latency at 32 x 128 and 1 x 32 tokens (2 threads,
-every variant of a runtime in one interleaved run, medians). Writes ``bench/results/sparse.{json,md}`` and the
-density map of every variant (``sparse_density_<variant>.png``).
+every variant of a runtime in one interleaved run, medians). Writes ``bench/results/sparse.{json,md}`` (STS-B;
+``sparse_<task>.*`` otherwise) and the density map of every variant (``sparse[_<task>]_density_<variant>.png``).
 
-    python bench/sparse.py [--epochs 4] [--variants all|name,name]
+    python bench/sparse.py [--task stsb|sst2] [--epochs 4] [--variants all|name,name]
 """
 
 from __future__ import annotations
@@ -62,9 +63,21 @@ from slimformer.train import TrainConfig
 
 OUT = RUNS / "sparse"
 
+# what every training variant sees: STS-B's whole training set; on SST-2 (67k sentences, about 6 minutes an epoch
+# here) the first 8,000 sentences at the teacher's max length of 64, as bench/learned.py and bench/fairness.py
+TRAINING = {
+    "stsb": {"max_length": 128, "max_train_samples": None, "what": "the STS-B training set"},
+    "sst2": {"max_length": 64, "max_train_samples": 8000, "what": "8,000 SST-2 training sentences (max length 64)"},
+}
+DISPLAY = {"stsb": "STS-B", "sst2": "SST-2"}
 
-def variants(epochs: float) -> dict[str, object]:
-    train = {"epochs": epochs, "max_length": 128}
+
+def results_name(task: str) -> str:
+    return "sparse" if task == "stsb" else f"sparse_{task}"
+
+
+def variants(epochs: float, task: str = "stsb") -> dict[str, object]:
+    train = {"epochs": epochs, **{k: v for k, v in TRAINING[task].items() if k != "what"}}
     return {
         "magnitude 50%": Magnitude(sparsity=0.5),
         "magnitude 70%": Magnitude(sparsity=0.7),
@@ -78,6 +91,7 @@ def variants(epochs: float) -> dict[str, object]:
         "gmp* 80%": GradualMagnitude(sparsity=0.8, learning_rate=3e-5, **train),
         "gmp* 90%": GradualMagnitude(sparsity=0.9, learning_rate=3e-5, **train),
         "gmp* lr 1e-4 80%": GradualMagnitude(sparsity=0.8, learning_rate=1e-4, **train),
+        "gmp* lr 1e-4 90%": GradualMagnitude(sparsity=0.9, learning_rate=1e-4, **train),
         "movement 80%": Movement(sparsity=0.8, **train),
         "movement 90%": Movement(sparsity=0.9, **train),
         "soft movement 90%": Movement(sparsity=0.9, soft=True, **train),
@@ -93,7 +107,7 @@ def slug(label: str) -> str:
     return label.replace(" ", "-").replace("%", "").replace("*", "star")
 
 
-def build(label: str, config, teacher: Path, data, epochs: float) -> tuple[Path, dict]:
+def build(label: str, config, teacher: Path, data, epochs: float, task: str = "stsb") -> tuple[Path, dict]:
     folder = OUT / slug(label)
     if not (folder / "metrics.json").is_file():
         started = time.perf_counter()
@@ -102,7 +116,11 @@ def build(label: str, config, teacher: Path, data, epochs: float) -> tuple[Path,
             pruned = folder.with_name(folder.name + "-pruned")
             if not (pruned / "metrics.json").is_file():
                 slimformer.prune(loaded, config, data, out=pruned, measure=False, overwrite=True)
-            settings = TrainConfig(epochs=epochs, learning_rate=3e-5, max_length=128, batch_size=32, save_steps=200)
+            training = TRAINING[task]
+            settings = TrainConfig(
+                epochs=epochs, learning_rate=3e-5, max_length=training["max_length"], batch_size=32, save_steps=200,
+                max_train_samples=training["max_train_samples"],
+            )  # fmt: skip
             slimformer.distill(
                 teacher, pruned, folder, data, config=settings, distill_config=DistillConfig(alpha=0.9, temperature=2.0)
             )
@@ -141,6 +159,7 @@ def onnx_sizes(folder: Path) -> tuple[int, int]:
 def main() -> None:
     global OUT
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--task", default="stsb", choices=sorted(TRAINING))
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--variants", default="all")
     parser.add_argument("--rounds", type=int, default=3)
@@ -148,17 +167,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="smoke runs: write elsewhere")
-    parser.add_argument("--runs-dir", type=Path, default=OUT, help="smoke runs: cache variants elsewhere")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="smoke runs: cache variants elsewhere")
     parser.add_argument("--max-train-samples", type=int, default=None, help="smoke runs only")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="smoke runs only")
     args = parser.parse_args()
-    OUT = args.runs_dir
+    task = args.task
+    OUT = args.runs_dir or (RUNS / "sparse" if task == "stsb" else RUNS / f"sparse-{task}")
     from slimformer.deploy.runtime import load_artifact_folder
 
-    teacher_path = teacher_folder("stsb")
-    teacher = teacher_summary("stsb", teacher_path)
-    data = load_task("stsb", max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples)
-    chosen = variants(args.epochs)
+    teacher_path = teacher_folder(task)
+    teacher = teacher_summary(task, teacher_path)
+    data = load_task(task, max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples)
+    chosen = variants(args.epochs, task)
     if args.variants != "all":
         chosen = {
             k: v for k, v in chosen.items() if slug(k) in args.variants.split(",") or k in args.variants.split(",")
@@ -170,7 +190,7 @@ def main() -> None:
 
     def scored(model) -> tuple[float, np.ndarray]:
         logits = evaluator.logits(model)["dev"]
-        return compute_metrics(data.spec, logits, evaluator.splits["dev"][2])["combined_score"], logits
+        return compute_metrics(data.spec, logits, evaluator.splits["dev"][2])[teacher["primary_metric"]], logits
 
     def int8_score(runtime) -> float:
         return scored(runtime)[0]
@@ -207,7 +227,7 @@ def main() -> None:
     ]
     torch_models, runtime_models = {"dense": dense.model}, {"dense": dense_int8}
     for label, config in chosen.items():
-        folder, report = build(label, config, teacher_path, data, args.epochs)
+        folder, report = build(label, config, teacher_path, data, args.epochs, task)
         sparse = report["details"].get("sparse") or dense_sparsity(folder)
         model = load_model(folder).model
         artifact = int8(folder, data)
@@ -225,7 +245,7 @@ def main() -> None:
                 "config": config.to_dict(),
                 "score": score,
                 "score_int8": int8_score(runtime),
-                "loyalty": loyalty_metrics(teacher_logits, logits, regression=True),
+                "loyalty": loyalty_metrics(teacher_logits, logits, regression=data.spec.is_regression),
                 "sparsity": sparse["sparsity"],
                 "heads": after["heads"],
                 "neurons": after["neurons"],
@@ -242,7 +262,8 @@ def main() -> None:
             }  # fmt: skip
             write_json_atomic(cached, row)
         if "head_density" in sparse:
-            plot_density(sparse, args.results_dir / f"sparse_density_{slug(label)}.png", title=f"{label}: weights left")
+            density = args.results_dir / f"{results_name(task)}_density_{slug(label)}.png"
+            plot_density(sparse, density, title=f"{label}: weights left")
         print(json.dumps(row), flush=True)
         rows.append(row)
         torch_models[label] = model
@@ -259,8 +280,8 @@ def _family(variant: str) -> str:
     return variant.rsplit(" ", 1)[0] if variant[-1] == "%" else variant
 
 
-def plot(rows: list[dict], teacher: dict, path: Path) -> None:
-    """STS-B score against encoder sparsity, one line per method, the teacher as a horizontal line."""
+def plot(rows: list[dict], teacher: dict, path: Path, task: str = "stsb") -> None:
+    """The dev score against encoder sparsity, one line per method, the teacher as a horizontal line."""
     from matplotlib.figure import Figure
 
     from slimformer.plots import save_png_atomic
@@ -278,7 +299,7 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
         axes.plot(x, [r["score"] * 100 for r in members], marker="o", label=name)
     axes.axhline(teacher["score"] * 100, color="black", linestyle="--", linewidth=1, label="teacher")
     axes.set_xlabel("encoder linear weights removed (%)")
-    axes.set_ylabel("STS-B dev (mean of Pearson and Spearman)")
+    axes.set_ylabel(f"{DISPLAY[task]} dev ({teacher['primary_metric']})")
     axes.set_ylim(max(0, teacher["score"] * 100 - 30), teacher["score"] * 100 + 2)
     axes.legend(fontsize=7)
     save_png_atomic(figure, path)
@@ -293,11 +314,20 @@ def _x(row, key) -> str:
     return "" if value is None else f"{value:.2f}x"
 
 
+def _loyalty(row) -> str:
+    loyalty = row.get("loyalty")
+    if not loyalty:
+        return ""
+    return f"{loyalty['pearson']:.3f}" if "pearson" in loyalty else f"{loyalty['label_loyalty']:.3f}"
+
+
 def write(rows: list[dict], teacher: dict, args) -> None:
+    name = DISPLAY[args.task]
+    loyalty = "r with teacher" if args.task == "stsb" else "agreement with teacher"
     headers = [
-        "variant", "STS-B", "vs teacher", "r with teacher", "int8 STS-B", "sparsity", "heads", "FFN neurons",
+        "variant", name, "vs teacher", loyalty, f"int8 {name}", "sparsity", "heads", "FFN neurons",
         "dense FLOPs kept",
-        "safetensors MB", "sparse-bitmask MB", "int8 bitmask MB", "STS-B of int8 bitmask", "int8 ONNX MB",
+        "safetensors MB", "sparse-bitmask MB", "int8 bitmask MB", f"{name} of int8 bitmask", "int8 ONNX MB",
         "int8 ONNX zipped MB",
         "PyTorch 32x128", "int8 32x128", "PyTorch 1x32", "int8 1x32", "train s",
     ]  # fmt: skip
@@ -305,7 +335,7 @@ def write(rows: list[dict], teacher: dict, args) -> None:
     for row in rows:
         table.append([
             row["variant"], f"{row['score'] * 100:.2f}", f"{(row['score'] - teacher['score']) * 100:+.2f}",
-            f"{row['loyalty']['pearson']:.3f}" if row.get("loyalty") else "",
+            _loyalty(row),
             f"{row['score_int8'] * 100:.2f}", f"{row['sparsity']:.0%}", row["heads"], row["neurons"],
             f"{row['flops_kept']:.0%}", _mb(row["dense_bytes"]), _mb(row["bitmask_bytes"]),
             _mb(row["bitmask_int8_bytes"]),
@@ -315,12 +345,16 @@ def write(rows: list[dict], teacher: dict, args) -> None:
             _x(row, "speedup_pytorch_1x32"), _x(row, "speedup_int8_1x32"),
             "" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}",
         ])  # fmt: skip
+    what = (
+        "Pearson correlation of the variant's predictions with the teacher's"
+        if args.task == "stsb"
+        else "share of dev sentences given the teacher's label"
+    )
     text = (
-        "# Sparse (weight-level) pruning of MiniLM-L6 on STS-B\n\n"
+        f"# Sparse (weight-level) pruning of MiniLM-L6 on {name}\n\n"
         + describe_teacher(teacher)
-        + "\n\n'r with teacher': Pearson correlation of the variant's predictions with the teacher's on STS-B dev "
-        "(loyalty, Xu et al. 2021). "
-        + f"Training variants: {args.epochs:g} epochs over the STS-B training set, batch 32, one seed (0), "
+        + f"\n\n'{loyalty}': {what} on {name} dev (loyalty, Xu et al. 2021). "
+        + f"Training variants: {args.epochs:g} epochs over {TRAINING[args.task]['what']}, batch 32, one seed (0), "
         "learning rate 3e-5 unless the name says otherwise, logit distillation from the dense teacher; sparsity "
         "over the encoder's linear weights. Speedups are over "
         f"the dense PyTorch fp32 teacher, every variant of a runtime in one interleaved run, {args.threads} threads. "
@@ -329,8 +363,9 @@ def write(rows: list[dict], teacher: dict, args) -> None:
         "empty are removed and only they make the model faster.\n\n" + markdown_table(headers, table)
     )
     data = {"teacher": teacher, "machine": machine(), "epochs": args.epochs, "rows": rows}
-    write_results("sparse", data, text + "\n![score vs sparsity](sparse.png)\n", results_dir=args.results_dir)
-    plot(rows, teacher, args.results_dir / "sparse.png")
+    base = results_name(args.task)
+    write_results(base, data, text + f"\n![score vs sparsity]({base}.png)\n", results_dir=args.results_dir)
+    plot(rows, teacher, args.results_dir / f"{base}.png", args.task)
     print(text)
 
 

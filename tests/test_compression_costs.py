@@ -185,6 +185,20 @@ def test_compression_costs_give_each_model_the_columns_its_data_allows(classifie
     monkeypatch.delenv("EEC_DIR", raising=False)
     bare = compression_costs(models, "dense", tokenizer, data)
     assert set(bare["pruned"]) == {"loyalty"} and set(bare["pruned"]["loyalty"]) == {"dev"}
+    # dev logits the caller already has are used as they are (compress passes its own): the same numbers, and
+    # logits that say the pruned model agrees with the dense one make its loyalty 1 without running it
+    from slimformer.evaluation import Evaluator
+
+    evaluator = Evaluator(tokenizer, data)
+    logits = {name: evaluator.logits(net) for name, net in models.items()}
+    given = compression_costs(models, "dense", tokenizer, data, dev_logits=logits)
+    assert given["pruned"]["loyalty"]["dev"] == pytest.approx(bare["pruned"]["loyalty"]["dev"], abs=1e-6)
+    echoed = compression_costs(
+        models, "dense", tokenizer, data, dev_logits={"dense": logits["dense"], "pruned": logits["dense"]}
+    )
+    assert echoed["pruned"]["loyalty"]["dev"]["label_loyalty"] == 1.0
+    with pytest.raises(AnalyzeError, match="pruned"):
+        compression_costs(models, "dense", tokenizer, data, dev_logits={"dense": logits["dense"]})
     regressor = hf.AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=1, ignore_mismatched_sizes=True
     ).eval()

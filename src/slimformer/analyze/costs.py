@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from slimformer.analyze.bias import bias, find_eec_file
+from slimformer.analyze.common import AnalyzeError
 from slimformer.analyze.loyalty import loyalty_metrics
 from slimformer.evaluation import Evaluator
 from slimformer.models import LoadedModel
@@ -38,11 +41,15 @@ def compression_costs(
     eec_file: str | os.PathLike[str] | None = None,
     max_length: int = 128,
     batch_size: int = 64,
+    dev_logits: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """For every model in ``models`` (name -> network), the costs that apply: ``advglue`` (the primary metric on
     the task's AdvGLUE examples), ``loyalty`` (label and probability loyalty to ``models[reference]`` on each dev
     split and on AdvGLUE) and ``eec_gender_gap`` / ``eec_race_gap`` (mean paired gap in P(positive), female -
-    male and African-American - European). Empty dicts when nothing applies (an embedding task, no data files)."""
+    male and African-American - European). Empty dicts when nothing applies (an embedding task, no data files).
+
+    ``dev_logits`` (name -> split -> logits, from :meth:`Evaluator.logits` at the same ``max_length``): the
+    models' dev logits when the caller has them already, so the dev set is not run a second time."""
     from slimformer.tasks.advglue import find_advglue_file, has_advglue, load_advglue
 
     costs: dict[str, dict[str, Any]] = {name: {} for name in models}
@@ -53,8 +60,14 @@ def compression_costs(
         sets["advglue"] = load_advglue(data.spec, data_dir)
     metric = data.spec.primary_metric
     for set_name, task_data in sets.items():
-        evaluator = Evaluator(tokenizer, task_data, max_length=max_length, batch_size=batch_size)
-        logits = {name: evaluator.logits(net) for name, net in models.items()}
+        if set_name == "dev" and dev_logits is not None:
+            missing = sorted(set(models) - set(dev_logits))
+            if missing:
+                raise AnalyzeError(f"dev_logits has no logits for {', '.join(missing)}.")
+            logits = dev_logits
+        else:
+            evaluator = Evaluator(tokenizer, task_data, max_length=max_length, batch_size=batch_size)
+            logits = {name: evaluator.logits(net) for name, net in models.items()}
         if set_name == "advglue":
             for name in models:
                 scores = evaluator.metrics(logits[name])

@@ -105,7 +105,7 @@ def compress(
     from slimformer.api import _loaded, _task_record, check_label_set, resolve_data
     from slimformer.configs import FlopsBudget
     from slimformer.deploy.quantize import quantize
-    from slimformer.evaluation import evaluate_model, headline_score
+    from slimformer.evaluation import Evaluator, headline_score
     from slimformer.models import LoadedModel
 
     out_dir = Path(out) if out is not None else None
@@ -119,9 +119,6 @@ def compress(
     runtime_label = f"{int8_config.runtime} int8 ({int8_config.mode})"
     seconds: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix="slimformer-compress-"))
-
-    def evaluation_of(net) -> dict[str, dict[str, float]]:
-        return evaluate_model(net, tokenizer, task, max_length=max_length, progress=progress)
 
     def int8_of(net, name: str):
         source = LoadedModel(net, tokenizer, loaded.spec, name)
@@ -195,8 +192,15 @@ def compress(
         stages[final_name] = {"runtime": runtime_label, "net": pruned_int8.model, "disk": pruned_int8.report}
 
         clock = time.perf_counter()
-        for stage in stages.values():
-            stage["eval"] = evaluation_of(stage["net"])
+        # tokenized once for every stage; the dev logits are kept for the loyalty in the costs below
+        evaluator = Evaluator(tokenizer, task, max_length=max_length)
+        dev_logits = {}
+        for name, stage in stages.items():
+            if task.spec.is_embedding:
+                stage["eval"] = evaluator.evaluate(stage["net"], progress=progress)
+            else:
+                dev_logits[name] = evaluator.logits(stage["net"], progress=progress)
+                stage["eval"] = evaluator.metrics(dev_logits[name])
             stage["score"] = headline_score(stage["eval"], task.spec.primary_metric)
         seconds["evaluate"] = round(time.perf_counter() - clock, 2)
         if costs:
@@ -204,7 +208,9 @@ def compress(
 
             clock = time.perf_counter()
             nets = {name: stage["net"] for name, stage in stages.items()}
-            measured = compression_costs(nets, "dense", tokenizer, task, data_dir=data_dir, max_length=max_length)
+            measured = compression_costs(
+                nets, "dense", tokenizer, task, data_dir=data_dir, max_length=max_length, dev_logits=dev_logits or None
+            )
             for name, stage in stages.items():
                 stage["costs"] = measured[name]
             seconds["costs"] = round(time.perf_counter() - clock, 2)
