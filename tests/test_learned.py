@@ -3,6 +3,7 @@ handler's result (removed == masked under the learned structure)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,8 +154,18 @@ def test_latency_target_reads_the_latency_table_differentiably():
     kept_heads, kept_neurons, _ = structure = gates.final_structure()
     dense = table.rest_ms + layers * table.layer_ms(heads, neurons)
     pruned = table.rest_ms + sum(table.layer_ms(len(h), len(n)) for h, n in zip(kept_heads, kept_neurons, strict=True))
-    assert gates.structure_speedup(structure) == pytest.approx(dense / pruned)
-    assert gates.expected_reduction().item() == pytest.approx(1 - pruned / dense, abs=1e-3)
+    assert gates.structure_speedup(structure) == pytest.approx(dense / pruned)  # reported from the table itself
+
+    # trained against the curves' least-squares lines: one price per head, one per neuron
+    head_price, head_base = np.polyfit(table.head_counts, table.attn_ms, 1)
+    neuron_price, neuron_base = np.polyfit(table.neuron_counts, table.ffn_ms, 1)
+
+    def priced(h, f):
+        return head_base + head_price * h + neuron_base + neuron_price * f - table.fixed_ms
+
+    priced_dense = table.rest_ms + layers * priced(heads, neurons)
+    priced_pruned = table.rest_ms + sum(priced(len(h), len(n)) for h, n in zip(kept_heads, kept_neurons, strict=True))
+    assert gates.expected_reduction().item() == pytest.approx(1 - priced_pruned / priced_dense, abs=1e-3)
     with torch.no_grad():
         for parameter in gates.parameters():
             parameter.fill_(0.0)
@@ -165,6 +176,31 @@ def test_latency_target_reads_the_latency_table_differentiably():
     with pytest.raises(ConfigError, match="hidden"):
         slimformer.Learned(target_speedup=2.0, units="heads,ffn,hidden")
     assert slimformer.Learned(target_speedup=4.0).target_reduction == pytest.approx(0.75)
+
+
+def test_a_noisy_latency_table_never_rewards_keeping_a_unit():
+    """Measured curves fall here and there (timing noise); the gates are priced by lines, so every gate's pull
+    toward the latency target is one-signed and the heads are not priced out of proportion at the dense end."""
+    from slimformer.budget.latency_table import LatencyTable
+
+    model = tiny_model("bert")
+    gates = StructureGates(model, ("heads", "ffn", "blocks"), init=2.0)
+    heads, neurons = gates.head_counts[0], gates.ffn_sizes[0]
+    gates.latency = LatencyTable(
+        head_counts=list(range(heads + 1)), attn_ms=[1.0 + 0.5 * h for h in range(heads + 1)],
+        neuron_counts=[0, neurons // 4, neurons // 2, 3 * neurons // 4, neurons],
+        ffn_ms=[1.0, 3.0, 2.5, 4.8, 4.9],  # falls in its second step, nearly flat in its last
+        fixed_ms=1.0, rest_ms=0.0, key={},
+    )  # fmt: skip
+    gates.expected_reduction().backward()
+    for group in [*gates.heads, *gates.neurons, gates.attn_blocks, gates.ffn_blocks]:
+        assert (group.log_alpha.grad < 0).all()  # opening any gate only ever adds latency
+    # the same init everywhere, so a neuron's pull over a head's is the ratio of their prices: the slopes of the
+    # lines, not of the step the expected counts sit in (near the dense end, 0.1 ms for a quarter of the neurons)
+    neuron_price = np.polyfit(gates.latency.neuron_counts, gates.latency.ffn_ms, 1)[0]
+    head_price = np.polyfit(gates.latency.head_counts, gates.latency.attn_ms, 1)[0]
+    ratio = (gates.neurons[0].log_alpha.grad[0] / gates.heads[0].log_alpha.grad[0]).item()
+    assert ratio == pytest.approx(neuron_price / head_price, rel=1e-3)
 
 
 def test_learned_pruning_to_a_target_speedup_lands_on_it(tiny_model_dir, tmp_path):
