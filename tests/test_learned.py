@@ -303,3 +303,12 @@ def test_cli_learned_prune_saves_a_smaller_model_that_reloads(tiny_model_dir, tm
     reloaded = slimformer.load_model(out).model
     assert count_parameters(reloaded).total == report["models"]["after"]["params"]["total"]
     assert report["models"]["after"]["encoder_flops"] < report["models"]["before"]["encoder_flops"]
+
+
+def test_a_structure_without_attention_is_announced():
+    from slimformer.learned.method import structure_warnings
+
+    assert structure_warnings([[0, 1], [], [2]], [[5], [], []]) == []
+    (warning,) = structure_warnings([[], [], []], [[5], [], [1]])
+    assert "every attention head closed" in warning
+    assert len(structure_warnings([[], []], [[], []])) == 2

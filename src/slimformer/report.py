@@ -256,6 +256,8 @@ def print_report(report: dict[str, Any], console: Console | None = None, out: st
             + (f"; the gates were shifted by {shift:+.2f} in log-alpha to meet the target" if shift else "")
             + "."
         )
+        for warning in learned.get("warnings") or []:
+            console.print(f"[bold yellow]warning:[/] {warning}.")
     seconds = report.get("seconds") or {}
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items() if k != "total")
     console.print(f"took {seconds.get('total', 0):.0f} s" + (f" ({phases})" if phases else ""))

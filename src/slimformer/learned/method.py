@@ -5,6 +5,7 @@ everything closed; :func:`slimformer.prune` removes it, evaluates, measures and 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -21,6 +22,8 @@ from slimformer.errors import SlimformerError
 from slimformer.gates import gated
 from slimformer.learned.structure import StructureGates
 from slimformer.prune.plan import PruningPlan
+
+logger = logging.getLogger(__name__)
 
 
 class LearnedPruningModel(nn.Module):
@@ -157,6 +160,19 @@ def learned_optimizer(wrapper: LearnedPruningModel, config: Learned) -> torch.op
     )
 
 
+def structure_warnings(kept_heads: list[list[int]], kept_neurons: list[list[int]]) -> list[str]:
+    """What a user must hear about a learned structure before trusting its score."""
+    warnings = []
+    if not any(kept_heads):
+        warnings.append(
+            "every attention head closed: no token sees another, so a model that reads one token (BERT's [CLS]) "
+            "predicts from that token alone; ask for a smaller target, or train longer (epochs)"
+        )
+    if not any(kept_heads) and not any(kept_neurons):
+        warnings.append("every head and every FFN neuron closed: what is left is the embeddings and the head")
+    return warnings
+
+
 @register_handler(Learned)
 def prune_learned(model: PreTrainedModel, tokenizer, config: Learned, ctx: PruneContext) -> PruneOutcome:
     from slimformer.distill.pipeline import TEACHER_LOGITS, DistillationModel, DistillConfig, teacher_logits
@@ -238,8 +254,12 @@ def prune_learned(model: PreTrainedModel, tokenizer, config: Learned, ctx: Prune
         model_type=model.config.model_type,
         meta={"method": "learned", "target": config.target_speedup or config.target_sparsity},
     )
+    warnings = structure_warnings(kept_heads, kept_neurons)
+    for warning in warnings:
+        logger.warning("Learned pruning: %s.", warning)
     details = {
         "learned": {
+            "warnings": warnings,
             "units": sorted(config.unit_set),
             "target_sparsity": None if config.target_speedup is not None else config.target_sparsity,
             "reached_sparsity": round(gates.structure_sparsity(structure), 4),
