@@ -155,9 +155,14 @@ def main() -> None:
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="smoke runs: write elsewhere")
     parser.add_argument("--runs-dir", type=Path, default=None, help="smoke runs: cache variants elsewhere")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="smoke runs only")
+    parser.add_argument("--render", action="store_true", help="rewrite the tables from the results JSON only")
     args = parser.parse_args()
     task = args.task
     OUT = args.runs_dir or (RUNS / "learned" if task == "stsb" else RUNS / f"learned-{task}")
+    if args.render:
+        saved = json.loads((args.results_dir / f"{results_name(task)}.json").read_text())
+        write([with_prediction(row) for row in saved["rows"]], saved["teacher"], args)
+        return
     from slimformer.deploy.runtime import load_artifact_folder
 
     teacher_path = teacher_folder(task)
@@ -211,7 +216,7 @@ def main() -> None:
             }
             write_json_atomic(cached, row)
         print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append(with_prediction(row))
         torch_models[label], runtime_models[label] = model, runtime
     if not args.no_latency:
         add_latency(
@@ -223,6 +228,15 @@ def main() -> None:
                 if row.get(f"ms_int8_{key}") and rows[0].get(f"ms_int8_{key}"):
                     row[f"vs_dense_int8_int8_{key}"] = rows[0][f"ms_int8_{key}"] / row[f"ms_int8_{key}"]
     write(rows, teacher, args)
+
+
+def with_prediction(row: dict) -> dict:
+    """The row with the speedup the latency table predicted for its structure (latency-target variants)."""
+    metrics = OUT / slug(row["variant"]) / "metrics.json"
+    if "predicted_speedup" not in row and metrics.is_file():
+        learned = (json.loads(metrics.read_text()).get("details") or {}).get("learned") or {}
+        row["predicted_speedup"] = learned.get("predicted_speedup")
+    return row
 
 
 def results_name(task: str) -> str:
@@ -238,7 +252,7 @@ def write(rows: list[dict], teacher: dict, args) -> None:
     name = DISPLAY[args.task]
     headers = [
         "variant", name, f"int8 {name}", "weight sparsity", "FLOPs kept", "heads", "FFN", "hidden",
-        "fp32 32x128", "fp32 1x32", "int8 32x128", "int8 1x32", "int8 32x128 vs dense int8",
+        "predicted 32x128", "fp32 32x128", "fp32 1x32", "int8 32x128", "int8 1x32", "int8 32x128 vs dense int8",
     ]  # fmt: skip
     table = []
     for row in rows:
@@ -253,6 +267,7 @@ def write(rows: list[dict], teacher: dict, args) -> None:
                 sum(s["heads"]),
                 sum(s["ffn"]),
                 s["hidden"],
+                _x(row, "predicted_speedup"),
                 _x(row, "speedup_pytorch_32x128"),
                 _x(row, "speedup_pytorch_1x32"),
                 _x(row, "speedup_int8_32x128"),
@@ -270,7 +285,8 @@ def write(rows: list[dict], teacher: dict, args) -> None:
             f"structure on {TRAINING[args.task]['what']}, batch 32, weights at 3e-5, gates at 0.1, "
             "multipliers at 0.5, logit KD from the teacher (alpha 0.9, T 2); one seed. 'Nx': the target is a "
             "measured speedup (the gates' expected latency from the per-layer latency table, batch 32 x 128, "
-            "driven to 1/N of the dense model's). Budget variants: retraining-free, 2,048 calibration examples; "
+            "driven to 1/N of the dense model's; 'predicted': the table's own prediction for the structure "
+            "reached). Budget variants: retraining-free, 2,048 calibration examples; "
             f"'+ KD': then {args.epochs + args.final_epochs:g} epochs of logit KD on the same data (the learned "
             "variants' whole training budget). Speedups: over dense PyTorch fp32, same interleaved run "
             f"({args.threads} threads, medians of {args.repeats} x {args.rounds}). Weight sparsity: share of the "

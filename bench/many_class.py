@@ -43,6 +43,10 @@ VARIANTS = {
     "scales-refit": {"tune": "scales"},
     "no-refit": {"tune": "none"},
     "head-refit": {"refit_head": True},
+    # each layer's Fisher scaled to sum 1 before the search (the embedding models' default): a more even
+    # allocation across layers
+    "layer-fisher": {"fisher_scale": "layer"},
+    "label-free layer-fisher": {"label_free": True, "fisher_scale": "layer"},
 }
 
 

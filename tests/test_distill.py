@@ -332,3 +332,20 @@ def test_cli_distill(teacher_dir, tmp_path):
             app, [*args, "--student", "drop:sideways:2", "--out", str(tmp_path / "t")], catch_exceptions=False
         )
     assert not (tmp_path / "t").exists()
+
+
+def test_sample_limits_apply_to_task_data_the_caller_loaded(teacher_dir, tmp_path):
+    """`max_train_samples` cuts data passed in as TaskData the way load_task cuts it (it was silently ignored:
+    a benchmark's 8,000-sentence KD ran over all of SST-2)."""
+    from dataclasses import replace
+
+    teacher, glue = teacher_dir
+    full = load_task("sst2", glue)
+    cut = full.limited(max_train_samples=10, seed=3)
+    assert len(cut.train) == 10 and len(cut.dev["dev"]) == len(full.dev["dev"])
+    assert cut.train["text_a"] == load_task("sst2", glue, max_train_samples=10, seed=3).train["text_a"]
+    assert full.limited() is full and full.limited(max_train_samples=10**6) is full
+    config = replace(QUICK, epochs=1, max_train_samples=10)
+    distill(teacher, "every:2", full, tmp_path / "student", config=config)
+    saved = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert saved["details"]["train"]["samples"] == 10

@@ -97,7 +97,7 @@ def resolve_data(
     folder remembers. With neither, an error when ``required``."""
     limits = {"max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples, "seed": seed}
     if isinstance(data, TaskData):
-        return data
+        return data.limited(**limits)
     if isinstance(data, TaskRef):
         return data.load(data_dir=data_dir, **limits)
     remembered = remembered_task(model)

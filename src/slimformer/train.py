@@ -76,7 +76,7 @@ class FinetuneResult:
 
 def _task_data(task: str | TaskData, data_dir: str | os.PathLike[str] | None, config: TrainConfig) -> TaskData:
     if isinstance(task, TaskData):
-        return task
+        return task.limited(config.max_train_samples, config.max_eval_samples, config.seed)
     return load_task(
         task,
         data_dir,

@@ -443,7 +443,7 @@ def distill(
         raise SlimformerError(f"Output folder {out_dir} already exists. Choose another --out or pass --overwrite.")
 
     data = (
-        task
+        task.limited(config.max_train_samples, config.max_eval_samples, config.seed)
         if isinstance(task, TaskData)
         else load_task(
             task,

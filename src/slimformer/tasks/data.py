@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -48,6 +49,24 @@ class TaskData:
     def dev(self) -> dict[str, Dataset]:
         """The dev splits present, in the spec's order."""
         return {name: self.splits[name] for name in self.spec.dev_splits if name in self.splits}
+
+    def limited(
+        self, max_train_samples: int | None = None, max_eval_samples: int | None = None, seed: int = 0
+    ) -> TaskData:
+        """This data with at most ``max_train_samples`` training rows and ``max_eval_samples`` rows per dev split,
+        drawn as :func:`load_task` draws them (seeded, file order kept); itself when nothing is cut. Data loaded
+        by the caller still honours a command's sample limits this way."""
+        splits = dict(self.splits)
+        for name, dataset in self.splits.items():
+            if name != "train" and name not in self.spec.dev_splits:
+                continue  # a retrieval corpus is not a sample of anything
+            limit, what = _limit_for(name, max_train_samples, max_eval_samples)
+            indices = _sample_indices(len(dataset), limit, seed, what)
+            if indices is not None:
+                splits[name] = dataset.select(indices)
+        if all(splits[name] is self.splits[name] for name in splits):
+            return self
+        return dataclasses.replace(self, splits=splits)
 
     def record(self) -> dict[str, Any]:
         """What a model folder's manifest says about the task its model was trained for: how to load it again
