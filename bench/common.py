@@ -173,3 +173,13 @@ def int8(folder: Path, data, source: Path | None = None) -> Path:
             overwrite=True, progress=False,
         )  # fmt: skip
     return target
+
+
+# What every trained variant of a task sees in bench/learned.py and bench/sparse.py: STS-B's whole training set at
+# the teacher's length; on SST-2 (67k sentences, about 6 minutes an epoch here) the first 8,000 sentences drawn by
+# load_task, at the teacher's max length of 64 (as bench/fairness.py)
+TRAINING = {
+    "stsb": {"max_length": 128, "max_train_samples": None, "what": "the whole STS-B training set (5,749 pairs)"},
+    "sst2": {"max_length": 64, "max_train_samples": 8000, "what": "8,000 SST-2 training sentences (max length 64)"},
+}
+DISPLAY = {"stsb": "STS-B", "sst2": "SST-2"}

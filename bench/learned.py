@@ -32,8 +32,10 @@ from pathlib import Path
 
 import slimformer
 from common import (
+    DISPLAY,
     RESULTS,
     RUNS,
+    TRAINING,
     add_latency,
     describe_teacher,
     int8,
@@ -54,14 +56,6 @@ from slimformer.tasks.metrics import compute_metrics
 from slimformer.train import TrainConfig
 
 OUT = RUNS / "learned"
-
-# What every trained variant of a task sees: STS-B's whole training set at the teacher's length; on SST-2 (67k
-# sentences, 6 minutes an epoch here) the first 8,000 sentences, at the teacher's max length of 64
-TRAINING = {
-    "stsb": {"max_length": 128, "max_train_samples": None, "what": "the whole STS-B training set (5,749 pairs)"},
-    "sst2": {"max_length": 64, "max_train_samples": 8000, "what": "8,000 SST-2 training sentences (max length 64)"},
-}
-DISPLAY = {"stsb": "STS-B", "sst2": "SST-2"}
 
 
 def variants(epochs: float, final_epochs: float, task: str = "stsb") -> dict[str, object]:

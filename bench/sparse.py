@@ -37,8 +37,10 @@ import numpy as np
 
 import slimformer
 from common import (
+    DISPLAY,
     RESULTS,
     RUNS,
+    TRAINING,
     add_latency,
     describe_teacher,
     int8,
@@ -62,14 +64,6 @@ from slimformer.tasks.metrics import compute_metrics
 from slimformer.train import TrainConfig
 
 OUT = RUNS / "sparse"
-
-# what every training variant sees: STS-B's whole training set; on SST-2 (67k sentences, about 6 minutes an epoch
-# here) the first 8,000 sentences at the teacher's max length of 64, as bench/learned.py and bench/fairness.py
-TRAINING = {
-    "stsb": {"max_length": 128, "max_train_samples": None, "what": "the STS-B training set"},
-    "sst2": {"max_length": 64, "max_train_samples": 8000, "what": "8,000 SST-2 training sentences (max length 64)"},
-}
-DISPLAY = {"stsb": "STS-B", "sst2": "SST-2"}
 
 
 def results_name(task: str) -> str:

@@ -115,20 +115,22 @@ class StructureGates(nn.Module):
         return total
 
     def _prices(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(price per unit, intercept) of the attention and FFN curves; a fit of a few dozen points, cheap next to
+        the training step that asks for it."""
         import numpy as np
 
-        table = self.latency
-        if getattr(self, "_prices_of", None) is not table:
-            lines = []
-            for counts, ms in ((table.head_counts, table.attn_ms), (table.neuron_counts, table.ffn_ms)):
-                if len(counts) < 2:  # one measured point: no slope to read, price by the point's mean cost
-                    lines.append((ms[0] / max(counts[0], 1), 0.0))
-                    continue
-                slope, intercept = np.polyfit(np.asarray(counts, float), np.asarray(ms, float), 1)
-                # a curve that does not rise is noise at this size: never reward keeping a unit
-                lines.append((max(float(slope), 1e-6), float(intercept)))
-            self._prices_of, self._price_lines = table, tuple(lines)
-        return self._price_lines
+        lines = []
+        for counts, ms in (
+            (self.latency.head_counts, self.latency.attn_ms),
+            (self.latency.neuron_counts, self.latency.ffn_ms),
+        ):
+            if len(counts) < 2:  # one measured point: no slope to read, price by the point's mean cost
+                lines.append((ms[0] / max(counts[0], 1), 0.0))
+                continue
+            slope, intercept = np.polyfit(np.asarray(counts, float), np.asarray(ms, float), 1)
+            # a curve that does not rise is noise at this size: never reward keeping a unit
+            lines.append((max(float(slope), 1e-6), float(intercept)))
+        return lines[0], lines[1]
 
     def expected_latency_reduction(self) -> torch.Tensor:
         """1 - the latency at the expected head and neuron counts over the dense model's, from the per-unit
