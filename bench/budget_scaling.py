@@ -184,6 +184,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--before", type=Path, default=None, help="src/ of the checkout to compare against")
+    parser.add_argument(
+        "--before-name", default="before", help="its name in the table (e.g. 'streamed, 3 passes' for cfffbe2)"
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--redo", action="store_true", help="re-run rows the results file already has")
     args = parser.parse_args()
@@ -192,7 +195,8 @@ def main() -> None:
         return
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     names += [f"bert-base-L{d.strip()}" for d in args.depths.split(",") if d.strip()]
-    implementations = [("streamed", ROOT / "src")] + ([("before", args.before.resolve())] if args.before else [])
+    implementations = [("streamed", ROOT / "src")]
+    implementations += [(args.before_name, args.before.resolve())] if args.before else []
     results_file = args.results_dir / "budget_scaling.json"
     rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
     log = RUNS / "scaling" / "runs.log"
@@ -262,7 +266,9 @@ def write(rows: list[dict], args) -> None:
     markdown = (
         f"# Cost of budget pruning ({args.fraction:.0%} of the FLOPs) against model size\n\n"
         "Peak resident memory and wall time of one `FlopsBudget` run (Fisher, search, least-squares refit, removal; "
-        "dev evaluation not counted) in a fresh process, 2 threads. `streamed`: the layer-by-layer refit; `before`: "
+        "dev evaluation not counted) in a fresh process, 2 threads. `streamed`: the layer-by-layer refit, two "
+        "pruned passes per layer (the layer's output computed from what its FFN step saw); `streamed, 3 passes`: "
+        "the same refit when it ran the pruned layer a third time to leave it (slimformer cfffbe2); `before`: "
         "the refit that kept every dense sub-layer output and re-ran the model up to each sub-layer (slimformer "
         "243dd31). Random BERT shapes score nothing; their cost is real. MRPC sentence pairs at max length 128 "
         "unless the model has its own task. `Fisher tokens per pass`: the backward passes of the Fisher were whole "

@@ -133,7 +133,10 @@ def write(rows: list[dict], teacher: dict, results_dir: Path) -> None:
         f"SQuAD v1.1 dev questions labelled by article (48 classes; train {teacher['train_samples']} questions, "
         f"dev the other 20%), MiniLM-L6 teacher dev accuracy {teacher['score'] * 100:.2f} (converged: "
         f"bench/teachers.py's early stopping, best epoch {teacher['best_epoch']}). Retraining-free "
-        "budget pruning, one run per cell (seeded calibration sample); accuracy (change vs the teacher).\n\n"
+        "budget pruning, one run per cell (seeded calibration sample); accuracy (change vs the teacher). "
+        "'default' and 'label-free' are today's; the rows marked 'before' and every other variant were measured "
+        "when the last layer's refit still fitted every token rather than first tokens only "
+        "(bench/results/refit_rows.md).\n\n"
         + markdown_table(["variant", *[f"{f:.0%} FLOPs" for f in fractions]], table)
     )
     write_results("many_class", {"machine": machine(), "teacher": teacher, "rows": rows}, markdown, results_dir)

@@ -15,12 +15,12 @@ import slimformer
 from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
 from reference_refit import reconstruct_weights as reference_reconstruct_weights
 from reference_refit import tune_masks as reference_tune_masks
-from slimformer.arch import layer_views
+from slimformer.arch import get_spec, layer_views
 from slimformer.budget.fisher import collect_mask_gradients
 from slimformer.budget.latency_table import LatencyTable
 from slimformer.budget.method import plan_for_budget
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, rearrange_layer, search_masks
-from slimformer.budget.stream import _LayerCalls, head_io, output_layer, walk_sublayers
+from slimformer.budget.stream import _LayerCalls, _run_layer, head_io, output_layer, walk_sublayers
 from slimformer.budget.tune import _normal_equations, fold_scales, reconstruct_weights, tune_masks
 from slimformer.configs import ConfigError, parse_memory
 from slimformer.errors import SlimformerError
@@ -378,6 +378,45 @@ def test_streamed_refit_equals_the_refit_that_reruns_the_model_for_every_sublaye
     assert projection_weights(streamed)[0].ne(projection_weights(dense)[0]).any()  # something was refit
 
 
+def test_streamed_refit_runs_the_layer_when_the_ffn_step_was_skipped():
+    # a layer with no neuron kept has no FFN fit, so the pruned stream cannot be advanced from what that step saw
+    dense = tiny_model("bert").double()
+    data = batches(3)
+    plan = uneven_plan(dense)
+    plan.kept_neurons[0] = []
+    streamed, reference = copy.deepcopy(dense), copy.deepcopy(dense)
+    reconstruct_weights(streamed, plan, data, progress=False)
+    reference_reconstruct_weights(reference, plan, data, progress=False)
+    for got, expected in zip(projection_weights(streamed), projection_weights(reference), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_pruned_stream_advanced_from_the_ffn_step_equals_running_the_layer(family):
+    # the walk's shortcut (layer output = FFN LayerNorm(x + down(gate * units)), from what the FFN step saw)
+    # against running the gated layer, fractional gates included
+    model = tiny_model(family).double()
+    gates = plan_gates(model, uneven_plan(model))
+    gates.neurons = [g * 0.5 for g in gates.neurons]
+    data = batches(2)
+    calls = _LayerCalls(model, data, torch.device("cpu"))
+    expected, seen = {}, {}
+    for view, part, source in walk_sublayers(model, gates, data, torch.device("cpu"), dense_targets=False):
+        if view.index == 0:
+            list(source())
+            if part == "ffn":  # layer 0 as it will be left: run it on the first layer's input
+                with gated(model, gates):
+                    for index in range(len(data)):
+                        hidden, args, kwargs, valid = calls(index)
+                        expected[index] = _run_layer(view.layer, hidden, args, kwargs)[valid]
+        else:  # layer 1's attention step reads the pruned stream the shortcut made
+            seen = {index: batch.x for index, batch in enumerate(source())}
+            break
+    assert len(seen) == len(expected) == len(data)
+    for index in expected:
+        torch.testing.assert_close(seen[index], expected[index], atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("target", ["global", "local"])
 def test_streamed_mask_tuning_equals_the_rerunning_one(target):
     dense = tiny_model("mpnet").double()
@@ -431,8 +470,9 @@ def test_refit_runs_every_layer_the_same_number_of_times():
     reconstruct_weights(model, plan, batches(2), progress=False)
     for handle in handles:
         handle.remove()
-    # per batch: the dense layer once, the pruned layer up to each of its two projections, then in full
-    assert calls == [4 * 2] * 5
+    # per batch: the dense layer once and the pruned layer up to each of its two projections; the pruned layer's
+    # output comes from what its FFN step saw, not from a third pass
+    assert calls == [3 * 2] * 5
 
 
 def test_max_memory_is_a_human_size_or_a_clear_error():
@@ -465,6 +505,49 @@ def logit_error(model, reference, data) -> float:
         with torch.no_grad():
             total += float(((model(**inputs).logits - reference(**inputs).logits) ** 2).sum())
     return total
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_the_classification_head_reads_only_the_first_token_as_the_spec_says(family):
+    # what lets the refit fit the last layer on first tokens only: the other positions reach no logit
+    model = tiny_model(family)
+    assert get_spec(model).head_reads_first_token
+    inputs = tiny_inputs()
+    last = layer_views(model)[-1].layer
+
+    def scramble(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        changed = torch.cat([hidden[:, :1], torch.randn_like(hidden[:, 1:]) * 10], dim=1)
+        return (changed, *output[1:]) if isinstance(output, tuple) else changed
+
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        handle = last.register_forward_hook(scramble)
+        try:
+            got = model(**inputs).logits
+        finally:
+            handle.remove()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_fitting_the_last_layer_on_first_tokens_brings_the_first_tokens_closer():
+    dense = tiny_model("bert").double()
+    data = batches(4)
+    plan = uneven_plan(dense)
+    errors = {}
+    for rows in ("all", "first"):
+        model = copy.deepcopy(dense)
+        reconstruct_weights(model, plan, data, last_layer_rows=rows, progress=False)
+        remove(model, plan)
+        errors[rows] = sum(
+            float((final_states(model, b)[:, 0] - final_states(dense, b)[:, 0]).pow(2).sum()) for b in data
+        )
+    assert errors["first"] < errors["all"]
+
+
+def final_states(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model.base_model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])

@@ -50,6 +50,10 @@ class ArchSpec:
     ffn_norm: str = "output.LayerNorm"
     stream_entry: tuple[str, ...] = ("embeddings.LayerNorm",)
     head_inputs: tuple[str, ...] = ("classifier.dense",)
+    # The sequence-classification head reads only the first token's final state (BERT's pooler, the [CLS] /
+    # <s> features of RoBERTa, MPNet and ELECTRA heads, DistilBERT's pre-classifier): the last layer's other
+    # positions reach no logit, so the refit of that layer fits the first token only.
+    head_reads_first_token: bool = True
     heads_key: str = "num_attention_heads"
     ffn_key: str = "intermediate_size"
     layers_key: str = "num_hidden_layers"

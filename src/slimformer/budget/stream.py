@@ -6,6 +6,9 @@ embeddings up to each sub-layer costs O(L^2) layer passes, and keeping every den
 calibration tokens x 2L x hidden floats (about 19 GB for all-mpnet-base-v2 at 2,048 x 128 tokens). Instead,
 :func:`walk_sublayers` keeps only the current layer's input of both models (the *dense* and the *pruned*
 stream) and calls that one layer directly, so memory is one layer's activations and time is O(L) layer passes.
+The pruned stream is not run through a layer a third time to leave it: the FFN step already saw the input of the
+FFN block and the activations its down projection reads, and all supported families are post-LN, so the layer's
+output is the FFN LayerNorm of that input plus the (refitted) down projection of those activations.
 
 Calling one layer needs the arguments the encoder gives every layer besides the hidden states (the prepared
 attention mask, MPNet's relative-position bias, ...). They are the same for every layer in all supported families,
@@ -144,6 +147,11 @@ def _real_tokens(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return t[valid] if valid is not None else t.reshape(-1, t.shape[-1])
 
 
+def _rows(t: torch.Tensor, valid: torch.Tensor | None, first_token: bool) -> torch.Tensor:
+    """The rows a sub-layer is fitted on: every real token, or only each example's first one."""
+    return t[:, 0] if first_token else _real_tokens(t, valid)
+
+
 def _first(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -204,15 +212,17 @@ def walk_sublayers(
     spill_dir: str | os.PathLike | None = None,
     on_budget: Callable[[MemoryBudget], None] | None = None,
     head: bool = False,
+    last_layer_rows: str = "all",
 ) -> Iterator[tuple[LayerView | None, str, Callable[[], Iterator[SublayerBatch]]]]:
     """Yield every sub-layer in order, ``(view, "attention" | "ffn", batches)``, where ``batches()`` iterates
     the calibration set as :class:`SublayerBatch` es with the pruned model (``gates`` in place) up to that
-    sub-layer. The caller may change the sub-layer's projection before asking for the next one: later sub-layers
-    see the change. The dense targets of a layer are taken before any of its weights change. With ``head``, a
-    last step ``(None, "classifier", batches)`` gives the task head's output layer: its input in the pruned model
-    and the dense model's logits, one row per example.
+    sub-layer, until the next sub-layer is asked for. The caller may change the sub-layer's projection before
+    asking for the next one: later sub-layers see the change. The dense targets of a layer are taken before any
+    of its weights change. With ``head``, a last step ``(None, "classifier", batches)`` gives the task head's
+    output layer: its input in the pruned model and the dense model's logits, one row per example.
 
-    Memory: the dense and pruned inputs of the current layer and the dense targets of its two sub-layers, at most
+    Memory: the dense and pruned inputs of the current layer, the dense targets of its two sub-layers and the
+    pruned FFN block's input and kept activations (see :func:`_advance_pruned`), at most
     ``max_memory`` bytes of them in RAM (default: half the memory available), the rest memory-mapped from
     ``spill_dir`` (default: a temporary folder, removed at the end).
     """
@@ -231,22 +241,31 @@ def walk_sublayers(
 
         dense, pruned = ActivationStore(budget, spill, "dense"), ActivationStore(budget, spill, "pruned")
         targets = {part: ActivationStore(budget, spill, f"target-{part}") for part in ("attention", "ffn")}
-        stores = [dense, pruned, *targets.values()]
+        ffn_seen = _FfnInputs(budget, spill)
+        stores = [dense, pruned, *targets.values(), ffn_seen.x, ffn_seen.units]
         stack.callback(lambda: [store.clear() for store in stores])  # RAM back to the budget in every case
         for index in range(len(batches)):
             hidden = calls(index)[0]
             pruned[index] = hidden
             if dense_targets:
                 dense[index] = hidden.clone()  # its own copy: the budget counts both streams
-        for view in layer_views(model):
+        views = layer_views(model)
+        for view in views:
+            first_token = last_layer_rows == "first" and view.index == len(views) - 1
             if dense_targets:
-                _advance_dense(view, calls, dense, targets)
+                _advance_dense(view, calls, dense, targets, first_token)
+            ffn_seen.clear()
             for part in ("attention", "ffn"):
-                yield view, part, _pruned_source(model, view, part, gates, calls, pruned, targets, dense_targets)
-            with gated(model, gates):
-                for index in range(len(batches)):
-                    _, args, kwargs, _ = calls(index)
-                    pruned[index] = _run_layer(view.layer, pruned[index], args, kwargs)
+                seen = ffn_seen if part == "ffn" else None
+                if part == "ffn":  # the attention step is done: its targets make room for what the FFN step sees
+                    targets["attention"].clear()
+                yield (
+                    view,
+                    part,
+                    _pruned_source(model, view, part, gates, calls, pruned, targets, dense_targets, seen, first_token),
+                )
+            _advance_pruned(model, view, gates, calls, pruned, ffn_seen)
+            ffn_seen.clear()
         if head and dense_targets:
             logits = [head_io(model, calls, index, dense[index])[1] for index in range(len(batches))]
 
@@ -306,7 +325,9 @@ def head_io(model: PreTrainedModel, calls: _LayerCalls, index: int, final_hidden
     return seen["input"], seen["output"]
 
 
-def _advance_dense(view: LayerView, calls: _LayerCalls, dense: ActivationStore, targets: dict) -> None:
+def _advance_dense(
+    view: LayerView, calls: _LayerCalls, dense: ActivationStore, targets: dict, first_token: bool = False
+) -> None:
     """Run the dense layer on every batch: keep its two sub-layer outputs (before LayerNorm) as the targets and
     move the dense stream to the layer's output."""
     for index in range(len(calls.batches)):
@@ -323,9 +344,69 @@ def _advance_dense(view: LayerView, calls: _LayerCalls, dense: ActivationStore, 
         finally:
             for handle in handles:
                 handle.remove()
-        targets["attention"][index] = _real_tokens(hidden + seen["attention"], valid)
-        targets["ffn"][index] = _real_tokens(seen["ffn x"] + seen["ffn"], valid)
+        targets["attention"][index] = _rows(hidden + seen["attention"], valid, first_token)
+        targets["ffn"][index] = _rows(seen["ffn x"] + seen["ffn"], valid, first_token)
         dense[index] = out
+
+
+class _FfnInputs:
+    """What the FFN step of the current layer saw, per batch, in the pruned model: the FFN block's input ``x`` and
+    the activations its down projection reads (``units``) of the neurons the gates keep (``columns``), with
+    padding, as the layer has them. Pruned neurons are not stored: they add nothing to the layer's output."""
+
+    def __init__(self, budget: MemoryBudget, spill: Callable[[], Path]):
+        self.x = ActivationStore(budget, spill, "ffn-x")
+        self.units = ActivationStore(budget, spill, "ffn-units")
+        self.columns: torch.Tensor | None = None
+        self.seen: set[int] = set()
+
+    def add(self, index: int, x: torch.Tensor, units: torch.Tensor, gate: torch.Tensor) -> None:
+        if self.columns is None:
+            self.columns = gate.ne(0).nonzero().squeeze(1).to(units.device)
+        self.x[index], self.units[index] = x, units.index_select(-1, self.columns)
+        self.seen.add(index)
+
+    def complete(self, n_batches: int) -> bool:
+        return len(self.seen) == n_batches
+
+    def clear(self) -> None:
+        self.x.clear()
+        self.units.clear()
+        self.columns = None
+        self.seen.clear()
+
+
+def _advance_pruned(
+    model: PreTrainedModel,
+    view: LayerView,
+    gates: Gates,
+    calls: _LayerCalls,
+    pruned: ActivationStore,
+    ffn_seen: _FfnInputs,
+) -> None:
+    """Move the pruned stream to the layer's output, with the layer's weights as the caller left them.
+
+    When the FFN step saw every batch, the output is FFN-LayerNorm(x + down(gate * units)) from what it saw (post-LN
+    families; dropout is off in eval): one layer pass saved per layer. Otherwise (the caller skipped the FFN step,
+    e.g. for a layer without neurons, or the gates also gate layers or the residual stream) the layer is run.
+    """
+    n_batches = len(calls.batches)
+    one_gate_set = gates.layers is None and gates.hidden is None and gates.neurons[view.index].dim() == 1
+    if ffn_seen.complete(n_batches) and one_gate_set:
+        norm = resolve(view.layer, get_spec(model).ffn_norm)
+        down, columns = view.ffn_down, ffn_seen.columns
+        with torch.no_grad():
+            weight = down.weight.index_select(1, columns.to(down.weight.device))
+            gate = gates.neurons[view.index].to(weight.device).index_select(0, columns.to(weight.device))
+            for index in range(n_batches):
+                units = ffn_seen.units[index]
+                out = nn.functional.linear(units * gate.to(units.dtype), weight, down.bias)
+                pruned[index] = norm(ffn_seen.x[index] + out)
+        return
+    with gated(model, gates):
+        for index in range(n_batches):
+            _, args, kwargs, _ = calls(index)
+            pruned[index] = _run_layer(view.layer, pruned[index], args, kwargs)
 
 
 def _pruned_source(
@@ -337,6 +418,8 @@ def _pruned_source(
     pruned: ActivationStore,
     targets: dict,
     with_targets: bool,
+    ffn_seen: _FfnInputs | None = None,
+    first_token: bool = False,
 ) -> Callable[[], Iterator[SublayerBatch]]:
     def source() -> Iterator[SublayerBatch]:
         proj = projection(view, part)
@@ -354,9 +437,11 @@ def _pruned_source(
                 for handle in handles:
                     handle.remove()
             x = pruned[index] if part == "attention" else seen["x"]
+            if ffn_seen is not None:
+                ffn_seen.add(index, x, seen["units"], gates.neurons[view.index])
             yield SublayerBatch(
-                x=_real_tokens(x, valid),
-                units=_real_tokens(seen["units"], valid),
+                x=_rows(x, valid, first_token),
+                units=_rows(seen["units"], valid, first_token),
                 target=targets[part][index] if with_targets else None,
             )
 

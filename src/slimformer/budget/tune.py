@@ -187,6 +187,7 @@ def reconstruct_weights(
     damping: float = 1e-2,
     fit_bias: bool = True,
     fit_head: bool = False,
+    last_layer_rows: str = "all",
     max_memory: int | None = None,
     progress: bool = True,
 ) -> TuningReport:
@@ -205,13 +206,23 @@ def reconstruct_weights(
     per example: its input in the pruned model against the dense model's logits. The sub-layer fits weigh every
     token alike while the head reads one pooled vector, so what they leave on that vector reaches the logits
     uncorrected; with many classes close together that costs accuracy (bench/results/many_class.md).
+
+    ``last_layer_rows="first"`` fits the last layer on each example's first token only: what a classification
+    head (or [CLS] pooling) reads of it; the other positions reach no output.
     """
     device, gates = _setup(model, plan)
     report = TuningReport()
     was_training = model.training
     model.eval()
     steps = walk_sublayers(
-        model, gates, batches, device, max_memory=max_memory, on_budget=_memory_report(report), head=fit_head
+        model,
+        gates,
+        batches,
+        device,
+        max_memory=max_memory,
+        on_budget=_memory_report(report),
+        head=fit_head,
+        last_layer_rows=last_layer_rows,
     )
     try:
         total = 2 * len(plan.kept_heads) + int(fit_head)
