@@ -87,7 +87,7 @@ def last_layer_rows(model) -> str:
     """The rows of the last layer that reach the model's output: ``"first"`` when only the first token's final
     state is read (a sequence-classification head, or an embedding model that pools the [CLS] token), else
     ``"all"``. The refit fits the last layer on those rows only: on SST-2, STS-B and the 48-class article task
-    at 40% of the FLOPs +0.46 / +0.31 / +0.24 points over fitting every token (bench/results/many_class.md)."""
+    at 40% of the FLOPs +0.46 / +0.31 / +0.24 points over fitting every token (bench/results/refit_rows.md)."""
     if is_sentence_embedder(model):
         return "first" if model.pooling.mode == "cls" else "all"
     return "first" if get_spec(model).head_reads_first_token else "all"
@@ -149,13 +149,14 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
     loss_estimate = {"searched": fisher_loss(gradients, searched), "rearranged": fisher_loss(gradients, plan)}
     tuning = None
     max_memory = parse_memory(config.max_memory)
+    rows = last_layer_rows(model) if config.tune == "weights" else None
     if config.tune == "weights":
         tuning = reconstruct_weights(
             model,
             plan,
             sample.batches,
             fit_head=config.refit_head,
-            last_layer_rows=last_layer_rows(model),
+            last_layer_rows=rows,
             max_memory=max_memory,
             progress=ctx.progress,
         )
@@ -169,7 +170,7 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
         + TUNING[config.tune],
         "budget": {config.method: config.fraction, "seq_len": config.seq_len, **latency_info},
         "fisher_scale": fisher_scale,
-        "last_layer_rows": last_layer_rows(model) if config.tune == "weights" else None,
+        "last_layer_rows": rows,
         # an embedding model's calibration reads texts only, whatever the option says
         "calibration": {**sample.description, "label_free": config.label_free or is_sentence_embedder(model)},
         "fisher_loss_estimate": loss_estimate,

@@ -250,20 +250,14 @@ def walk_sublayers(
             if dense_targets:
                 dense[index] = hidden.clone()  # its own copy: the budget counts both streams
         views = layer_views(model)
+        common = (gates, calls, pruned, targets, dense_targets)
         for view in views:
             first_token = last_layer_rows == "first" and view.index == len(views) - 1
             if dense_targets:
                 _advance_dense(view, calls, dense, targets, first_token)
-            ffn_seen.clear()
-            for part in ("attention", "ffn"):
-                seen = ffn_seen if part == "ffn" else None
-                if part == "ffn":  # the attention step is done: its targets make room for what the FFN step sees
-                    targets["attention"].clear()
-                yield (
-                    view,
-                    part,
-                    _pruned_source(model, view, part, gates, calls, pruned, targets, dense_targets, seen, first_token),
-                )
+            yield view, "attention", _pruned_source(model, view, "attention", *common, None, first_token)
+            targets["attention"].clear()  # the attention step is done: room for what the FFN step sees
+            yield view, "ffn", _pruned_source(model, view, "ffn", *common, ffn_seen, first_token)
             _advance_pruned(model, view, gates, calls, pruned, ffn_seen)
             ffn_seen.clear()
         if head and dense_targets:
