@@ -119,6 +119,7 @@ def worker(spec: dict) -> dict:
         "score_before": result.report.get("score", {}).get("before") if spec["evaluate"] else None,
         "calibration": details.get("calibration"),
         "refit_memory": details.get("refit_memory"),
+        "peak_mib_by_phase": details.get("peak_memory_mib"),
         "layers": len(result.plan.kept_heads),
         "kept_heads": sum(len(h) for h in result.plan.kept_heads),
         "kept_neurons": sum(len(n) for n in result.plan.kept_neurons),
@@ -231,9 +232,11 @@ def write(rows: list[dict], args) -> None:
     table = []
     for r in sorted(rows, key=lambda r: (r["model"], r["examples"], r["implementation"])):
         if "error" in r:
-            table.append([r["model"], r["implementation"], r["examples"], r["task"], "", "failed", "", "", "", ""])
+            table.append([r["model"], r["implementation"], r["examples"], r["task"], "", "failed", "", "", "", "", ""])
             continue
         refit = (r.get("refit_memory") or {}).get("peak_bytes_in_ram")
+        phases = r.get("peak_mib_by_phase") or {}
+        by_phase = f"{phases['fisher'] / 1024:.2f} / {phases['tune'] / 1024:.2f}" if phases.get("tune") else ""
         score = "" if r.get("score") is None else f"{r['score_before'] * 100:.2f} -> {r['score'] * 100:.2f}"
         table.append(
             [
@@ -245,6 +248,7 @@ def write(rows: list[dict], args) -> None:
                 f"{r['pruning_seconds']:.0f}",
                 f"{r['seconds']['fisher']:.0f} / {r['seconds']['tune']:.0f}",
                 f"{r['peak_mib'] / 1024:.2f}",
+                by_phase,
                 "" if refit is None else f"{refit / 2**30:.2f}",
                 score,
             ]
@@ -272,7 +276,11 @@ def write(rows: list[dict], args) -> None:
         "the refit that kept every dense sub-layer output and re-ran the model up to each sub-layer (slimformer "
         "243dd31). Random BERT shapes score nothing; their cost is real. MRPC sentence pairs at max length 128 "
         "unless the model has its own task. `Fisher tokens per pass`: the backward passes of the Fisher were whole "
-        "batches of 32 examples before they were cut to 1,024 tokens; that backward is most of the peak memory.\n\n"
+        "batches of 32 examples before they were cut to 1,024 tokens; that backward is most of the peak memory. "
+        "`no heap trim`: before freed heap was handed back to the system between the Fisher's backward passes and "
+        "the refit's batches (glibc kept what each pass of another shape freed: on mpnet the Fisher's resident set "
+        "grew with every pass). `peak GiB after Fisher / refit`: the process's high-water mark when each phase ended "
+        "(the report's `details.peak_memory_mib`).\n\n"
         + markdown_table(
             [
                 "model",
@@ -283,6 +291,7 @@ def write(rows: list[dict], args) -> None:
                 "seconds",
                 "Fisher / refit s",
                 "peak GiB",
+                "peak GiB after Fisher / refit",
                 "refit activations GiB",
                 "score before -> after",
             ],

@@ -4,7 +4,8 @@ fresh process so that its peak resident memory is its own. Writes ``bench/result
 
     python bench/calibration_curve.py [--tasks stsb] [--sizes 256,512,1024,2048,4096] [--fraction 0.5] [--seeds 0,1,2]
 
-Rows of tasks not run this time are kept from the previous results file, so tasks can be measured one at a time.
+Rows of tasks and seeds not run this time are kept from the previous results file, so tasks and seeds can be measured
+one at a time.
 With several seeds (the calibration sample's), the table gives each size's mean and standard deviation.
 """
 
@@ -65,12 +66,14 @@ def main() -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     previous_file = args.results_dir / "calibration_curve.json"
     previous = json.loads(previous_file.read_text()) if previous_file.is_file() else {}
-    rows = [r for r in previous.get("rows", []) if r["task"] not in tasks]
-    teachers = {t: v for t, v in previous.get("teachers", {}).items() if t not in tasks}
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    # a (task, seed) measured again replaces its old rows; other seeds of the same task are kept and pooled
+    rows = [r for r in previous.get("rows", []) if r["task"] not in tasks or r.get("seed", 0) not in seeds]
+    teachers = dict(previous.get("teachers", {}))
     for task in tasks:
         folder = teacher_folder(task, args.teachers_dir)
         teachers[task] = teacher_summary(task, folder)
-        for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+        for seed in seeds:
             for size in [int(s) for s in args.sizes.split(",") if s.strip()]:
                 with ProcessPoolExecutor(max_workers=1) as pool:  # a fresh process: its peak memory is this run's
                     job = pool.submit(prune_once, task, str(folder), size, args.fraction, args.max_length, seed)

@@ -116,6 +116,15 @@ def test_rearrangement_lowers_the_joint_fisher_to_a_local_optimum():
     assert rearrange_layer(block, [])[0] == [] and rearrange_layer(block, list(range(8)))[0] == list(range(8))
 
 
+def test_pruned_loss_from_gradients_equals_the_fisher_block_form():
+    from slimformer.budget.fisher import MaskGradients
+
+    grads = torch.tensor(np.random.default_rng(2).normal(size=(40, 9)), dtype=torch.float32)
+    for kept in ([], [0, 4, 8], list(range(9)), [1, 2, 3, 5, 6]):
+        expected = pruned_fisher(MaskGradients.block(grads), kept)
+        assert MaskGradients.pruned_loss(grads, kept) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
 def test_rearrange_keeps_counts_per_layer():
     model = tiny_model("bert")
     grads = collect_mask_gradients(model, batches(2), progress=False)

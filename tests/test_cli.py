@@ -212,6 +212,8 @@ def test_budget_pruning_with_a_memory_limit_spills_and_says_so(tiny_model_dir, t
     report = json.loads((out / "metrics.json").read_text())
     assert report["config"]["max_memory"] == "0"
     assert report["details"]["refit_memory"]["bytes_spilled"] > 0 and report["details"]["refit_memory"]["limit"] == 0
+    peaks = report["details"]["peak_memory_mib"]  # the high-water mark after each phase, in the order they ran
+    assert list(peaks) == ["fisher", "search", "rearrange", "tune"] and list(peaks.values()) == sorted(peaks.values())
     bad = runner.invoke(
         app,
         [

@@ -350,3 +350,16 @@ def test_measure_model_without_latency_reads_given_folder(tmp_path):
     assert result["disk"] == size_on_disk(tmp_path).as_dict()
     assert result["disk"]["total_bytes"] >= result["disk"]["weights_bytes"] + 1000
     assert "Latency" not in format_measurements(result)
+
+
+def test_peak_resident_memory_rises_with_what_the_process_touches():
+    from slimformer.measure.memory import peak_resident_mib, release_freed_memory
+
+    before = peak_resident_mib()
+    if before is None:
+        pytest.skip("this platform does not report a high-water mark")
+    block = torch.ones((int(before) + 64) * 2**18)  # more than the process has ever held: the peak must move
+    after = peak_resident_mib()
+    assert after >= before + block.numel() * 4 / 2**20 * 0.9
+    del block
+    assert isinstance(release_freed_memory(), bool) and peak_resident_mib() >= after  # a high-water mark never falls

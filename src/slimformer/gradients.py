@@ -30,6 +30,7 @@ from slimformer.arch import layer_views
 from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
 from slimformer.gates import Gates, gated
+from slimformer.measure.memory import HeapTrimmer
 
 
 def is_regression(model: PreTrainedModel) -> bool:
@@ -122,6 +123,7 @@ def gate_gradients(
     collected: list[list[torch.Tensor]] = [[] for _ in widths]
     n_batches = n_examples = 0
     probes = torch.Generator().manual_seed(0)  # the embedding probes are the same on every run
+    trim = HeapTrimmer()
 
     # gradients flow only to the gates: freezing the weights skips their (unused) gradients, about half the cost
     flags = [p.requires_grad for p in model.parameters()]
@@ -168,6 +170,9 @@ def gate_gradients(
                     totals[index] += values**2 if square else np.abs(values)
             n_batches += 1
             n_examples += size
+            # each pass frees activations of its own shape; handed back, they do not pile up in the heap
+            # (all-mpnet-base-v2 on 512 MRPC pairs: peak 2.97 GiB without, 1.93 with; same time)
+            trim()
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)

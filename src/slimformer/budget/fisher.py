@@ -45,6 +45,14 @@ class MaskGradients:
         g = grads.double()
         return g.T @ g
 
+    @staticmethod
+    def pruned_loss(grads: torch.Tensor, kept: list[int]) -> float:
+        """1_P^T G^T G 1_P for the units not in ``kept``, as ||G 1_P||^2: one pass over the gradients instead of
+        the units x units block (seconds per call on a 3,072-neuron layer)."""
+        pruned = torch.ones(grads.shape[1], dtype=torch.bool)
+        pruned[kept] = False
+        return float(grads[:, pruned].double().sum(1).pow(2).sum())
+
 
 # tokens (rows x padded length) per backward pass of the Fisher: the activations kept for the backward grow with
 # them (a batch of 32 x 128 took about 10 GiB on all-mpnet-base-v2), and per-example gradients do not depend on

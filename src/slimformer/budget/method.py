@@ -13,12 +13,13 @@ from typing import Any
 
 from slimformer.arch import get_spec
 from slimformer.budget.fisher import MaskGradients, collect_mask_gradients
-from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, search_masks
+from slimformer.budget.search import UnitCosts, rearrange, search_masks
 from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
 from slimformer.configs import FlopsBudget, LatencyBudget, PruneContext, PruneOutcome, parse_memory, register_handler
 from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
 from slimformer.importance import importance_sample
+from slimformer.measure.memory import peak_resident_mib
 from slimformer.prune.plan import Layout, PruningPlan
 
 # what tune does after the search: its description in the report
@@ -99,17 +100,20 @@ def fisher_loss(gradients: MaskGradients, plan: PruningPlan) -> float:
         *zip(gradients.heads, plan.kept_heads, strict=True),
         *zip(gradients.neurons, plan.kept_neurons, strict=True),
     ]
-    return sum(pruned_fisher(gradients.block(grads), kept) for grads, kept in pairs)
+    return sum(MaskGradients.pruned_loss(grads, kept) for grads, kept in pairs)
 
 
 def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: PruneContext) -> PruneOutcome:
     seconds: dict[str, float] = {}
+    peak_mib: dict[str, float | None] = {}  # the process's high-water mark after each phase: which one set it
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
         seconds[name] = round(now - clock, 2)
+        peak = peak_resident_mib()
+        peak_mib[name] = round(peak, 1) if peak is not None else None
         clock = now
 
     # length-grouped batches: per-example Fisher and least squares do not depend on batching, padding costs time
@@ -176,6 +180,7 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
         "fisher_loss_estimate": loss_estimate,
         "tuning": tuning.layers if tuning else None,
         "refit_memory": tuning.memory if tuning else None,
+        "peak_memory_mib": peak_mib,
     }
     return PruneOutcome(plan=plan, details=details, seconds=seconds)
 

@@ -107,14 +107,13 @@ def rearrange_layer(fisher_block: torch.Tensor, kept: list[int], max_swaps: int 
     keep = kept_mask.nonzero().squeeze(1)
     diagonal = fisher.diagonal()
     s = fisher[:, pruned].sum(dim=1)  # s_k = sum_{j in P} I_kj
-    between = fisher[pruned][:, keep].clone()  # I[P, K]
+    between = fisher[pruned][:, keep] * -2  # -2 I[P, K], kept scaled: one pass fewer per swap
     delta = torch.empty_like(between)
     tolerance = -1e-12 * max(float(diagonal.abs().max()), 1e-30)
     swaps = 0
     for swaps in range(max_swaps):  # noqa: B007 - the count is returned
         # J(P - i + j) - J(P) = -2 s_i + I_ii + 2 s_j - 2 I_ij + I_jj, for i pruned and j kept
-        torch.mul(between, -2, out=delta)
-        delta += (-2 * s[pruned] + diagonal[pruned])[:, None]
+        torch.add(between, (-2 * s[pruned] + diagonal[pruned])[:, None], out=delta)
         delta += (2 * s[keep] + diagonal[keep])[None, :]
         flat = int(torch.argmin(delta))
         if delta.reshape(-1)[flat] >= tolerance:
@@ -123,8 +122,8 @@ def rearrange_layer(fisher_block: torch.Tensor, kept: list[int], max_swaps: int 
         i, j = int(pruned[row]), int(keep[column])  # i is kept from now on, j pruned
         pruned[row], keep[column] = j, i
         s += fisher[:, j] - fisher[:, i]
-        between[row] = fisher[j, keep]
-        between[:, column] = fisher[pruned, i]
+        between[row] = fisher[j, keep] * -2
+        between[:, column] = fisher[pruned, i] * -2
     else:
         swaps = max_swaps
     return sorted(keep.tolist()), swaps

@@ -36,6 +36,7 @@ from transformers import PreTrainedModel
 from slimformer.arch import LayerView, classifier_modules, get_spec, layer_list, layer_views, resolve
 from slimformer.gates import Gates, gated
 from slimformer.gradients import model_inputs
+from slimformer.measure.memory import HeapTrimmer
 
 # of the memory available when the refit starts, the share its stored activations may take by default
 DEFAULT_MEMORY_SHARE = 0.5
@@ -228,6 +229,7 @@ def walk_sublayers(
     """
     budget = MemoryBudget(max_memory)
     calls = _LayerCalls(model, batches, device)
+    trim = HeapTrimmer()
     with ExitStack() as stack:
         folder: list[Path] = []
 
@@ -254,12 +256,13 @@ def walk_sublayers(
         for view in views:
             first_token = last_layer_rows == "first" and view.index == len(views) - 1
             if dense_targets:
-                _advance_dense(view, calls, dense, targets, first_token)
-            yield view, "attention", _pruned_source(model, view, "attention", *common, None, first_token)
+                _advance_dense(view, calls, dense, targets, first_token, trim)
+            yield view, "attention", _pruned_source(model, view, "attention", *common, None, first_token, trim)
             targets["attention"].clear()  # the attention step is done: room for what the FFN step sees
-            yield view, "ffn", _pruned_source(model, view, "ffn", *common, ffn_seen, first_token)
+            yield view, "ffn", _pruned_source(model, view, "ffn", *common, ffn_seen, first_token, trim)
             _advance_pruned(model, view, gates, calls, pruned, ffn_seen)
             ffn_seen.clear()
+            trim()  # this layer's stores and passes, handed back before the next layer's
         if head and dense_targets:
             logits = [head_io(model, calls, index, dense[index])[1] for index in range(len(batches))]
 
@@ -320,7 +323,12 @@ def head_io(model: PreTrainedModel, calls: _LayerCalls, index: int, final_hidden
 
 
 def _advance_dense(
-    view: LayerView, calls: _LayerCalls, dense: ActivationStore, targets: dict, first_token: bool = False
+    view: LayerView,
+    calls: _LayerCalls,
+    dense: ActivationStore,
+    targets: dict,
+    first_token: bool = False,
+    trim: Callable[[], None] = lambda: None,
 ) -> None:
     """Run the dense layer on every batch: keep its two sub-layer outputs (before LayerNorm) as the targets and
     move the dense stream to the layer's output."""
@@ -341,6 +349,7 @@ def _advance_dense(
         targets["attention"][index] = _rows(hidden + seen["attention"], valid, first_token)
         targets["ffn"][index] = _rows(seen["ffn x"] + seen["ffn"], valid, first_token)
         dense[index] = out
+        trim()
 
 
 class _FfnInputs:
@@ -414,6 +423,7 @@ def _pruned_source(
     with_targets: bool,
     ffn_seen: _FfnInputs | None = None,
     first_token: bool = False,
+    trim: Callable[[], None] = lambda: None,
 ) -> Callable[[], Iterator[SublayerBatch]]:
     def source() -> Iterator[SublayerBatch]:
         proj = projection(view, part)
@@ -433,6 +443,7 @@ def _pruned_source(
             x = pruned[index] if part == "attention" else seen["x"]
             if ffn_seen is not None:
                 ffn_seen.add(index, x, seen["units"], gates.neurons[view.index])
+            trim()
             yield SublayerBatch(
                 x=_rows(x, valid, first_token),
                 units=_rows(seen["units"], valid, first_token),
