@@ -197,6 +197,26 @@ def test_movement_scores_get_minus_weight_times_gradient():
             assert torch.allclose(controller.score(key).grad, value, atol=1e-6), (granularity, key)
 
 
+def test_magnitude_started_movement_scores_rank_as_magnitude_pruning():
+    """score_init="magnitude": before any step, top-k on the scores keeps what one-shot magnitude pruning keeps;
+    started at zero it would keep the first weights in matrix order instead."""
+    for granularity in ("weight", "block:4", "head"):
+        model = tiny_model("bert")
+        controller = SparseController(model, mode="topk", granularity=granularity, score_init="magnitude")
+        controller.target = 0.6
+        expected = magnitude_masks(model, 0.6, granularity=granularity)
+        got = controller.weight_masks()
+        for name in expected.masks:
+            assert torch.equal(got.masks[name], expected.masks[name]), (granularity, name)
+        zero_started = SparseController(model, mode="topk", granularity=granularity)
+        zero_started.target = 0.6
+        assert any(not torch.equal(zero_started.weight_masks().masks[n], expected.masks[n]) for n in expected.masks), (
+            granularity
+        )
+    with pytest.raises(ConfigError, match="score_init"):
+        Movement(sparsity=0.5, score_init="random").check()
+
+
 def test_sparse_configs_check_settings_and_round_trip():
     config = Movement(sparsity=0.9, granularity="block:32", soft=True)
     assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
@@ -237,8 +257,9 @@ QUICK = {"epochs": 2, "batch_size": 8, "max_length": 16}
         GradualMagnitude(sparsity=0.8, **QUICK),
         Movement(sparsity=0.7, granularity="block:8", **QUICK),
         Movement(sparsity=0.5, granularity="head", **QUICK),
+        Movement(sparsity=0.8, **QUICK),
     ],
-    ids=["magnitude", "gmp", "block-movement", "head-movement"],
+    ids=["magnitude", "gmp", "block-movement", "head-movement", "movement"],
 )
 def test_prune_reaches_the_sparsity_removes_empty_units_and_reloads(toy, tmp_path, config):
     import slimformer
@@ -249,6 +270,8 @@ def test_prune_reaches_the_sparsity_removes_empty_units_and_reloads(toy, tmp_pat
     )
     sparse = result.report["details"]["sparse"]
     assert sparse["sparsity"] == pytest.approx(config.sparsity, abs=0.02)
+    if isinstance(config, Movement):  # "auto": magnitude-started scores for single weights, zero for groups
+        assert sparse["score_init"] == ("magnitude" if config.granularity == "weight" else "zero")
     counts = result.report["models"]["after"]["linear_weights"]
     # removal takes the weights of folded units too (a neuron with no inputs loses its output column)
     assert counts["nonzero"] <= sparse["linear_weights_kept"]

@@ -144,12 +144,15 @@ def train_sparse(
     else:
         mode = "soft" if config.soft else "topk"
         schedule = CubicSchedule(final=config.sparsity, total=steps, start=config.prune_start, end=config.prune_end)
+    score_start = getattr(config, "score_init", "zero")
+    if score_start == "auto":
+        score_start = "magnitude" if Granularity.parse(config.granularity).kind == "weight" else "zero"
     controller = SparseController(
         model,
         mode=mode,
         granularity=config.granularity,
         scope=config.scope,
-        score_init=1.0 if mode == "soft" else 0.0,
+        score_init="magnitude" if score_start == "magnitude" else float(mode == "soft"),
     )
     controller.install()
     state = SparseTrainingState()
@@ -205,6 +208,8 @@ def train_sparse(
         },
         "sparsity_curve": state.curve,
     }
+    if mode != "magnitude":
+        details["score_init"] = score_start
     if mode == "soft":
         details["soft"] = {
             "final_penalty": float(controller.penalty),

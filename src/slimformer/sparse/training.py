@@ -71,7 +71,7 @@ class SparseController(nn.Module):
         mode: str,
         granularity: str | Granularity = "weight",
         scope: str = "global",
-        score_init: float = 0.0,
+        score_init: float | str = 0.0,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -90,8 +90,14 @@ class SparseController(nn.Module):
             for key in self.keys:
                 self.register_buffer("mask_" + _safe(key), torch.ones_like(self.sizes[key], dtype=torch.bool))
         else:
+            start = magnitude_scores(model, self.granularity, self.pools) if score_init == "magnitude" else None
             self.scores = nn.ParameterDict(
-                {_safe(key): nn.Parameter(torch.full_like(self.sizes[key], float(score_init))) for key in self.keys}
+                {
+                    _safe(key): nn.Parameter(
+                        start[key] if start is not None else torch.full_like(self.sizes[key], float(score_init))
+                    )
+                    for key in self.keys
+                }
             )
         # the soft-movement penalty's strength: a buffer, so that a resumed run goes on with the value it had
         self.register_buffer("penalty", torch.zeros(()))
@@ -211,6 +217,22 @@ class SparseController(nn.Module):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         # the product is computed in the weight's dtype: zeros are exact, survivors unchanged (times 1.0)
         return masks
+
+
+def magnitude_scores(
+    model: PreTrainedModel, granularity: Granularity, pools: list[list[str]]
+) -> dict[str, torch.Tensor]:
+    """Each group's mean |W| divided by the mean of that over its pool (so about 1): movement scores that rank
+    the groups as magnitude pruning does before training moves them."""
+    magnitudes = {name: dense_weight(module).detach().abs() for name, module in encoder_linears(model).items()}
+    sums = group_scores(model, magnitudes, granularity)
+    sizes = group_sizes(model, granularity)
+    means = {key: sums[key] / sizes[key].to(sums[key].dtype).clamp_min(1) for key in sums}
+    scores = {}
+    for pool in pools:
+        scale = torch.cat([means[key].reshape(-1) for key in pool]).mean().clamp_min(1e-12)
+        scores.update({key: (means[key] / scale).float() for key in pool})
+    return scores
 
 
 def _head_size(model: PreTrainedModel) -> int:
