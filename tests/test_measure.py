@@ -358,8 +358,10 @@ def test_peak_resident_memory_rises_with_what_the_process_touches():
     before = peak_resident_mib()
     if before is None:
         pytest.skip("this platform does not report a high-water mark")
-    block = torch.ones((int(before) + 64) * 2**18)  # more than the process has ever held: the peak must move
+    # alone more than the process has ever held, so the peak must pass the old one by at least the 64 MiB extra
+    # (the process may hold far less now than at its peak: only that much is sure)
+    block = torch.ones((int(before) + 64) * 2**18)
     after = peak_resident_mib()
-    assert after >= before + block.numel() * 4 / 2**20 * 0.9
+    assert after >= before + 64 * 0.9
     del block
     assert isinstance(release_freed_memory(), bool) and peak_resident_mib() >= after  # a high-water mark never falls
