@@ -183,3 +183,25 @@ TRAINING = {
     "sst2": {"max_length": 64, "max_train_samples": 8000, "what": "8,000 SST-2 training sentences (max length 64)"},
 }
 DISPLAY = {"stsb": "STS-B", "sst2": "SST-2"}
+
+
+def budget_then_kd(teacher: Path, config, data, folder: Path, *, epochs: float, task: str) -> None:
+    """The baseline every trained variant of bench/learned.py and bench/sparse.py is compared with: retraining-free
+    budget pruning (cached in ``<folder>-pruned``), then logit KD from the teacher (alpha 0.9, temperature 2,
+    lr 3e-5) on the same training table as the trained variants (:data:`TRAINING`)."""
+    import slimformer
+    from slimformer.distill import DistillConfig
+    from slimformer.models import load_model
+    from slimformer.train import TrainConfig
+
+    pruned = folder.with_name(folder.name + "-pruned")
+    if not (pruned / "metrics.json").is_file():
+        slimformer.prune(load_model(teacher), config, data, out=pruned, measure=False, overwrite=True)
+    training = TRAINING[task]
+    settings = TrainConfig(
+        epochs=epochs, learning_rate=3e-5, max_length=training["max_length"], batch_size=32, save_steps=200,
+        max_train_samples=training["max_train_samples"],
+    )  # fmt: skip
+    slimformer.distill(
+        teacher, pruned, folder, data, config=settings, distill_config=DistillConfig(alpha=0.9, temperature=2.0)
+    )

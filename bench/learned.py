@@ -37,6 +37,7 @@ from common import (
     RUNS,
     TRAINING,
     add_latency,
+    budget_then_kd,
     describe_teacher,
     int8,
     machine,
@@ -46,14 +47,12 @@ from common import (
     write_results,
 )
 from slimformer.configs import FlopsBudget, Learned
-from slimformer.distill import DistillConfig
 from slimformer.evaluation import Evaluator
 from slimformer.io import write_json_atomic
 from slimformer.measure import flops
 from slimformer.models import load_model
 from slimformer.tasks import load_task
 from slimformer.tasks.metrics import compute_metrics
-from slimformer.train import TrainConfig
 
 OUT = RUNS / "learned"
 
@@ -98,17 +97,7 @@ def build(label: str, config, teacher: Path, data, kd_epochs: float, task: str) 
     if not (folder / "metrics.json").is_file():
         started = time.perf_counter()
         if label.endswith("+ KD") and isinstance(config, FlopsBudget):
-            pruned = folder.with_name(folder.name + "-pruned")
-            if not (pruned / "metrics.json").is_file():
-                slimformer.prune(load_model(teacher), config, data, out=pruned, measure=False, overwrite=True)
-            training = TRAINING[task]
-            settings = TrainConfig(
-                epochs=kd_epochs, learning_rate=3e-5, max_length=training["max_length"], batch_size=32,
-                max_train_samples=training["max_train_samples"], save_steps=200,
-            )  # fmt: skip
-            slimformer.distill(
-                teacher, pruned, folder, data, config=settings, distill_config=DistillConfig(alpha=0.9, temperature=2.0)
-            )
+            budget_then_kd(teacher, config, data, folder, epochs=kd_epochs, task=task)
         else:
             slimformer.prune(load_model(teacher), config, data, out=folder, measure=False, overwrite=True)
         print(f"{label}: built in {time.perf_counter() - started:.0f} s", flush=True)

@@ -42,6 +42,7 @@ from common import (
     RUNS,
     TRAINING,
     add_latency,
+    budget_then_kd,
     describe_teacher,
     int8,
     machine,
@@ -52,7 +53,6 @@ from common import (
 )
 from slimformer.analyze.loyalty import loyalty_metrics
 from slimformer.configs import FlopsBudget, GradualMagnitude, Magnitude, Movement
-from slimformer.distill import DistillConfig
 from slimformer.evaluation import Evaluator
 from slimformer.io import write_json_atomic
 from slimformer.measure import flops
@@ -61,7 +61,6 @@ from slimformer.report import model_stats
 from slimformer.sparse.plots import plot_density
 from slimformer.tasks import load_task
 from slimformer.tasks.metrics import compute_metrics
-from slimformer.train import TrainConfig
 
 OUT = RUNS / "sparse"
 
@@ -108,21 +107,10 @@ def build(label: str, config, teacher: Path, data, epochs: float, task: str = "s
     folder = OUT / slug(label)
     if not (folder / "metrics.json").is_file():
         started = time.perf_counter()
-        loaded = load_model(teacher)
         if isinstance(config, FlopsBudget):  # budget pruning, then logit KD with the sparse methods' settings
-            pruned = folder.with_name(folder.name + "-pruned")
-            if not (pruned / "metrics.json").is_file():
-                slimformer.prune(loaded, config, data, out=pruned, measure=False, overwrite=True)
-            training = TRAINING[task]
-            settings = TrainConfig(
-                epochs=epochs, learning_rate=3e-5, max_length=training["max_length"], batch_size=32, save_steps=200,
-                max_train_samples=training["max_train_samples"],
-            )  # fmt: skip
-            slimformer.distill(
-                teacher, pruned, folder, data, config=settings, distill_config=DistillConfig(alpha=0.9, temperature=2.0)
-            )
+            budget_then_kd(teacher, config, data, folder, epochs=epochs, task=task)
         else:
-            slimformer.prune(loaded, config, data, out=folder, measure=False, overwrite=True)
+            slimformer.prune(load_model(teacher), config, data, out=folder, measure=False, overwrite=True)
         print(f"{label}: built in {time.perf_counter() - started:.0f} s", flush=True)
     return folder, json.loads((folder / "metrics.json").read_text())
 

@@ -215,6 +215,13 @@ def test_magnitude_started_movement_scores_rank_as_magnitude_pruning():
         )
     with pytest.raises(ConfigError, match="score_init"):
         Movement(sparsity=0.5, score_init="random").check()
+    # "auto" resolves by granularity: magnitude for single weights, zero for blocks and heads
+    assert [Movement(sparsity=0.5, granularity=g).score_start for g in ("weight", "block:32", "head")] == [
+        "magnitude",
+        "zero",
+        "zero",
+    ]
+    assert Movement(sparsity=0.5, score_init="zero").score_start == "zero"
 
 
 def test_sparse_configs_check_settings_and_round_trip():

@@ -517,6 +517,15 @@ class Movement(_SparseTraining):
         if self.score_init not in SCORE_INITS:
             raise ConfigError(f"score_init must be one of {', '.join(SCORE_INITS)}, got {self.score_init!r}.")
 
+    @property
+    def score_start(self) -> str:
+        """Where the scores start, ``auto`` resolved: ``magnitude`` or ``zero``."""
+        if self.score_init != "auto":
+            return self.score_init
+        from slimformer.sparse.masks import Granularity
+
+        return "magnitude" if Granularity.parse(self.granularity).kind == "weight" else "zero"
+
 
 SCORE_INITS = ("auto", "magnitude", "zero")
 LEARNED_UNITS = ("heads", "ffn", "blocks", "hidden")

@@ -144,9 +144,8 @@ def train_sparse(
     else:
         mode = "soft" if config.soft else "topk"
         schedule = CubicSchedule(final=config.sparsity, total=steps, start=config.prune_start, end=config.prune_end)
-    score_start = getattr(config, "score_init", "zero")
-    if score_start == "auto":
-        score_start = "magnitude" if Granularity.parse(config.granularity).kind == "weight" else "zero"
+    # GMP* has no scores: its controller's start is unused
+    score_start = config.score_start if isinstance(config, Movement) else "zero"
     controller = SparseController(
         model,
         mode=mode,
@@ -161,7 +160,7 @@ def train_sparse(
     optimizer = score_optimizer(
         wrapper,
         learning_rate=config.learning_rate,
-        score_learning_rate=getattr(config, "score_learning_rate", config.learning_rate),
+        score_learning_rate=config.score_learning_rate if isinstance(config, Movement) else config.learning_rate,
         weight_decay=0.01,
     )
     scheduler = None
