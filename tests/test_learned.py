@@ -101,6 +101,32 @@ def test_the_multipliers_ascend_while_the_constraint_is_violated():
     assert wrapper.gates.expected_sparsity().item() > before
 
 
+def test_the_target_ramp_starts_where_the_gates_start():
+    """Open gates still leave some expected sparsity; a ramp from 0 would first push them open (the multipliers
+    then wind up the wrong way). The target starts at the gates' own expected sparsity and ends at the goal."""
+    from slimformer.distill.pipeline import DistillationModel, DistillConfig
+    from slimformer.learned.method import PhaseCallback
+
+    model = tiny_model("bert")
+    gates = StructureGates(model, ("heads", "ffn"), init=0.5)
+    start = gates.expected_sparsity().item()
+    assert 0.05 < start < 0.5
+    wrapper = LearnedPruningModel(DistillationModel(model, None, DistillConfig(alpha=0.0), []), gates)
+    callback = PhaseCallback(wrapper, 0.8, warmup_steps=10, gate_steps=20)
+
+    class State:
+        global_step = 0
+
+    targets = []
+    for step in (0, 5, 10, 15):
+        State.global_step = step
+        callback.on_step_begin(None, State, None)
+        targets.append(float(wrapper.target))
+    assert targets == pytest.approx([start, start + (0.8 - start) / 2, 0.8, 0.8])
+    # the starting point is a buffer: a resumed run ramps from the same place
+    assert float(dict(wrapper.named_buffers())["target_start"]) == pytest.approx(start)
+
+
 def test_fixed_structure_stops_the_gates_and_uses_zero_one_masks():
     model = tiny_model("distilbert")
     from slimformer.distill.pipeline import DistillationModel, DistillConfig
@@ -312,3 +338,49 @@ def test_a_structure_without_attention_is_announced():
     (warning,) = structure_warnings([[], [], []], [[5], [], [1]])
     assert "every attention head closed" in warning
     assert len(structure_warnings([[], []], [[], []])) == 2
+
+
+def test_gates_start_spread_by_importance_rank_across_layers():
+    """gate_init_spread: the least important unit of a kind (over every layer) starts spread / 2 below gate_init,
+    the most important spread / 2 above, the others in rank order between; blocks are not spread."""
+    model = tiny_model("bert")
+    gates = StructureGates(model, ("heads", "ffn", "blocks"), init=2.0)
+    generator = torch.Generator().manual_seed(0)
+    heads = [torch.rand(n, generator=generator) for n in gates.head_counts]
+    neurons = [torch.rand(n, generator=generator) for n in gates.ffn_sizes]
+    gates.spread_by_importance(heads, neurons, spread=4.0)
+    for groups, scores in ((gates.heads, heads), (gates.neurons, neurons)):
+        alphas = torch.cat([g.log_alpha.detach() for g in groups])
+        flat = torch.cat(scores)
+        assert alphas.min().item() == pytest.approx(0.0) and alphas.max().item() == pytest.approx(4.0)
+        assert alphas[flat.argmin()].item() == pytest.approx(0.0) and alphas[flat.argmax()].item() == pytest.approx(4.0)
+        assert torch.equal(alphas.argsort(), flat.argsort())  # the same order as the importance
+    assert torch.equal(gates.attn_blocks.log_alpha.detach(), torch.full_like(gates.attn_blocks.log_alpha, 2.0))
+    with pytest.raises(ValueError, match="one importance score per gate"):
+        gates.spread_by_importance(heads[:1], neurons, spread=1.0)
+
+
+def test_learned_pruning_with_spread_gates_keeps_the_most_important_units_when_the_gates_stand_still(
+    tiny_model_dir, tmp_path
+):
+    """With gate_init_spread and gates that barely learn, what is kept in each layer is the top of the Fisher
+    ranking (the handler computes it on the task before training and reports its time)."""
+    from slimformer.learned.method import _fisher
+
+    loaded = slimformer.load_model(tiny_model_dir, "sst2")
+    data = load_task("sst2", write_sst2(tmp_path / "glue"))
+    config = slimformer.Learned(
+        target_sparsity=0.5, units="heads,ffn", epochs=1, final_epochs=0, batch_size=8, max_length=16,
+        gate_learning_rate=1e-9, multiplier_learning_rate=1e-9, gate_init_spread=4.0,
+    )  # fmt: skip
+    fisher = _fisher(loaded.model, loaded.tokenizer, PruneContext(data=data, progress=False), config)
+    outcome = prune_learned(loaded.model, loaded.tokenizer, config, PruneContext(data=data, progress=False))
+    assert outcome.seconds["fisher"] >= 0 and outcome.details["learned"]["gate_init_spread"] == 4.0
+    for kept, scores in (
+        (outcome.plan.kept_heads, fisher.head_fisher()),
+        (outcome.plan.kept_neurons, fisher.neuron_fisher()),
+    ):
+        assert sum(map(len, kept)) < sum(len(s) for s in scores)  # the target removed something
+        for layer_kept, layer_scores in zip(kept, scores, strict=True):
+            top = np.argsort(-layer_scores, kind="stable")[: len(layer_kept)]
+            assert sorted(top.tolist()) == sorted(layer_kept)

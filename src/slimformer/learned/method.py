@@ -25,6 +25,8 @@ from slimformer.prune.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 
+FISHER_EXAMPLES = 1024  # for the gates' starting ranks only: a ranking, not the budget pruner's loss estimate
+
 
 class LearnedPruningModel(nn.Module):
     """What the Trainer trains: the distillation model (student = the model being pruned) under sampled gates,
@@ -42,6 +44,10 @@ class LearnedPruningModel(nn.Module):
         # checkpointed, so a resumed run continues in the right phase with the right target
         self.register_buffer("target", torch.zeros(()))
         self.register_buffer("fixed", torch.zeros(()))
+        # where the gates start (open gates still leave a few percent expected sparsity): the target ramp starts
+        # here, so the Lagrangian never first pushes the gates open and winds its multipliers up the wrong way
+        with torch.no_grad():
+            self.register_buffer("target_start", gates.expected_reduction().detach().clone().reshape(()))
         self._fixed_gates = None
         self.shift = 0.0
 
@@ -80,8 +86,8 @@ class LearnedPruningModel(nn.Module):
 
 
 class PhaseCallback(TrainerCallback):
-    """Raises the target linearly over the warm-up, fixes the structure when the gate phase ends, and records
-    the expected sparsity (and latency reduction) as training goes."""
+    """Raises the target linearly over the warm-up (from the gates' starting point), fixes the structure when the
+    gate phase ends, and records the expected sparsity (and latency reduction) as training goes."""
 
     def __init__(self, wrapper: LearnedPruningModel, target: float, warmup_steps: int, gate_steps: int) -> None:
         self.wrapper, self.final_target = wrapper, target
@@ -101,7 +107,8 @@ class PhaseCallback(TrainerCallback):
                 self.record(step)  # after any shift to the target: the structure that is kept
             return
         ramp = min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0
-        wrapper.target.fill_(self.final_target * ramp)
+        start = min(float(wrapper.target_start), self.final_target)
+        wrapper.target.fill_(start + (self.final_target - start) * ramp)
         if step % self.every == 0:
             self.record(step)
 
@@ -173,6 +180,24 @@ def structure_warnings(kept_heads: list[list[int]], kept_neurons: list[list[int]
     return warnings
 
 
+def _fisher(model: PreTrainedModel, tokenizer, ctx: PruneContext, config: Learned):
+    """The mask gradients of the budget pruner (Kwon et al. 2022) on ``FISHER_EXAMPLES`` training examples: the
+    importance the gates start ranked by."""
+    from slimformer.budget.fisher import collect_mask_gradients
+    from slimformer.importance import importance_sample
+
+    sample = importance_sample(
+        tokenizer,
+        ctx.data,
+        n_examples=FISHER_EXAMPLES,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        seed=config.seed,
+        length_grouped=True,
+    )
+    return collect_mask_gradients(model.eval(), sample.batches, progress=ctx.progress)
+
+
 @register_handler(Learned)
 def prune_learned(model: PreTrainedModel, tokenizer, config: Learned, ctx: PruneContext) -> PruneOutcome:
     from slimformer.distill.pipeline import TEACHER_LOGITS, DistillationModel, DistillConfig, teacher_logits
@@ -204,6 +229,11 @@ def prune_learned(model: PreTrainedModel, tokenizer, config: Learned, ctx: Prune
     pairs = [(i, i) for i in range(len(layer_views(model)))] if layer_kd else []
     distillation = DistillationModel(model, teacher, settings, pairs, project_hidden="hidden" in config.unit_set)
     gates = StructureGates(model, config.unit_set, init=config.gate_init)
+    if config.gate_init_spread and {"heads", "ffn"} & config.unit_set:
+        started = time.perf_counter()
+        fisher = _fisher(model, tokenizer, ctx, config)
+        gates.spread_by_importance(fisher.head_fisher(), fisher.neuron_fisher(), config.gate_init_spread)
+        seconds["fisher"] = round(time.perf_counter() - started, 2)
     if config.target_speedup is not None:
         from slimformer.budget.latency_table import table_for_config
 
@@ -271,6 +301,7 @@ def prune_learned(model: PreTrainedModel, tokenizer, config: Learned, ctx: Prune
                 if gates.latency is not None
                 else {}
             ),
+            "gate_init_spread": config.gate_init_spread,
             "expected_sparsity_at_fix": callback.curve[-1]["expected_sparsity"] if callback.curve else None,
             # where the Lagrangian had not met the target, every log_alpha was shifted by this much to meet it
             "log_alpha_shift": round(wrapper.shift, 4),

@@ -41,6 +41,27 @@ class StructureGates(nn.Module):
         # with a latency table the gates are driven to a latency instead of a size (Learned.target_speedup)
         self.latency: LatencyTable | None = None
 
+    @torch.no_grad()
+    def spread_by_importance(self, head_scores, neuron_scores, spread: float) -> None:
+        """Spread the head gates' and the neuron gates' starting ``log_alpha`` by importance: each unit moves by
+        ``spread * (rank - 1/2)``, with rank its importance percentile among all units of its kind (every
+        layer together, as Kwon et al.'s search compares them). With every gate starting alike, the Lagrangian
+        pushes them down in lockstep and whole swathes close at once (the overshoot of bench/results/
+        learned_sst2.md); started in order, the least important close first. Scores: one array per layer."""
+        for groups, scores in ((self.heads, head_scores), (self.neurons, neuron_scores)):
+            if groups is None or not spread:
+                continue
+            flat = torch.cat([torch.as_tensor(s, dtype=torch.float64).flatten() for s in scores])
+            if flat.numel() != sum(g.log_alpha.numel() for g in groups):
+                raise ValueError("one importance score per gate is needed")
+            ranks = flat.argsort(stable=True).argsort().double() / max(flat.numel() - 1, 1)
+            offsets = (ranks - 0.5) * spread
+            start = 0
+            for gate in groups:
+                n = gate.log_alpha.numel()
+                gate.log_alpha.add_(offsets[start : start + n].to(gate.log_alpha))
+                start += n
+
     # ---------------------------------------------------------------------------------------------- sampling
     def sample(self) -> Gates:
         """One draw of every gate (training mode) or the deterministic gates (eval mode), as model gates: a
