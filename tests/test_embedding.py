@@ -671,3 +671,42 @@ def test_custom_embedding_files_and_calibration_file_through_the_cli(tiny_model_
         invoke("prune", "--model", tiny_model_dir, "--task", "custom-sts", "--dev-file", dev, "--text-columns",
                "s1,s2", "--label-column", "sim", "--out", tmp_path / "x", "--budget-flops", "0.5",
                "--calibration-file", write_lines(tmp_path / "empty.txt", []))  # fmt: skip
+
+
+def test_static_int8_and_compress_calibrate_on_the_calibration_file(tiny_model_dir, tmp_path, monkeypatch):
+    """quantize and compress take --calibration-file as prune and distill do: static int8 calibrates on exactly
+    the file's sentences, compress's pruner too, and each report names the file; dynamic int8 refuses it."""
+    pytest.importorskip("onnxruntime")
+    import slimformer.budget.method as budget_method
+    import slimformer.importance as importance
+
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    glue = write_stsb(tmp_path / "glue")
+    tokenizer = hf.AutoTokenizer.from_pretrained(tiny_model_dir)
+    seen: list[str] = []
+    sample = importance.importance_sample
+
+    def spy(tok, data, **options):
+        drawn = sample(tok, data, **options)
+        seen.extend(tokenizer.decode(ids, skip_special_tokens=True) for b in drawn.batches for ids in b["input_ids"])
+        return drawn
+
+    monkeypatch.setattr(importance, "importance_sample", spy)
+    monkeypatch.setattr(budget_method, "importance_sample", spy)
+    path = write_lines(tmp_path / "calibration.txt", SENTENCES_B)
+    result = slimformer.quantize(
+        tiny_model_dir, slimformer.Quantize(mode="static"), "stsb-embed", data_dir=glue, max_length=16,
+        evaluate=False, measure=False, progress=False, calibration_file=path,
+    )  # fmt: skip
+    assert sorted(seen) == sorted(SENTENCES_B)
+    assert result.report["details"]["quantization"]["calibration_file"] == str(path.resolve())
+    with pytest.raises(SlimformerError, match="dynamic int8 reads none"):
+        slimformer.quantize(tiny_model_dir, slimformer.Quantize(mode="dynamic"), "stsb-embed", data_dir=glue,
+                            calibration_file=path, measure=False, progress=False)  # fmt: skip
+    seen.clear()
+    compressed = slimformer.compress(
+        tiny_model_dir, slimformer.Compress(budget_flops=0.5, calibration_examples=32), "stsb-embed", data_dir=glue,
+        max_length=16, seq_len=16, rounds=1, costs=False, progress=False, calibration_file=path,
+    )  # fmt: skip
+    assert seen and set(seen) <= set(SENTENCES_B)  # the pruner calibrated on the file's sentences only
+    assert compressed.report["details"]["calibration_file"] == str(path.resolve())

@@ -609,6 +609,7 @@ def quantize(
         ),
     ] = None,
     calibration_examples: Annotated[int, typer.Option(help="Static: training examples to calibrate on.")] = 256,
+    calibration_file: CalibrationFileOpt = None,
     per_channel: Annotated[bool, typer.Option(help="One weight scale per output channel.")] = True,
     max_length: MaxLengthOpt = 128,
     max_eval_samples: Annotated[int | None, typer.Option(help="Random subset of each dev split.")] = None,
@@ -638,6 +639,7 @@ def quantize(
         seq_len=seq_len,
         threads=threads,
         overwrite=overwrite,
+        calibration_file=calibration_file,
     )
     files = "model.xml + model.bin" if settings.runtime == "openvino" else "model.onnx"
     print_report(result.report, stdout, out=f"{out} ({files}, tokenizer, metrics.json, README.md)")
@@ -663,6 +665,7 @@ def compress(
     recover: Annotated[str | None, typer.Option(help="Recovery after pruning: kd or finetune.")] = None,
     epochs: Annotated[float, typer.Option(help="Recovery epochs.")] = 1.0,
     calibration_examples: Annotated[int, typer.Option(help="Examples the budget pruner calibrates on.")] = 2048,
+    calibration_file: CalibrationFileOpt = None,
     max_attempts: Annotated[int, typer.Option(help="Pruning attempts while the measured speedup falls short.")] = 3,
     max_length: MaxLengthOpt = 128,
     max_eval_samples: Annotated[int | None, typer.Option(help="Random subset of each dev split.")] = None,
@@ -706,6 +709,7 @@ def compress(
         threads=threads,
         costs=costs,
         overwrite=overwrite,
+        calibration_file=calibration_file,
     )
     stdout.print(render_markdown(result.report))
     stdout.print(f"Saved to {out} (int8 model, tokenizer, report.md, pareto.png, pruned/)")

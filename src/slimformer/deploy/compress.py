@@ -96,12 +96,15 @@ def compress(
     costs: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    calibration_file: str | os.PathLike[str] | None = None,
 ) -> DeployResult:
     """Prune ``model`` (a fine-tuned folder, hub id or loaded model) to ``config``'s target, optionally recover,
     quantize on ``config.runtime``, and evaluate and time every stage (interleaved, batch 32 x ``seq_len`` and 1 x
     32, ``threads`` threads); with ``out``, write the final artifact with ``report.md`` and ``pareto.png``.
     With ``costs``, every stage also gets what :func:`slimformer.analyze.costs.compression_costs` measures where
-    its data is there: AdvGLUE accuracy, loyalty to the dense model, EEC gender and race gaps."""
+    its data is there: AdvGLUE accuracy, loyalty to the dense model, EEC gender and race gaps.
+    ``calibration_file`` (sentence-embedding tasks): a plain text file, one sentence per line, that every stage
+    reads instead of the task's training texts: the pruner's calibration, the distillation and static int8."""
     from slimformer.api import _loaded, _task_record, check_label_set, resolve_data
     from slimformer.configs import FlopsBudget
     from slimformer.deploy.quantize import quantize
@@ -112,6 +115,10 @@ def compress(
     if out_dir is not None and out_dir.exists() and not overwrite:
         raise SlimformerError(f"Output folder {out_dir} already exists. Choose another --out or pass --overwrite.")
     task = resolve_data(model, data, data_dir=data_dir, max_eval_samples=max_eval_samples)
+    if calibration_file is not None:
+        from slimformer.tasks import with_calibration_texts
+
+        task = with_calibration_texts(task, calibration_file)
     loaded = _loaded(model, None, task)
     dense, tokenizer = loaded.model.eval(), loaded.tokenizer
     check_label_set(dense, task)
@@ -254,6 +261,11 @@ def compress(
                 "flops_fraction": round(fraction, 4),
                 "dense_int8_speedup": round(int8_speedup, 3),
                 "quantization": pruned_int8.report["details"]["quantization"],
+                **(
+                    {"calibration_file": str(Path(calibration_file).expanduser().resolve())}
+                    if calibration_file is not None
+                    else {}
+                ),
             },
             seq_len=seq_len,
         )

@@ -155,11 +155,14 @@ def quantize(
     threads: int | None = 2,
     overwrite: bool = False,
     progress: bool = True,
+    calibration_file: str | os.PathLike[str] | None = None,
 ) -> DeployResult:
     """Quantize ``model`` (folder, hub id, alias, loaded or transformers model) to int8 on ``config.runtime``;
     score it through the runtime on the task's dev split (``data``, else the task the folder remembers), time it
     against the PyTorch fp32 model (interleaved, batch 32 x ``seq_len``, ``threads`` threads) and, with ``out``,
-    save the artifact folder atomically."""
+    save the artifact folder atomically. ``calibration_file`` (sentence-embedding tasks, static int8): a plain
+    text file, one sentence per line, whose sentences the activation ranges are calibrated on instead of the
+    task's training texts."""
     from slimformer.api import _loaded, _task_record, check_label_set, resolve_data
     from slimformer.evaluation import evaluate_model
 
@@ -177,6 +180,14 @@ def quantize(
         if needs_data
         else None
     )
+    if calibration_file is not None:
+        if config.mode != "static":
+            raise SlimformerError(
+                f"calibration_file gives the texts static int8 calibrates on; {config.mode} int8 reads none."
+            )
+        from slimformer.tasks import with_calibration_texts
+
+        task = with_calibration_texts(task, calibration_file)
     loaded = _loaded(model, tokenizer, task)
     net, tokenizer = loaded.model.eval(), loaded.tokenizer
     if task is not None:
@@ -188,6 +199,8 @@ def quantize(
         feeds = _calibration_feeds(tokenizer, task, config, max_length) if config.mode == "static" else None
         int8, info, fp32_bytes = _quantize_on_runtime(net, config, feeds, work, seconds, threads, progress)
         info["calibration_examples"] = sum(len(f["input_ids"]) for f in feeds) if feeds else 0
+        if calibration_file is not None:
+            info["calibration_file"] = str(Path(calibration_file).expanduser().resolve())
 
         def evaluation(target) -> dict[str, dict[str, float]] | None:
             if not evaluate or task is None or not task.dev:
