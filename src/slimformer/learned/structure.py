@@ -46,8 +46,9 @@ class StructureGates(nn.Module):
         """Spread the head gates' and the neuron gates' starting ``log_alpha`` by importance: each unit moves by
         ``spread * (rank - 1/2)``, with rank its importance percentile among all units of its kind (every
         layer together, as Kwon et al.'s search compares them). With every gate starting alike, the Lagrangian
-        pushes them down in lockstep and whole swathes close at once (the overshoot of bench/results/
-        learned_sst2.md); started in order, the least important close first. Scores: one array per layer."""
+        pushes them down in lockstep; started in order, the least important close first. Meant against the
+        early overshoot of bench/results/learned_sst2.md, where it measured no gain at 8x in 1,000 steps (81.88
+        against 81.31, one seed). Scores: one array per layer."""
         for groups, scores in ((self.heads, head_scores), (self.neurons, neuron_scores)):
             if groups is None or not spread:
                 continue
