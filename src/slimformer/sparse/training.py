@@ -72,6 +72,7 @@ class SparseController(nn.Module):
         granularity: str | Granularity = "weight",
         scope: str = "global",
         score_init: float | str = 0.0,
+        magnitude_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -91,6 +92,8 @@ class SparseController(nn.Module):
                 self.register_buffer("mask_" + _safe(key), torch.ones_like(self.sizes[key], dtype=torch.bool))
         else:
             start = magnitude_scores(model, self.granularity, self.pools) if score_init == "magnitude" else None
+            if start is not None and magnitude_scale != 1.0:
+                start = {key: value * magnitude_scale for key, value in start.items()}
             self.scores = nn.ParameterDict(
                 {
                     _safe(key): nn.Parameter(
