@@ -89,6 +89,7 @@ def variants(epochs: float, task: str = "stsb") -> dict[str, object]:
         "movement 80%": Movement(sparsity=0.8, **train),
         "movement 80% (zero start)": Movement(sparsity=0.8, score_init="zero", **train),
         "movement 90%": Movement(sparsity=0.9, **train),
+        "soft movement 80%": Movement(sparsity=0.8, soft=True, **train),
         "soft movement 90%": Movement(sparsity=0.9, soft=True, **train),
         # built before soft movement's magnitude-started scores were scaled to a quarter (SOFT_MAGNITUDE_SCALE):
         # at the full ratio the penalty reached 67% and the projection to 90% collapsed the model
