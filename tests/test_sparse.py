@@ -474,15 +474,16 @@ def test_int8_bitmask_storage_rounds_per_row_keeps_zeros_and_is_several_times_sm
 def test_soft_movement_scores_start_at_a_quarter_of_the_magnitude_ratio():
     """Soft movement keeps a weight while its score is positive: its magnitude-started scores are scaled down
     (SOFT_MAGNITUDE_SCALE) so the penalty can pull them across zero, in magnitude's order; all start kept."""
-    from slimformer.sparse.method import SOFT_MAGNITUDE_SCALE
-    from slimformer.sparse.training import magnitude_scores
+    from slimformer.sparse.training import SOFT_MAGNITUDE_SCALE, magnitude_scores
 
     assert SOFT_MAGNITUDE_SCALE == 0.25
     model = tiny_model("bert")
-    full = SparseController(model, mode="soft", score_init="magnitude")
-    scaled = SparseController(model, mode="soft", score_init="magnitude", magnitude_scale=SOFT_MAGNITUDE_SCALE)
+    full = SparseController(model, mode="soft", score_init="magnitude", magnitude_scale=1.0)
+    scaled = SparseController(model, mode="soft", score_init="magnitude")  # soft mode's own default
+    topk = SparseController(model, mode="topk", score_init="magnitude")  # top-k keeps the full ratio
     reference = magnitude_scores(model, full.granularity, full.pools)
     for key in full.keys:
         assert torch.equal(full.score(key).detach(), reference[key])
         torch.testing.assert_close(scaled.score(key).detach(), reference[key] * SOFT_MAGNITUDE_SCALE)
+        assert torch.equal(topk.score(key).detach(), reference[key])
     assert scaled.sparsity() == 0.0  # every score positive: nothing pruned before training

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
 from slimformer.gradients import gate_gradients, is_regression
+from slimformer.importance import ImportanceSample, importance_sample
 
 
 @dataclass
@@ -97,3 +98,34 @@ def collect_mask_gradients(
         description="Fisher (per-example mask gradients)",
     )
     return MaskGradients(heads=gradients.heads, neurons=gradients.neurons)
+
+
+def calibration_mask_gradients(
+    model: PreTrainedModel,
+    tokenizer,
+    data,
+    *,
+    n_examples: int,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    label_free: bool = False,
+    progress: bool = True,
+) -> tuple[MaskGradients, ImportanceSample]:
+    """Kwon et al.'s mask gradients on a seeded calibration sample of ``n_examples`` rows of ``data``, and the
+    sample itself (its length-grouped batches; the refit reuses them).
+
+    Per-example Fisher does not depend on how examples are batched, so batches are grouped by length: padding only
+    costs time.
+    """
+    sample = importance_sample(
+        tokenizer,
+        data,
+        n_examples=n_examples,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        length_grouped=True,
+    )
+    gradients = collect_mask_gradients(model, sample.batches, label_free=label_free, progress=progress)
+    return gradients, sample

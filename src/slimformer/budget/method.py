@@ -12,13 +12,12 @@ import time
 from typing import Any
 
 from slimformer.arch import get_spec
-from slimformer.budget.fisher import MaskGradients, collect_mask_gradients
+from slimformer.budget.fisher import MaskGradients, calibration_mask_gradients
 from slimformer.budget.search import UnitCosts, rearrange, search_masks
 from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
 from slimformer.configs import FlopsBudget, LatencyBudget, PruneContext, PruneOutcome, parse_memory, register_handler
 from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
-from slimformer.importance import importance_sample
 from slimformer.measure.memory import peak_resident_mib
 from slimformer.prune.plan import Layout, PruningPlan
 
@@ -116,17 +115,18 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
         peak_mib[name] = round(peak, 1) if peak is not None else None
         clock = now
 
-    # length-grouped batches: per-example Fisher and least squares do not depend on batching, padding costs time
-    sample = importance_sample(
+    # least squares, like the Fisher, does not depend on batching: the refit reuses the length-grouped sample
+    gradients, sample = calibration_mask_gradients(
+        model,
         tokenizer,
         ctx.data,
         n_examples=config.calibration_examples,
         batch_size=config.batch_size,
         max_length=ctx.max_length,
         seed=config.seed,
-        length_grouped=True,
+        label_free=config.label_free,
+        progress=ctx.progress,
     )
-    gradients = collect_mask_gradients(model, sample.batches, label_free=config.label_free, progress=ctx.progress)
     lap("fisher")
     fisher_scale = config.fisher_scale or ("layer" if is_sentence_embedder(model) else "global")
     table = None

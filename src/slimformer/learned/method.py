@@ -183,19 +183,19 @@ def structure_warnings(kept_heads: list[list[int]], kept_neurons: list[list[int]
 def _fisher(model: PreTrainedModel, tokenizer, ctx: PruneContext, config: Learned):
     """The mask gradients of the budget pruner (Kwon et al. 2022) on ``FISHER_EXAMPLES`` training examples: the
     importance the gates start ranked by."""
-    from slimformer.budget.fisher import collect_mask_gradients
-    from slimformer.importance import importance_sample
+    from slimformer.budget.fisher import calibration_mask_gradients
 
-    sample = importance_sample(
+    gradients, _ = calibration_mask_gradients(
+        model.eval(),
         tokenizer,
         ctx.data,
         n_examples=FISHER_EXAMPLES,
         batch_size=config.batch_size,
         max_length=config.max_length,
         seed=config.seed,
-        length_grouped=True,
+        progress=ctx.progress,
     )
-    return collect_mask_gradients(model.eval(), sample.batches, progress=ctx.progress)
+    return gradients
 
 
 @register_handler(Learned)

@@ -21,13 +21,6 @@ from slimformer.sparse.masks import Granularity, WeightMasks, apply_masks, magni
 from slimformer.sparse.schedule import CubicSchedule
 from slimformer.sparse.structure import removable_units
 
-# Soft movement keeps a weight while its score is positive, so every pruned weight's score must cross zero under
-# the penalty on sigmoid(score). At the full magnitude ratio (about 1, up to 3) the scores sit where sigmoid is
-# flat and the penalty has little pull: on STS-B at 90% it reached 67% at its cap and the projection to 90%
-# collapsed the model (9.87). A quarter of the ratio keeps magnitude's ranking where the penalty acts evenly:
-# 84.45 (teacher 85.45; bench/results/sparse.md)
-SOFT_MAGNITUDE_SCALE = 0.25
-
 
 def sparsity_details(model: PreTrainedModel, masks: WeightMasks, granularity: Granularity) -> dict[str, Any]:
     """What the report says of a sparse model: weights kept, per matrix, and the density of every head and FFN
@@ -159,7 +152,6 @@ def train_sparse(
         granularity=config.granularity,
         scope=config.scope,
         score_init="magnitude" if score_start == "magnitude" else float(mode == "soft"),
-        magnitude_scale=SOFT_MAGNITUDE_SCALE if mode == "soft" else 1.0,
     )
     controller.install()
     state = SparseTrainingState()
