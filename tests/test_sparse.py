@@ -224,6 +224,41 @@ def test_magnitude_started_movement_scores_rank_as_magnitude_pruning():
     assert Movement(sparsity=0.5, score_init="zero").score_start == "zero"
 
 
+def test_fisher_started_head_scores_keep_the_most_important_units_first():
+    """score_init="fisher": scores spread by rank over (0, 2) within each pool (heads apart from neurons), so top-k
+    before any step keeps the units with the largest Fisher diagonal, across layers; only whole heads take it."""
+    from slimformer.sparse.training import fisher_importance, rank_scores
+
+    model = tiny_model("bert")
+    generator = torch.Generator().manual_seed(0)
+    views = layer_views(model)
+    # heavy-tailed, like a real Fisher diagonal: the ranks must not depend on the scale
+    heads = [torch.rand(v.num_heads, generator=generator).pow(8).numpy() for v in views]
+    neurons = [torch.rand(v.ffn_size, generator=generator).pow(8).numpy() for v in views]
+    granularity = Granularity.parse("head")
+    pools = score_pools(list(group_sizes(model, granularity)), granularity, "global")
+    start = rank_scores(fisher_importance(model, heads, neurons), pools)
+    for pool in pools:
+        flat = torch.cat([start[key].reshape(-1) for key in pool])
+        assert flat.min() > 0 and flat.max() < 2 and flat.mean().item() == pytest.approx(1.0, abs=1e-6)
+        assert len(set(flat.tolist())) == len(flat)  # evenly spread: no ties
+    controller = SparseController(model, mode="topk", granularity="head", score_init=start)
+    controller.target = 0.5
+    keep = controller.hard_group_masks()
+    all_heads = np.concatenate(heads)
+    kept_heads = torch.cat([keep[f"{v.index}.heads"] for v in views]).numpy()
+    assert kept_heads.sum() == len(all_heads) // 2
+    assert all_heads[kept_heads].min() > all_heads[~kept_heads].max()
+    all_neurons = np.concatenate(neurons)
+    kept_neurons = torch.cat([keep[f"{v.index}.neurons"] for v in views]).numpy()
+    assert all_neurons[kept_neurons].min() > all_neurons[~kept_neurons].max()
+    with pytest.raises(SparsityError, match="every group"):
+        SparseController(model, mode="topk", granularity="head", score_init={"0.heads": start["0.heads"]})
+    with pytest.raises(ConfigError, match="granularity='head'"):
+        Movement(sparsity=0.5, score_init="fisher").check()
+    assert Movement(sparsity=0.5, granularity="head", score_init="fisher").score_start == "fisher"
+
+
 def test_sparse_configs_check_settings_and_round_trip():
     config = Movement(sparsity=0.9, granularity="block:32", soft=True)
     assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
@@ -264,9 +299,10 @@ QUICK = {"epochs": 2, "batch_size": 8, "max_length": 16}
         GradualMagnitude(sparsity=0.8, **QUICK),
         Movement(sparsity=0.7, granularity="block:8", **QUICK),
         Movement(sparsity=0.5, granularity="head", **QUICK),
+        Movement(sparsity=0.5, granularity="head", score_init="fisher", **QUICK),
         Movement(sparsity=0.8, **QUICK),
     ],
-    ids=["magnitude", "gmp", "block-movement", "head-movement", "movement"],
+    ids=["magnitude", "gmp", "block-movement", "head-movement", "head-movement-fisher", "movement"],
 )
 def test_prune_reaches_the_sparsity_removes_empty_units_and_reloads(toy, tmp_path, config):
     import slimformer
@@ -278,7 +314,10 @@ def test_prune_reaches_the_sparsity_removes_empty_units_and_reloads(toy, tmp_pat
     sparse = result.report["details"]["sparse"]
     assert sparse["sparsity"] == pytest.approx(config.sparsity, abs=0.02)
     if isinstance(config, Movement):  # "auto": magnitude-started scores for single weights, zero for groups
-        assert sparse["score_init"] == ("magnitude" if config.granularity == "weight" else "zero")
+        expected = "magnitude" if config.granularity == "weight" else "zero"
+        assert sparse["score_init"] == (expected if config.score_init == "auto" else config.score_init)
+    if isinstance(config, Movement) and config.score_init == "fisher":
+        assert result.report["seconds"]["fisher"] > 0
     counts = result.report["models"]["after"]["linear_weights"]
     # removal takes the weights of folded units too (a neuron with no inputs loses its output column)
     assert counts["nonzero"] <= sparse["linear_weights_kept"]
@@ -418,6 +457,11 @@ def test_cli_sparse_prune_saves_compact_weights_that_load(toy, tmp_path):
     assert bad.exit_code != 0 and "--sparsity" in str(bad.exception)
     bad = runner.invoke(app, [*args[:-1], str(tmp_path / "y"), "--sparse", "pruney", "--sparsity", "0.5"])
     assert bad.exit_code != 0 and "Unknown sparse method" in str(bad.exception)
+    # --score-init reaches the config: the Fisher start is for whole heads only, refused before any training
+    bad = runner.invoke(
+        app, [*args[:-1], str(tmp_path / "z"), "--sparse", "movement", "--sparsity", "0.5", "--score-init", "fisher"]
+    )
+    assert bad.exit_code != 0 and "granularity='head'" in str(bad.exception)
 
 
 def test_sentence_embedding_models_prune_sparse_without_labels(tiny_model_dir, tmp_path, monkeypatch):
@@ -478,7 +522,7 @@ def test_soft_movement_scores_start_at_a_quarter_of_the_magnitude_ratio():
 
     assert SOFT_MAGNITUDE_SCALE == 0.25
     model = tiny_model("bert")
-    full = SparseController(model, mode="soft", score_init="magnitude", magnitude_scale=1.0)
+    full = SparseController(model, mode="soft", score_init="magnitude", start_scale=1.0)
     scaled = SparseController(model, mode="soft", score_init="magnitude")  # soft mode's own default
     topk = SparseController(model, mode="topk", score_init="magnitude")  # top-k keeps the full ratio
     reference = magnitude_scores(model, full.granularity, full.pools)

@@ -370,6 +370,7 @@ def _prune_config(options: dict):
             max_train_samples=options["max_train_samples"],
             debias_weight=options["debias_weight"],
             adversarial_weight=options["adversarial_weight"],
+            score_init=options["score_init"],
             seed=options["seed"],
         )
     if options["learned"]:
@@ -463,6 +464,13 @@ def prune(
     ] = None,
     granularity: Annotated[
         str | None, typer.Option(help="Sparse: weight, block:B (B x B tiles) or head; default set by --sparse.")
+    ] = None,
+    score_init: Annotated[
+        str | None,
+        typer.Option(
+            help="Movement: where scores start: magnitude, zero, or fisher (head-movement only: the retraining-free "
+            "pruner's importance); default magnitude for single weights, zero for blocks and heads."
+        ),
     ] = None,
     epochs: Annotated[
         float, typer.Option(help="Methods that train (gmp, movement, learned: its gate phase): epochs.")

@@ -505,7 +505,10 @@ class Movement(_SparseTraining):
     score_learning_rate: float = 1e-2
     # where the scores start: "magnitude" (each group's mean |W| over its pool's mean: before any movement the
     # ranking is magnitude pruning's, and movement has to outweigh it) or "zero" (Sanh et al.: the ranking is all
-    # movement, which needs their long schedules). "auto": magnitude for single weights (MiniLM-L6 / STS-B at 80%
+    # movement, which needs their long schedules), or "fisher" (whole heads and neurons only: ranked by the
+    # diagonal Fisher of their masks on the training data, Kwon et al. 2022's importance; scores spread by rank
+    # over (0, 2) in each pool, so that top-k before any step keeps what that importance keeps). "auto": magnitude
+    # for single weights (MiniLM-L6 / STS-B at 80%
     # in 540 steps: 82.14 from magnitude, 10.15 from zero; bench/results/sparse.md), zero for blocks and heads,
     # where zero-started scores are what has been measured
     score_init: str = "auto"
@@ -516,6 +519,14 @@ class Movement(_SparseTraining):
             raise ConfigError(f"score_learning_rate must be > 0, got {self.score_learning_rate!r}.")
         if self.score_init not in SCORE_INITS:
             raise ConfigError(f"score_init must be one of {', '.join(SCORE_INITS)}, got {self.score_init!r}.")
+        if self.score_init == "fisher":
+            from slimformer.sparse.masks import Granularity
+
+            if Granularity.parse(self.granularity).kind != "head":
+                raise ConfigError(
+                    "score_init='fisher' ranks whole heads and FFN neurons (Kwon et al.'s masks): use it with "
+                    "granularity='head'."
+                )
 
     @property
     def score_start(self) -> str:
@@ -527,7 +538,7 @@ class Movement(_SparseTraining):
         return "magnitude" if Granularity.parse(self.granularity).kind == "weight" else "zero"
 
 
-SCORE_INITS = ("auto", "magnitude", "zero")
+SCORE_INITS = ("auto", "magnitude", "zero", "fisher")
 LEARNED_UNITS = ("heads", "ffn", "blocks", "hidden")
 
 

@@ -100,6 +100,11 @@ def collect_mask_gradients(
     return MaskGradients(heads=gradients.heads, neurons=gradients.neurons)
 
 
+# Where the Fisher only ranks units (the learned gates' and whole-head movement's starting points), not the budget
+# pruner's loss estimate: half its default calibration set
+RANKING_EXAMPLES = 1024
+
+
 def calibration_mask_gradients(
     model: PreTrainedModel,
     tokenizer,

@@ -25,8 +25,6 @@ from slimformer.prune.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 
-FISHER_EXAMPLES = 1024  # for the gates' starting ranks only: a ranking, not the budget pruner's loss estimate
-
 
 class LearnedPruningModel(nn.Module):
     """What the Trainer trains: the distillation model (student = the model being pruned) under sampled gates,
@@ -181,15 +179,15 @@ def structure_warnings(kept_heads: list[list[int]], kept_neurons: list[list[int]
 
 
 def _fisher(model: PreTrainedModel, tokenizer, ctx: PruneContext, config: Learned):
-    """The mask gradients of the budget pruner (Kwon et al. 2022) on ``FISHER_EXAMPLES`` training examples: the
+    """The mask gradients of the budget pruner (Kwon et al. 2022) on ``RANKING_EXAMPLES`` training examples: the
     importance the gates start ranked by."""
-    from slimformer.budget.fisher import calibration_mask_gradients
+    from slimformer.budget.fisher import RANKING_EXAMPLES, calibration_mask_gradients
 
     gradients, _ = calibration_mask_gradients(
         model.eval(),
         tokenizer,
         ctx.data,
-        n_examples=FISHER_EXAMPLES,
+        n_examples=RANKING_EXAMPLES,
         batch_size=config.batch_size,
         max_length=config.max_length,
         seed=config.seed,

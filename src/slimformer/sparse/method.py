@@ -98,6 +98,28 @@ def _extra_objectives(model, tokenizer, config, ctx: PruneContext):
     return extra
 
 
+def _fisher_start(model: PreTrainedModel, tokenizer, config: Movement, ctx: PruneContext) -> dict:
+    """Start scores of whole-head movement from Kwon et al. 2022's importance: the diagonal Fisher of every head
+    and neuron mask on ``RANKING_EXAMPLES`` training examples, spread by rank (:func:`rank_scores`)."""
+    from slimformer.budget.fisher import RANKING_EXAMPLES, calibration_mask_gradients
+    from slimformer.sparse.masks import Granularity, group_sizes, score_pools
+    from slimformer.sparse.training import fisher_importance, rank_scores
+
+    gradients, _ = calibration_mask_gradients(
+        model.eval(),
+        tokenizer,
+        ctx.data,
+        n_examples=RANKING_EXAMPLES,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        seed=config.seed,
+        progress=ctx.progress,
+    )
+    granularity = Granularity.parse(config.granularity)
+    pools = score_pools(list(group_sizes(model, granularity)), granularity, config.scope)
+    return rank_scores(fisher_importance(model, gradients.head_fisher(), gradients.neuron_fisher()), pools)
+
+
 def train_sparse(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -146,12 +168,13 @@ def train_sparse(
         schedule = CubicSchedule(final=config.sparsity, total=steps, start=config.prune_start, end=config.prune_end)
     # GMP* has no scores: its controller's start is unused
     score_start = config.score_start if isinstance(config, Movement) else "zero"
+    score_init: float | str | dict = "magnitude" if score_start == "magnitude" else float(mode == "soft")
+    if score_start == "fisher":
+        started = time.perf_counter()
+        score_init = _fisher_start(model, tokenizer, config, ctx)
+        seconds["fisher"] = round(time.perf_counter() - started, 2)
     controller = SparseController(
-        model,
-        mode=mode,
-        granularity=config.granularity,
-        scope=config.scope,
-        score_init="magnitude" if score_start == "magnitude" else float(mode == "soft"),
+        model, mode=mode, granularity=config.granularity, scope=config.scope, score_init=score_init
     )
     controller.install()
     state = SparseTrainingState()

@@ -72,7 +72,8 @@ SOFT_MAGNITUDE_SCALE = 0.25
 class SparseController(nn.Module):
     """Scores or masks of every group of the encoder's linear weights, and the current target sparsity.
 
-    ``score_init="magnitude"`` starts each score at its group's magnitude ratio times ``magnitude_scale`` (default:
+    ``score_init``: a constant, a dict of start scores per group, or ``"magnitude"``, each score at its group's
+    magnitude ratio. Started scores (dict or magnitude) are multiplied by ``start_scale`` (default:
     ``SOFT_MAGNITUDE_SCALE`` in soft mode, where the penalty must pull scores across zero; 1 in top-k mode).
     """
 
@@ -83,8 +84,8 @@ class SparseController(nn.Module):
         mode: str,
         granularity: str | Granularity = "weight",
         scope: str = "global",
-        score_init: float | str = 0.0,
-        magnitude_scale: float | None = None,
+        score_init: float | str | dict[str, torch.Tensor] = 0.0,
+        start_scale: float | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -103,11 +104,19 @@ class SparseController(nn.Module):
             for key in self.keys:
                 self.register_buffer("mask_" + _safe(key), torch.ones_like(self.sizes[key], dtype=torch.bool))
         else:
-            start = magnitude_scores(model, self.granularity, self.pools) if score_init == "magnitude" else None
-            if magnitude_scale is None:
-                magnitude_scale = SOFT_MAGNITUDE_SCALE if mode == "soft" else 1.0
-            if start is not None and magnitude_scale != 1.0:
-                start = {key: value * magnitude_scale for key, value in start.items()}
+            if isinstance(score_init, dict):  # given start scores, e.g. rank_scores of the Fisher
+                missing = set(self.keys) - set(score_init)
+                if missing or any(score_init[k].shape != self.sizes[k].shape for k in self.keys):
+                    raise SparsityError(
+                        f"Start scores must cover every group with its shape; missing {sorted(missing)[:3]}"
+                    )
+                start = {key: score_init[key].detach().float().clone() for key in self.keys}
+            else:
+                start = magnitude_scores(model, self.granularity, self.pools) if score_init == "magnitude" else None
+            if start_scale is None:
+                start_scale = SOFT_MAGNITUDE_SCALE if mode == "soft" else 1.0
+            if start is not None and start_scale != 1.0:
+                start = {key: value * start_scale for key, value in start.items()}
             self.scores = nn.ParameterDict(
                 {
                     _safe(key): nn.Parameter(
@@ -250,6 +259,36 @@ def magnitude_scores(
         scale = torch.cat([means[key].reshape(-1) for key in pool]).mean().clamp_min(1e-12)
         scores.update({key: (means[key] / scale).float() for key in pool})
     return scores
+
+
+def rank_scores(importance: dict[str, torch.Tensor], pools: list[list[str]]) -> dict[str, torch.Tensor]:
+    """Scores spread evenly over (0, 2) by each group's rank of ``importance`` within its pool (mean 1, the scale of
+    :func:`magnitude_scores`): top-k before any step keeps the most important groups, and movement can overtake a
+    neighbour in the ranking in a comparable number of steps wherever it sits. Ranks rather than the importance
+    itself, because the Fisher diagonal spans orders of magnitude and would freeze the top of the ranking."""
+    scores = {}
+    for pool in pools:
+        flat = torch.cat([importance[key].reshape(-1).double() for key in pool])
+        ranks = torch.empty_like(flat)
+        ranks[torch.argsort(flat, stable=True)] = torch.arange(len(flat), dtype=flat.dtype)
+        spread = (2 * (ranks + 0.5) / len(flat)).float()
+        offset = 0
+        for key in pool:
+            size = importance[key].numel()
+            scores[key] = spread[offset : offset + size].reshape(importance[key].shape).clone()
+            offset += size
+    return scores
+
+
+def fisher_importance(model: PreTrainedModel, head_fisher, neuron_fisher) -> dict[str, torch.Tensor]:
+    """The Fisher diagonals of each layer's head and neuron masks keyed as the ``head`` granularity's groups."""
+    from slimformer.arch import layer_views
+
+    importance = {}
+    for view, heads, neurons in zip(layer_views(model), head_fisher, neuron_fisher, strict=True):
+        importance[f"{view.index}.heads"] = torch.as_tensor(heads, dtype=torch.float64)
+        importance[f"{view.index}.neurons"] = torch.as_tensor(neurons, dtype=torch.float64)
+    return importance
 
 
 def _head_size(model: PreTrainedModel) -> int:
