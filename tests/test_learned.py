@@ -365,7 +365,7 @@ def test_learned_pruning_with_spread_gates_keeps_the_most_important_units_when_t
 ):
     """With gate_init_spread and gates that barely learn, what is kept in each layer is the top of the Fisher
     ranking (the handler computes it on the task before training and reports its time)."""
-    from slimformer.learned.method import _fisher
+    from slimformer.budget.fisher import ranking_mask_gradients
 
     loaded = slimformer.load_model(tiny_model_dir, "sst2")
     data = load_task("sst2", write_sst2(tmp_path / "glue"))
@@ -373,7 +373,9 @@ def test_learned_pruning_with_spread_gates_keeps_the_most_important_units_when_t
         target_sparsity=0.5, units="heads,ffn", epochs=1, final_epochs=0, batch_size=8, max_length=16,
         gate_learning_rate=1e-9, multiplier_learning_rate=1e-9, gate_init_spread=4.0,
     )  # fmt: skip
-    fisher = _fisher(loaded.model, loaded.tokenizer, PruneContext(data=data, progress=False), config)
+    fisher = ranking_mask_gradients(
+        loaded.model, loaded.tokenizer, data, batch_size=8, max_length=16, seed=config.seed, progress=False
+    )
     outcome = prune_learned(loaded.model, loaded.tokenizer, config, PruneContext(data=data, progress=False))
     assert outcome.seconds["fisher"] >= 0 and outcome.details["learned"]["gate_init_spread"] == 4.0
     for kept, scores in (

@@ -134,3 +134,21 @@ def calibration_mask_gradients(
     )
     gradients = collect_mask_gradients(model, sample.batches, label_free=label_free, progress=progress)
     return gradients, sample
+
+
+def ranking_mask_gradients(
+    model: PreTrainedModel, tokenizer, data, *, batch_size: int, max_length: int, seed: int, progress: bool = True
+) -> MaskGradients:
+    """The mask gradients on ``RANKING_EXAMPLES`` training examples, for where the Fisher only ranks units: the
+    learned gates' spread start and whole-head movement's Fisher start."""
+    gradients, _ = calibration_mask_gradients(
+        model.eval(),
+        tokenizer,
+        data,
+        n_examples=RANKING_EXAMPLES,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        progress=progress,
+    )
+    return gradients

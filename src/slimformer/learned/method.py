@@ -178,24 +178,6 @@ def structure_warnings(kept_heads: list[list[int]], kept_neurons: list[list[int]
     return warnings
 
 
-def _fisher(model: PreTrainedModel, tokenizer, ctx: PruneContext, config: Learned):
-    """The mask gradients of the budget pruner (Kwon et al. 2022) on ``RANKING_EXAMPLES`` training examples: the
-    importance the gates start ranked by."""
-    from slimformer.budget.fisher import RANKING_EXAMPLES, calibration_mask_gradients
-
-    gradients, _ = calibration_mask_gradients(
-        model.eval(),
-        tokenizer,
-        ctx.data,
-        n_examples=RANKING_EXAMPLES,
-        batch_size=config.batch_size,
-        max_length=config.max_length,
-        seed=config.seed,
-        progress=ctx.progress,
-    )
-    return gradients
-
-
 @register_handler(Learned)
 def prune_learned(model: PreTrainedModel, tokenizer, config: Learned, ctx: PruneContext) -> PruneOutcome:
     from slimformer.distill.pipeline import TEACHER_LOGITS, DistillationModel, DistillConfig, teacher_logits
@@ -229,7 +211,12 @@ def prune_learned(model: PreTrainedModel, tokenizer, config: Learned, ctx: Prune
     gates = StructureGates(model, config.unit_set, init=config.gate_init)
     if config.gate_init_spread and {"heads", "ffn"} & config.unit_set:
         started = time.perf_counter()
-        fisher = _fisher(model, tokenizer, ctx, config)
+        from slimformer.budget.fisher import ranking_mask_gradients
+
+        fisher = ranking_mask_gradients(
+            model, tokenizer, ctx.data, batch_size=config.batch_size, max_length=config.max_length,
+            seed=config.seed, progress=ctx.progress,
+        )  # fmt: skip
         gates.spread_by_importance(fisher.head_fisher(), fisher.neuron_fisher(), config.gate_init_spread)
         seconds["fisher"] = round(time.perf_counter() - started, 2)
     if config.target_speedup is not None:

@@ -101,20 +101,14 @@ def _extra_objectives(model, tokenizer, config, ctx: PruneContext):
 def _fisher_start(model: PreTrainedModel, tokenizer, config: Movement, ctx: PruneContext) -> dict:
     """Start scores of whole-head movement from Kwon et al. 2022's importance: the diagonal Fisher of every head
     and neuron mask on ``RANKING_EXAMPLES`` training examples, spread by rank (:func:`rank_scores`)."""
-    from slimformer.budget.fisher import RANKING_EXAMPLES, calibration_mask_gradients
+    from slimformer.budget.fisher import ranking_mask_gradients
     from slimformer.sparse.masks import Granularity, group_sizes, score_pools
     from slimformer.sparse.training import fisher_importance, rank_scores
 
-    gradients, _ = calibration_mask_gradients(
-        model.eval(),
-        tokenizer,
-        ctx.data,
-        n_examples=RANKING_EXAMPLES,
-        batch_size=config.batch_size,
-        max_length=config.max_length,
-        seed=config.seed,
+    gradients = ranking_mask_gradients(
+        model, tokenizer, ctx.data, batch_size=config.batch_size, max_length=config.max_length, seed=config.seed,
         progress=ctx.progress,
-    )
+    )  # fmt: skip
     granularity = Granularity.parse(config.granularity)
     pools = score_pools(list(group_sizes(model, granularity)), granularity, config.scope)
     return rank_scores(fisher_importance(model, gradients.head_fisher(), gradients.neuron_fisher()), pools)
