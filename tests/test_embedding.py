@@ -563,19 +563,19 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 def test_budget_pruning_calibrates_on_the_calibration_file(tiny_model_dir, tmp_path, monkeypatch):
-    import slimformer.budget.method as budget_method
+    import slimformer.budget.fisher as budget_fisher
 
     monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
     glue = write_stsb(tmp_path / "glue")
     seen: list[str] = []
-    collect = budget_method.collect_mask_gradients
+    collect = budget_fisher.collect_mask_gradients
 
     def spy(model, batches, **options):
         tokenizer = hf.AutoTokenizer.from_pretrained(tiny_model_dir)
         seen.extend(tokenizer.decode(ids, skip_special_tokens=True) for b in batches for ids in b["input_ids"])
         return collect(model, batches, **options)
 
-    monkeypatch.setattr(budget_method, "collect_mask_gradients", spy)
+    monkeypatch.setattr(budget_fisher, "collect_mask_gradients", spy)
     results = {}
     for name, sentences in (("a", SENTENCES_A), ("b", SENTENCES_B)):
         seen.clear()
@@ -677,7 +677,7 @@ def test_static_int8_and_compress_calibrate_on_the_calibration_file(tiny_model_d
     """quantize and compress take --calibration-file as prune and distill do: static int8 calibrates on exactly
     the file's sentences, compress's pruner too, and each report names the file; dynamic int8 refuses it."""
     pytest.importorskip("onnxruntime")
-    import slimformer.budget.method as budget_method
+    import slimformer.budget.fisher as budget_fisher
     import slimformer.importance as importance
 
     monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
@@ -692,7 +692,7 @@ def test_static_int8_and_compress_calibrate_on_the_calibration_file(tiny_model_d
         return drawn
 
     monkeypatch.setattr(importance, "importance_sample", spy)
-    monkeypatch.setattr(budget_method, "importance_sample", spy)
+    monkeypatch.setattr(budget_fisher, "importance_sample", spy)
     path = write_lines(tmp_path / "calibration.txt", SENTENCES_B)
     result = slimformer.quantize(
         tiny_model_dir, slimformer.Quantize(mode="static"), "stsb-embed", data_dir=glue, max_length=16,

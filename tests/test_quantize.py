@@ -164,7 +164,7 @@ def test_openvino_int8_artifact_runs_with_openvino_alone(tiny_model_dir, sst2, t
     # layer 1's q, k, v, attention output, layer 0's FFN up and down, pooler, classifier: all int8
     assert info["int8_nodes"]["linear layers"] >= 8
 
-    compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU")
+    compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     inputs = real_ids()
     names = [p.get_any_name() for p in compiled.inputs]
     feed = {n: (inputs[n] if n in inputs else torch.zeros_like(inputs["input_ids"])).numpy() for n in names}
@@ -175,12 +175,19 @@ def test_openvino_int8_artifact_runs_with_openvino_alone(tiny_model_dir, sst2, t
     scale = float(np.abs(expected).max())
     assert 0 < np.abs(logits - expected).max() <= 0.75 * scale
 
+    # slimformer's own OpenVINO runner computes what the card's f32 snippet computes (not bf16 where the CPU has it)
+    from slimformer.deploy.runtime import load_artifact_folder
+
+    runner = load_artifact_folder(out).model
+    assert runner.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    np.testing.assert_allclose(runner(**inputs).logits.numpy(), logits, atol=1e-6, rtol=0)
+
     manifest = json.loads((out / "slimformer.json").read_text())
     assert manifest["format"] == "openvino" and manifest["model_file"] == "model.xml"
     evaluated = slimformer.evaluate(out, sst2, max_length=16)  # run by OpenVINO, as the report says
     assert evaluated["eval"]["dev"]["accuracy"] == pytest.approx(result.report["eval"]["after"]["dev"]["accuracy"])
     card = (out / "README.md").read_text()
-    assert "library_name: openvino" in card and "compile_model" in card
+    assert "library_name: openvino" in card and "compile_model" in card and "INFERENCE_PRECISION_HINT" in card
 
 
 def test_openvino_has_no_dynamic_mode():
@@ -206,7 +213,10 @@ def test_openvino_export_drops_zero_width_layers_without_changing_the_function(t
 
     ov = pytest.importorskip("openvino")  # and OpenVINO reads and runs it in fp32 exactly
     export_onnx(copy, tmp_path / "fp32.onnx", check=False)
-    compiled = ov.Core().compile_model(ov.convert_model(str(tmp_path / "fp32.onnx")), "CPU")
+    # f32 asked for: OpenVINO's CPU default is bf16 where the CPU has bf16 units
+    compiled = ov.Core().compile_model(
+        ov.convert_model(str(tmp_path / "fp32.onnx")), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
     names = [p.get_any_name() for p in compiled.inputs]
     feed = {n: (inputs[n] if n in inputs else torch.zeros_like(inputs["input_ids"])).numpy() for n in names}
     np.testing.assert_allclose(compiled(feed)[0], expected.numpy(), atol=1e-5, rtol=0)

@@ -116,7 +116,8 @@ import openvino as ov
 from transformers import AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{location}")
-model = ov.Core().compile_model("{location}/model.xml", "CPU")
+# f32 around the int8 layers, as slimformer scored it (bf16-capable CPUs would otherwise default to bf16)
+model = ov.Core().compile_model("{location}/model.xml", "CPU", {{"INFERENCE_PRECISION_HINT": "f32"}})
 batch = tokenizer(["a gripping, funny film"], return_tensors="np")
 # one output: the logits (a task model) or the sentence embedding (an embedding model)
 output = model({{p.get_any_name(): batch[p.get_any_name()].astype("int64") for p in model.inputs}})[0]

@@ -84,7 +84,11 @@ class OpenVinoClassifier(_RuntimeClassifier):
 
         threads, path = self.threads, self.path
         ov = require("openvino", "Running an OpenVINO model")
-        properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        # f32 pinned: on CPUs with bf16 units (AVX-512 BF16, AMX) OpenVINO otherwise runs every float operation in
+        # bf16 by default (seen with 2026.4), and the model scored would differ from machine to machine
+        properties: dict[str, Any] = {
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"
+        }  # fmt: skip
         if threads is not None:
             properties["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
