@@ -74,7 +74,7 @@ def main() -> None:
 
     teacher_logits = scored(dense.model)[1]
     path = RESULTS / f"{results_name(task)}.json"
-    previous = json.loads(path.read_text())["results"]["runs"] if path.is_file() else []
+    previous = json.loads(path.read_text())["runs"] if path.is_file() else []
     runs = {(r["variant"], r["seed"]): r for r in previous}
     for label in labels:
         for seed in seeds:
@@ -103,8 +103,9 @@ def main() -> None:
 
 def _spread(values: list[float]) -> str:
     mean = 100 * statistics.fmean(values)
-    sd = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {sd:.2f}"
+    if len(values) == 1:
+        return f"{mean:.2f} (one seed)"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
 def write(runs: list[dict], teacher: dict, args) -> None:
