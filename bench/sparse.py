@@ -105,6 +105,9 @@ def variants(epochs: float, task: str = "stsb") -> dict[str, object]:
         "head movement 50% (Fisher start)": Movement(sparsity=0.5, granularity="head", score_init="fisher", **train),
         "head movement 60% (Fisher start)": Movement(sparsity=0.6, granularity="head", score_init="fisher", **train),
         "head movement 70% (Fisher start)": Movement(sparsity=0.7, granularity="head", score_init="fisher", **train),
+        "head movement 60% (Fisher start) 2x steps": Movement(
+            sparsity=0.6, granularity="head", score_init="fisher", **{**train, "epochs": 2 * epochs}
+        ),
         # the structured comparison: retraining-free budget pruning to a FLOPs budget, then the same KD budget
         "budget 50% FLOPs + KD": FlopsBudget(0.5),
         "budget 40% FLOPs + KD": FlopsBudget(0.4),

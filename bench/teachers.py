@@ -187,14 +187,16 @@ def main() -> None:
         results = {**json.loads(previous.read_text()).get("results", {}), **results}
     rows = []
     for task, metrics in results.items():
-        teacher = teacher_summary(task, teacher_dir(task))
+        # a teacher recorded by an earlier run need not be on this machine: its row comes from the results file
+        built = (teacher_dir(task) / "metrics.json").is_file()
+        teacher = teacher_summary(task, teacher_dir(task)) if built else {"score": metrics["score"]}
         recipe = metrics.get("recipe", {})
         curve = " / ".join(f"{100 * p['score']:.2f}" for p in metrics.get("dev_curve", []))
         rows.append(
             [
                 task,
                 f"{100 * teacher['score']:.2f} ({metrics['primary_metric']})",
-                teacher["train_samples"],
+                teacher.get("train_samples", ""),
                 recipe.get("best_epoch"),
                 recipe.get("epochs_trained"),
                 curve,
