@@ -205,3 +205,19 @@ def budget_then_kd(teacher: Path, config, data, folder: Path, *, epochs: float, 
     slimformer.distill(
         teacher, pruned, folder, data, config=settings, distill_config=DistillConfig(alpha=0.9, temperature=2.0)
     )
+
+
+def dev_scorer(tokenizer, data, metric: str):
+    """``scored(model) -> (score, dev logits)`` for PyTorch models and int8 runtimes alike, with the dev split
+    tokenized and batched once for every model a benchmark scores."""
+    from slimformer.evaluation import Evaluator
+    from slimformer.tasks.metrics import compute_metrics
+
+    evaluator = Evaluator(tokenizer, data)
+    labels = evaluator.splits["dev"][2]
+
+    def scored(model):
+        logits = evaluator.logits(model)["dev"]
+        return compute_metrics(data.spec, logits, labels)[metric], logits
+
+    return scored

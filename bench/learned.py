@@ -39,6 +39,7 @@ from common import (
     add_latency,
     budget_then_kd,
     describe_teacher,
+    dev_scorer,
     int8,
     machine,
     markdown_table,
@@ -47,12 +48,10 @@ from common import (
     write_results,
 )
 from slimformer.configs import FlopsBudget, Learned
-from slimformer.evaluation import Evaluator
 from slimformer.io import write_json_atomic
 from slimformer.measure import flops
 from slimformer.models import load_model
 from slimformer.tasks import load_task
-from slimformer.tasks.metrics import compute_metrics
 
 OUT = RUNS / "learned"
 
@@ -175,11 +174,10 @@ def main() -> None:
         chosen = {k: v for k, v in chosen.items() if slug(k) in wanted or k in wanted}
     dense = load_model(teacher_path)
     base_flops = flops(dense.model, seq_len=128).encoder
-    evaluator = Evaluator(dense.tokenizer, data)
+    scored = dev_scorer(dense.tokenizer, data, teacher["primary_metric"])
 
     def score(model) -> float:
-        logits = evaluator.logits(model)["dev"]
-        return compute_metrics(data.spec, logits, evaluator.splits["dev"][2])[teacher["primary_metric"]]
+        return scored(model)[0]
 
     dense_runtime = load_artifact_folder(int8(OUT / "dense", data, source=teacher_path), threads=args.threads).model
     rows = [

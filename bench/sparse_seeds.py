@@ -26,6 +26,7 @@ from common import (
     RUNS,
     TRAINING,
     describe_teacher,
+    dev_scorer,
     int8,
     machine,
     markdown_table,
@@ -35,10 +36,8 @@ from common import (
 )
 from slimformer.analyze.loyalty import loyalty_metrics
 from slimformer.deploy.runtime import load_artifact_folder
-from slimformer.evaluation import Evaluator
 from slimformer.models import load_model
 from slimformer.tasks import load_task
-from slimformer.tasks.metrics import compute_metrics
 
 
 def results_name(task: str) -> str:
@@ -65,12 +64,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     dense = load_model(teacher_path)
-    evaluator = Evaluator(dense.tokenizer, data)
-    metric = teacher["primary_metric"]
-
-    def scored(model):
-        logits = evaluator.logits(model)["dev"]
-        return compute_metrics(data.spec, logits, evaluator.splits["dev"][2])[metric], logits
+    scored = dev_scorer(dense.tokenizer, data, teacher["primary_metric"])
 
     teacher_logits = scored(dense.model)[1]
     path = RESULTS / f"{results_name(task)}.json"

@@ -135,10 +135,18 @@ def unit_count(weight_shape: tuple[int, int], part: str, head_size: int) -> int:
     return rows if part == "ffn_up" else cols
 
 
+HEADS_UNIT, NEURONS_UNIT = "heads", "neurons"
+
+
+def layer_unit_key(layer: int | str, kind: str) -> str:
+    """The key of one layer's shared score vector at ``head`` granularity (``kind``: heads or neurons)."""
+    return f"{layer}.{kind}"
+
+
 def unit_key(name: str) -> str:
     """The shared score a matrix reads at ``head`` granularity: ``"<layer>.heads"`` or ``"<layer>.neurons"``."""
     layer, part = name.split(".")
-    return f"{layer}.heads" if part in (*HEAD_PARTS, "attn_out") else f"{layer}.neurons"
+    return layer_unit_key(layer, HEADS_UNIT if part in (*HEAD_PARTS, "attn_out") else NEURONS_UNIT)
 
 
 # --------------------------------------------------------------------------------------------- masks
@@ -285,7 +293,7 @@ def score_pools(keys: list[str], granularity: Granularity, scope: str) -> list[l
     if granularity.kind == "head":
         return [
             pool
-            for pool in ([k for k in keys if k.endswith(".heads")], [k for k in keys if k.endswith(".neurons")])
+            for pool in ([k for k in keys if k.endswith(f".{kind}")] for kind in (HEADS_UNIT, NEURONS_UNIT))
             if pool
         ]
     return [list(keys)]

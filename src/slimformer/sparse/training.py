@@ -28,6 +28,8 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from slimformer.adversarial import embedding_offset, pgd_perturbation, swap_tokens
 from slimformer.sparse.masks import (
+    HEADS_UNIT,
+    NEURONS_UNIT,
     Granularity,
     SparsityError,
     WeightMasks,
@@ -37,6 +39,7 @@ from slimformer.sparse.masks import (
     group_scores,
     group_sizes,
     keep_top,
+    layer_unit_key,
     score_pools,
     unit_key,
 )
@@ -272,11 +275,10 @@ def rank_scores(importance: dict[str, torch.Tensor], pools: list[list[str]]) -> 
         ranks = torch.empty_like(flat)
         ranks[torch.argsort(flat, stable=True)] = torch.arange(len(flat), dtype=flat.dtype)
         spread = (2 * (ranks + 0.5) / len(flat)).float()
-        offset = 0
-        for key in pool:
-            size = importance[key].numel()
-            scores[key] = spread[offset : offset + size].reshape(importance[key].shape).clone()
-            offset += size
+        pieces = torch.split(spread, [importance[key].numel() for key in pool])
+        scores.update(
+            {key: piece.reshape(importance[key].shape).clone() for key, piece in zip(pool, pieces, strict=True)}
+        )
     return scores
 
 
@@ -286,8 +288,8 @@ def fisher_importance(model: PreTrainedModel, head_fisher, neuron_fisher) -> dic
 
     importance = {}
     for view, heads, neurons in zip(layer_views(model), head_fisher, neuron_fisher, strict=True):
-        importance[f"{view.index}.heads"] = torch.as_tensor(heads, dtype=torch.float64)
-        importance[f"{view.index}.neurons"] = torch.as_tensor(neurons, dtype=torch.float64)
+        importance[layer_unit_key(view.index, HEADS_UNIT)] = torch.as_tensor(heads, dtype=torch.float64)
+        importance[layer_unit_key(view.index, NEURONS_UNIT)] = torch.as_tensor(neurons, dtype=torch.float64)
     return importance
 
 
