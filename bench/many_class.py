@@ -50,6 +50,8 @@ VARIANTS = {
     # allocation across layers
     "layer-fisher": {"fisher_scale": "layer"},
     "label-free layer-fisher": {"label_free": True, "fisher_scale": "layer"},
+    # the budget reached in two rounds (0.71 of it, then all), the Fisher measured again on the pruned, refit model
+    "two-steps": {"steps": 2},
 }
 
 

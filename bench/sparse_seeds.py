@@ -142,9 +142,11 @@ def write(runs: list[dict], teacher: dict, args) -> None:
         f"# Seed spread of sparse pruning on {display} (MiniLM-L6)\n\n{describe_teacher(teacher)}\n\n"
         f"Each variant is bench/sparse.py's config with `seed` set (the order training examples are seen in): "
         f"{args.epochs:g} epochs over {TRAINING[args.task]['what']}, batch 32, logit distillation from the dense "
-        "teacher; sparsity over the encoder's linear weights. int8: dynamic, per-channel, on ONNX Runtime, scored by "
+        f"teacher; {sparse.ALL_DATA}sparsity over the encoder's linear weights. "
+        "int8: dynamic, per-channel, on ONNX Runtime, scored by "
         "the runtime. Standard deviations are over seeds (sample sd). Unstructured sparsity keeps the dense shape, "
-        "so these models run at the dense model's speed (bench/results/sparse*.md).\n\n" + table + "\n"
+        "so those models run at the dense model's speed; head movement removes the heads and neurons it empties "
+        "(speed: bench/results/sparse*.md).\n\n" + table + "\n"
     )
     write_results(
         results_name(args.task),

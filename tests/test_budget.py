@@ -612,3 +612,80 @@ def test_layer_scaled_fisher_spreads_the_budget_more_evenly_across_layers():
     assert kept["global"][1] < kept["layer"][1] and kept["layer"][0] < kept["global"][0]
     with pytest.raises(ConfigError, match="fisher_scale"):
         slimformer.FlopsBudget(0.5, fisher_scale="per-head")
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_silenced_units_give_the_outputs_of_the_model_they_are_removed_from(family):
+    from slimformer.prune.apply import silence
+
+    model = tiny_model(family)
+    plan = uneven_plan(model)
+    silenced, removed = copy.deepcopy(model), remove(copy.deepcopy(model), plan)
+    silence(silenced, plan)
+    assert [view.num_heads for view in layer_views(silenced)] == list(plan.layout.heads)  # same shape
+    inputs = tiny_inputs(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(silenced(**inputs).logits, removed(**inputs).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(silenced(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=0)
+    with pytest.raises(SlimformerError, match="heads and neurons only"):
+        silence(model, PruningPlan(**{**vars(plan), "dropped_layers": [1]}))
+
+
+def only_units_of(plan: PruningPlan, earlier: PruningPlan) -> bool:
+    pairs = [*zip(plan.kept_heads, earlier.kept_heads, strict=True)]
+    pairs += zip(plan.kept_neurons, earlier.kept_neurons, strict=True)
+    return all(set(kept) <= set(left) for kept, left in pairs)
+
+
+def test_a_later_round_never_brings_back_units_an_earlier_round_removed():
+    layout = Layout(heads=(4, 4), ffn=(6, 6), head_size=4, hidden=16)
+    costs = UnitCosts(head=5.0, neuron=2.0, seq_len=1)
+    alive = PruningPlan(layout=layout, kept_heads=[[0, 1, 2], [1, 3]], kept_neurons=[[0, 2, 4, 5], [1, 2, 3]])
+    # the units the earlier round removed look the most important now: they must stay out all the same
+    heads_imp = [np.array([0.1, 0.2, 0.3, 9.0]), np.array([9.0, 0.4, 9.0, 0.5])]
+    neurons_imp = [np.array([0.1, 9.0, 0.2, 9.0, 0.3, 0.4]), np.array([9.0, 0.5, 0.6, 0.7, 9.0, 9.0])]
+    free = search_masks(layout, heads_imp, neurons_imp, 0.4, costs)
+    assert 3 in free.kept_heads[0]  # without `alive` the search takes them: the check below can fail
+    plan = search_masks(layout, heads_imp, neurons_imp, 0.4, costs, alive=alive)
+    assert only_units_of(plan, alive)
+    assert costs.total(sum(map(len, plan.kept_heads)), sum(map(len, plan.kept_neurons))) <= 0.4 * costs.total(8, 12)
+    # the rearrangement swaps only among the units still there; the counts stay
+    rng = np.random.default_rng(4)
+    head_grads = [torch.tensor(rng.normal(size=(30, 4)) * [1, 1, 1, 50]) for _ in range(2)]
+    neuron_grads = [torch.tensor(rng.normal(size=(30, 6)) * [1, 50, 1, 50, 1, 1]) for _ in range(2)]
+    free = rearrange(plan, head_grads, neuron_grads)
+    assert any(3 in kept for kept in free.kept_heads) or any(1 in kept for kept in free.kept_neurons[:1])
+    again = rearrange(plan, head_grads, neuron_grads, alive=alive)
+    assert only_units_of(again, alive)
+    assert [len(k) for k in again.kept_heads] == [len(k) for k in plan.kept_heads]
+    assert [len(k) for k in again.kept_neurons] == [len(k) for k in plan.kept_neurons]
+
+
+def test_stepwise_budget_pruning_measures_the_fisher_again_on_the_pruned_model(tiny_model_dir, tmp_path, monkeypatch):
+    import slimformer.budget.method as method
+    from test_cli import invoke
+
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    glue = write_sst2(tmp_path / "glue")
+    silent_columns = []  # per later Fisher: were the units pruned so far silent in the model it measured?
+    collect = method.collect_mask_gradients
+
+    def spy(model, batches, **kwargs):
+        views = layer_views(model)
+        silent_columns.append([float(view.attn_out.weight.abs().sum(0).eq(0).float().sum()) for view in views])
+        return collect(model, batches, **kwargs)
+
+    monkeypatch.setattr(method, "collect_mask_gradients", spy)
+    out = tmp_path / "two-steps"
+    common = ["--task", "sst2", "--data-dir", glue, "--max-length", "16", "--seq-len", "16"]
+    invoke("prune", "--model", tiny_model_dir, *common, "--out", out, "--budget-flops", "0.5", "--budget-steps", "2",
+           "--calibration-examples", "32")  # fmt: skip
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["config"]["steps"] == 2 and "in 2 steps" in report["details"]["description"]
+    rounds = report["details"]["steps"]
+    assert [r["fraction"] for r in rounds] == pytest.approx([0.5**0.5, 0.5])
+    assert len(silent_columns) == 1 and sum(silent_columns[0]) > 0  # one more Fisher, on the silenced model
+    models = report["models"]
+    assert models["after"]["encoder_flops"] <= 0.5 * models["before"]["encoder_flops"]
+    with pytest.raises(ConfigError, match="steps"):
+        slimformer.FlopsBudget(0.5, steps=0)

@@ -355,6 +355,7 @@ def _prune_config(options: dict):
         "max_memory": options["max_memory"],
         "refit_head": options["refit_head"],
         "fisher_scale": options["fisher_scale"],
+        "steps": options["budget_steps"],
     }
     if options["sparse"] is not None:
         if options["sparsity"] is None:
@@ -541,6 +542,13 @@ def prune(
             "otherwise."
         ),
     ] = None,
+    budget_steps: Annotated[
+        int,
+        typer.Option(
+            help="Budget pruning: reach the budget in this many rounds (geometric), the Fisher measured again on "
+            "the pruned and refit model before each."
+        ),
+    ] = 1,
     max_memory: Annotated[
         str | None,
         typer.Option(

@@ -322,9 +322,14 @@ class _Budget(PruneConfig):
     # first (a more even allocation across layers); None: "layer" for sentence-embedding models, where it keeps
     # more of the embeddings (bench/results/embeddings.md), "global" for task models
     fisher_scale: str | None = None
+    # prune in this many rounds, the budget approached geometrically (0.5 in 2: 0.71 then 0.5), the Fisher measured
+    # again on the pruned and refit model before each round: the importance of what is left changes once its
+    # neighbours are gone, and one diagonal estimate from the dense model cannot see that
+    steps: int = 1
 
     def check(self) -> None:
         parse_memory(self.max_memory)
+        _positive("steps", self.steps)
         if self.fisher_scale not in (None, *FISHER_SCALES):
             raise ConfigError(f"Unknown fisher_scale {self.fisher_scale!r}: choose one of {', '.join(FISHER_SCALES)}.")
         _fraction(f"the {self.method} fraction", self.fraction, low_open=True, what="of the dense model's cost to keep")

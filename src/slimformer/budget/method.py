@@ -12,13 +12,14 @@ import time
 from typing import Any
 
 from slimformer.arch import get_spec
-from slimformer.budget.fisher import MaskGradients, calibration_mask_gradients
+from slimformer.budget.fisher import MaskGradients, calibration_mask_gradients, collect_mask_gradients
 from slimformer.budget.search import UnitCosts, rearrange, search_masks
 from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
 from slimformer.configs import FlopsBudget, LatencyBudget, PruneContext, PruneOutcome, parse_memory, register_handler
 from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
 from slimformer.measure.memory import peak_resident_mib
+from slimformer.prune.apply import silence
 from slimformer.prune.plan import Layout, PruningPlan
 
 # what tune does after the search: its description in the report
@@ -38,6 +39,7 @@ def plan_for_budget(
     seq_len: int = 128,
     latency_table=None,
     fisher_scale: str = "global",
+    alive: PruningPlan | None = None,
 ) -> tuple[PruningPlan, dict[str, Any]]:
     """The Fisher mask search under a FLOPs budget, or under a latency budget predicted by a lookup table.
 
@@ -47,7 +49,8 @@ def plan_for_budget(
     at the same FLOPs (MiniLM-L6 at 50%: STS-B 85.8 instead of 84.4, retrieval nDCG@10 73.8 instead of 71.1).
 
     For latency, the FLOPs search is run at the largest FLOPs fraction whose plan the table predicts to meet the
-    latency budget (bisection), since latency is monotone in the units kept but not linear in them.
+    latency budget (bisection), since latency is monotone in the units kept but not linear in them. ``alive``: only
+    the units this earlier round's plan keeps are candidates (stepwise pruning).
     """
     layout = Layout.of(model)
     costs = UnitCosts.flops(layout, seq_len)
@@ -58,13 +61,13 @@ def plan_for_budget(
         neurons = [n / total if total > 0 else n for n, total in zip(neurons, totals, strict=True)]
     model_type = model.config.model_type
     if budget_flops is not None:
-        return search_masks(layout, heads, neurons, budget_flops, costs, model_type=model_type), {}
+        return search_masks(layout, heads, neurons, budget_flops, costs, model_type=model_type, alive=alive), {}
     if latency_table is None:
         raise SlimformerError("A latency budget needs a latency lookup table.")
     dense_ms = latency_table.model_ms(layout)
     allowed_ms = budget_latency * dense_ms
     low, high = 1e-4, 1.0
-    best = search_masks(layout, heads, neurons, low, costs, model_type=model_type)
+    best = search_masks(layout, heads, neurons, low, costs, model_type=model_type, alive=alive)
     if latency_table.model_ms(best.result_layout()) > allowed_ms:
         raise SlimformerError(
             f"A latency budget of {budget_latency:g} cannot be met: even an almost empty encoder is predicted to "
@@ -73,7 +76,7 @@ def plan_for_budget(
         )
     for _ in range(30):
         middle = (low + high) / 2
-        plan = search_masks(layout, heads, neurons, middle, costs, model_type=model_type)
+        plan = search_masks(layout, heads, neurons, middle, costs, model_type=model_type, alive=alive)
         if latency_table.model_ms(plan.result_layout()) <= allowed_ms:
             low, best = middle, plan
         else:
@@ -107,10 +110,10 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
     peak_mib: dict[str, float | None] = {}  # the process's high-water mark after each phase: which one set it
     clock = time.perf_counter()
 
-    def lap(name: str) -> None:
+    def lap(name: str) -> None:  # phases repeated by stepwise pruning add up
         nonlocal clock
         now = time.perf_counter()
-        seconds[name] = round(now - clock, 2)
+        seconds[name] = round(seconds.get(name, 0.0) + now - clock, 2)
         peak = peak_resident_mib()
         peak_mib[name] = round(peak, 1) if peak is not None else None
         clock = now
@@ -136,48 +139,62 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
 
         table = table_for_config(model, config, ctx)
         lap("latency_table")
-    plan, latency_info = plan_for_budget(
-        model,
-        gradients,
-        budget_flops=None if latency else config.fraction,
-        budget_latency=config.fraction if latency else None,
-        seq_len=config.seq_len,
-        latency_table=table,
-        fisher_scale=fisher_scale,
-    )
-    lap("search")
-    searched = plan
-    if config.rearrange:
-        plan = rearrange(plan, gradients.heads, gradients.neurons)
-    lap("rearrange")
-    loss_estimate = {"searched": fisher_loss(gradients, searched), "rearranged": fisher_loss(gradients, plan)}
-    tuning = None
     max_memory = parse_memory(config.max_memory)
     rows = last_layer_rows(model) if config.tune == "weights" else None
-    if config.tune == "weights":
-        tuning = reconstruct_weights(
+    plan, rounds = None, []
+    for step in range(1, config.steps + 1):
+        if plan is not None:  # the last round's model, its pruned units silenced: what the next Fisher measures
+            silence(model, plan)
+            gradients = collect_mask_gradients(
+                model, sample.batches, label_free=config.label_free, progress=ctx.progress
+            )
+            lap("fisher")
+        fraction = config.fraction ** (step / config.steps)
+        alive = plan
+        plan, latency_info = plan_for_budget(
             model,
-            plan,
-            sample.batches,
-            fit_head=config.refit_head,
-            last_layer_rows=rows,
-            max_memory=max_memory,
-            progress=ctx.progress,
+            gradients,
+            budget_flops=None if latency else fraction,
+            budget_latency=fraction if latency else None,
+            seq_len=config.seq_len,
+            latency_table=table,
+            fisher_scale=fisher_scale,
+            alive=alive,
         )
-    elif config.tune == "scales":
-        gates, tuning = tune_masks(model, plan, sample.batches, max_memory=max_memory, progress=ctx.progress)
-        fold_scales(model, gates)
-    lap("tune")
+        lap("search")
+        searched = plan
+        if config.rearrange:
+            plan = rearrange(plan, gradients.heads, gradients.neurons, alive=alive)
+        lap("rearrange")
+        loss_estimate = {"searched": fisher_loss(gradients, searched), "rearranged": fisher_loss(gradients, plan)}
+        tuning = None
+        if config.tune == "weights":
+            tuning = reconstruct_weights(
+                model,
+                plan,
+                sample.batches,
+                fit_head=config.refit_head,
+                last_layer_rows=rows,
+                max_memory=max_memory,
+                progress=ctx.progress,
+            )
+        elif config.tune == "scales":
+            gates, tuning = tune_masks(model, plan, sample.batches, max_memory=max_memory, progress=ctx.progress)
+            fold_scales(model, gates)
+        lap("tune")
+        rounds.append({"fraction": fraction, "fisher_loss_estimate": loss_estimate})
     details = {
         "description": "Kwon et al. 2022: Fisher mask search"
         + (" + rearrangement" if config.rearrange else "")
-        + TUNING[config.tune],
+        + TUNING[config.tune]
+        + (f", in {config.steps} steps (Fisher measured again on the pruned model)" if config.steps > 1 else ""),
         "budget": {config.method: config.fraction, "seq_len": config.seq_len, **latency_info},
         "fisher_scale": fisher_scale,
         "last_layer_rows": rows,
         # an embedding model's calibration reads texts only, whatever the option says
         "calibration": {**sample.description, "label_free": config.label_free or is_sentence_embedder(model)},
         "fisher_loss_estimate": loss_estimate,
+        "steps": rounds if config.steps > 1 else None,
         "tuning": tuning.layers if tuning else None,
         "refit_memory": tuning.memory if tuning else None,
         "peak_memory_mib": peak_mib,

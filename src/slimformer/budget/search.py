@@ -48,16 +48,24 @@ def search_masks(
     costs: UnitCosts,
     *,
     model_type: str | None = None,
+    alive: PruningPlan | None = None,
 ) -> PruningPlan:
-    """The plan that keeps the most Fisher importance within ``budget`` (a fraction of the dense encoder FLOPs)."""
+    """The plan that keeps the most Fisher importance within ``budget`` (a fraction of the dense encoder FLOPs).
+
+    ``alive``: the plan of an earlier round of a stepwise pruning; only the units it keeps are candidates (the
+    others are gone already, whatever their importance says)."""
     if not 0.0 < budget <= 1.0:
         raise SlimformerError(
             f"A FLOPs budget of {budget:g} is impossible: it is the fraction of the dense FLOPs to keep, in (0, 1]."
         )
     dense = costs.total(sum(layout.heads), sum(layout.ffn))
     allowed = budget * dense
-    head_units = [(float(v), layer, i) for layer, row in enumerate(head_importance) for i, v in enumerate(row)]
-    neuron_units = [(float(v), layer, i) for layer, row in enumerate(neuron_importance) for i, v in enumerate(row)]
+    heads_left = alive.kept_heads if alive else [range(len(row)) for row in head_importance]
+    neurons_left = alive.kept_neurons if alive else [range(len(row)) for row in neuron_importance]
+    head_units = [(float(row[i]), layer, i) for layer, row in enumerate(head_importance) for i in heads_left[layer]]
+    neuron_units = [
+        (float(row[i]), layer, i) for layer, row in enumerate(neuron_importance) for i in neurons_left[layer]
+    ]
     head_units.sort(key=lambda u: -u[0])
     neuron_units.sort(key=lambda u: -u[0])
     head_cumsum = np.concatenate([[0.0], np.cumsum([u[0] for u in head_units])])
@@ -136,14 +144,33 @@ def pruned_fisher(fisher_block: torch.Tensor, kept: list[int]) -> float:
     return float(mask @ fisher_block.double() @ mask)
 
 
-def rearrange(plan: PruningPlan, head_grads: list[torch.Tensor], neuron_grads: list[torch.Tensor]) -> PruningPlan:
-    """Apply :func:`rearrange_layer` to the heads and the neurons of every layer; counts per layer are kept."""
+def _rearrange_among(grads: torch.Tensor, kept: list[int], candidates: list[int] | None) -> tuple[list[int], int]:
+    """:func:`rearrange_layer` over ``candidates`` only (all units when None), in the layer's own indices."""
     from slimformer.budget.fisher import MaskGradients
 
+    if candidates is None:
+        return rearrange_layer(MaskGradients.block(grads), kept)
+    position = {unit: p for p, unit in enumerate(candidates)}
+    chosen, swaps = rearrange_layer(MaskGradients.block(grads[:, candidates]), [position[u] for u in kept])
+    return sorted(candidates[p] for p in chosen), swaps
+
+
+def rearrange(
+    plan: PruningPlan,
+    head_grads: list[torch.Tensor],
+    neuron_grads: list[torch.Tensor],
+    alive: PruningPlan | None = None,
+) -> PruningPlan:
+    """Apply :func:`rearrange_layer` to the heads and the neurons of every layer; counts per layer are kept.
+    ``alive`` (stepwise pruning): units an earlier round removed are never swapped back in."""
     kept_heads, kept_neurons, swaps = [], [], 0
     for layer in range(plan.layout.num_layers):
-        heads, n1 = rearrange_layer(MaskGradients.block(head_grads[layer]), plan.kept_heads[layer])
-        neurons, n2 = rearrange_layer(MaskGradients.block(neuron_grads[layer]), plan.kept_neurons[layer])
+        heads, n1 = _rearrange_among(
+            head_grads[layer], plan.kept_heads[layer], alive.kept_heads[layer] if alive else None
+        )
+        neurons, n2 = _rearrange_among(
+            neuron_grads[layer], plan.kept_neurons[layer], alive.kept_neurons[layer] if alive else None
+        )
         kept_heads.append(heads)
         kept_neurons.append(neurons)
         swaps += n1 + n2

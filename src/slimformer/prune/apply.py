@@ -42,6 +42,25 @@ def masked(model: PreTrainedModel, plan: PruningPlan) -> Iterator[Gates]:
         yield gates
 
 
+def silence(model: PreTrainedModel, plan: PruningPlan) -> None:
+    """Zero, in place, the attention-output columns of every head and the down-projection columns of every neuron
+    that ``plan`` prunes: those units then add nothing to the residual stream, exactly as if removed, while the
+    model keeps its shape (stepwise budget pruning measures its next Fisher on it). Heads and neurons only."""
+    import torch
+
+    from slimformer.arch import layer_views
+
+    plan.validate(model)
+    if plan.dropped_layers or plan.kept_hidden is not None:
+        raise PlanError("silence() handles pruned heads and neurons only, not dropped layers or hidden dimensions.")
+    with torch.no_grad():
+        for view, heads, neurons in zip(layer_views(model), plan.kept_heads, plan.kept_neurons, strict=True):
+            for head in sorted(set(range(view.num_heads)) - set(heads)):
+                view.attn_out.weight[:, head * view.head_size : (head + 1) * view.head_size] = 0.0
+            pruned = sorted(set(range(view.ffn_size)) - set(neurons))
+            view.ffn_down.weight[:, pruned] = 0.0
+
+
 # physical removal -------------------------------------------------------------------------------------------
 def remove(model: PreTrainedModel, plan: PruningPlan) -> PreTrainedModel:
     """Physically remove what ``plan`` prunes, in place; returns ``model`` (now smaller and faster)."""
