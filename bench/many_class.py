@@ -140,7 +140,8 @@ def write(rows: list[dict], teacher: dict, results_dir: Path) -> None:
         f"bench/teachers.py's early stopping, best epoch {teacher['best_epoch']}). Retraining-free "
         "budget pruning, one run per cell (seeded calibration sample); accuracy (change vs the teacher). "
         "'default', 'label-free', 'all-train-calibration' (every training question, 8,192 drawn) and "
-        "'flops-at-16-tokens' (the FLOPs budget counted at the questions' own length instead of 128 tokens) are "
+        "'flops-at-16-tokens' (the FLOPs budget counted at the questions' own length instead of 128 tokens) and "
+        "'two-steps' (the budget reached in two rounds, the Fisher measured again on the pruned, refit model) are "
         "today's; the rows marked 'before' and every other variant were measured when the last layer's refit "
         "still fitted every token rather than first tokens only (bench/results/refit_rows.md).\n\n"
         + markdown_table(["variant", *[f"{f:.0%} FLOPs" for f in fractions]], table)
