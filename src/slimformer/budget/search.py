@@ -148,8 +148,7 @@ def _rearrange_among(grads: torch.Tensor, kept: list[int], candidates: list[int]
     """:func:`rearrange_layer` over ``candidates`` only (all units when None), in the layer's own indices."""
     from slimformer.budget.fisher import MaskGradients
 
-    if candidates is None:
-        return rearrange_layer(MaskGradients.block(grads), kept)
+    candidates = list(range(grads.shape[1])) if candidates is None else candidates
     position = {unit: p for p, unit in enumerate(candidates)}
     chosen, swaps = rearrange_layer(MaskGradients.block(grads[:, candidates]), [position[u] for u in kept])
     return sorted(candidates[p] for p in chosen), swaps

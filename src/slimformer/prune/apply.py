@@ -50,15 +50,14 @@ def silence(model: PreTrainedModel, plan: PruningPlan) -> None:
 
     from slimformer.arch import layer_views
 
-    plan.validate(model)
     if plan.dropped_layers or plan.kept_hidden is not None:
         raise PlanError("silence() handles pruned heads and neurons only, not dropped layers or hidden dimensions.")
+    gates = plan_gates(model, plan)  # validates the plan; 0 marks what it prunes
     with torch.no_grad():
-        for view, heads, neurons in zip(layer_views(model), plan.kept_heads, plan.kept_neurons, strict=True):
-            for head in sorted(set(range(view.num_heads)) - set(heads)):
+        for view, heads, neurons in zip(layer_views(model), gates.heads, gates.neurons, strict=True):
+            for head in (heads == 0).nonzero().flatten().tolist():
                 view.attn_out.weight[:, head * view.head_size : (head + 1) * view.head_size] = 0.0
-            pruned = sorted(set(range(view.ffn_size)) - set(neurons))
-            view.ffn_down.weight[:, pruned] = 0.0
+            view.ffn_down.weight[:, (neurons == 0).to(view.ffn_down.weight.device)] = 0.0
 
 
 # physical removal -------------------------------------------------------------------------------------------
