@@ -159,7 +159,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     depth_rows = [r for r in rows if r["model"].startswith("bert-base") and "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for implementation, marker in (("streamed", "o"), ("before", "s")):
+    for implementation, marker in (("streamed", "o"), ("streamed, dense pass", "^"), ("before", "s")):
         points = sorted((r["layers"], r) for r in depth_rows if r["implementation"] == implementation)
         if not points:
             continue
@@ -254,7 +254,7 @@ def write(rows: list[dict], args) -> None:
             ]
         )
     fits = {}
-    for implementation in ("streamed", "before"):
+    for implementation in ("streamed", "streamed, dense pass", "before"):
         depth_rows = [
             r
             for r in rows
@@ -271,8 +271,14 @@ def write(rows: list[dict], args) -> None:
         f"# Cost of budget pruning ({args.fraction:.0%} of the FLOPs) against model size\n\n"
         "Peak resident memory and wall time of one `FlopsBudget` run (Fisher, search, least-squares refit, removal; "
         "dev evaluation not counted) in a fresh process, 2 threads. `streamed`: the layer-by-layer refit, two "
-        "pruned passes per layer (the layer's output computed from what its FFN step saw); `streamed, 3 passes`: "
-        "the same refit when it ran the pruned layer a third time to leave it (slimformer cfffbe2); `before`: "
+        "passes per layer of the pruned layer with its pruned heads and neurons removed (the layer's output "
+        "computed from what its FFN step saw), its targets recorded during the Fisher's forward passes (no dense "
+        "pass of its own; an eighth of the memory budget holds them in RAM, the rest is memory-mapped from disk); "
+        "`streamed, recorded targets 1/4 in RAM`: the same with a quarter; `streamed, dense pass`: the same "
+        "refit when it ran the dense layer beside the pruned one "
+        "for its targets and the pruned layer at the dense layer's cost, with gates (slimformer 969deee); "
+        "`streamed, 3 passes`: the same when it also ran the pruned layer a third time to leave it (slimformer "
+        "cfffbe2); `before`: "
         "the refit that kept every dense sub-layer output and re-ran the model up to each sub-layer (slimformer "
         "243dd31). Random BERT shapes score nothing; their cost is real. MRPC sentence pairs at max length 128 "
         "unless the model has its own task. `Fisher tokens per pass`: the backward passes of the Fisher were whole "

@@ -471,17 +471,23 @@ def test_refit_runs_every_layer_the_same_number_of_times():
     model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
     layout = Layout.of(model)
     plan = PruningPlan(layout=layout, kept_heads=[[0, 1]] * 5, kept_neurons=[list(range(32))] * 5, model_type="bert")
-    calls = [0] * 5  # per layer: how often its attention really ran (the query projection is its first step)
-    handles = [
-        view.query.register_forward_pre_hook(lambda m, a, i=view.index: calls.__setitem__(i, calls[i] + 1))
-        for view in layer_views(model)
-    ]
-    reconstruct_weights(model, plan, batches(2), progress=False)
-    for handle in handles:
+    dense_calls, pruned_calls = [0] * 5, [0] * 5  # per layer: how often its attention ran
+    for view in layer_views(model):
+        view.attention.slimformer_test_layer = view.index  # copies of the layer (the pruned stream's) keep the tag
+
+    def count(module, args):
+        index = getattr(module, "slimformer_test_layer", None)
+        if index is not None:  # the dense layer keeps all 4 heads; the pruned stream's copy has 2
+            (dense_calls if module.query.out_features == 4 * 8 else pruned_calls)[index] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        reconstruct_weights(model, plan, batches(2), progress=False)
+    finally:
         handle.remove()
-    # per batch: the dense layer once and the pruned layer up to each of its two projections; the pruned layer's
-    # output comes from what its FFN step saw, not from a third pass
-    assert calls == [3 * 2] * 5
+    # per batch: the dense layer once and the pruned layer (its pruned units removed) up to each of its two
+    # projections; the pruned layer's output comes from what its FFN step saw, not from a third pass
+    assert dense_calls == [2] * 5 and pruned_calls == [2 * 2] * 5
 
 
 def test_max_memory_is_a_human_size_or_a_clear_error():
@@ -689,3 +695,63 @@ def test_stepwise_budget_pruning_measures_the_fisher_again_on_the_pruned_model(t
     assert models["after"]["encoder_flops"] <= 0.5 * models["before"]["encoder_flops"]
     with pytest.raises(ConfigError, match="steps"):
         slimformer.FlopsBudget(0.5, steps=0)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("rows", ["all", "first"])
+def test_refit_from_targets_recorded_during_the_fisher_equals_the_refit_with_a_dense_stream(family, rows):
+    # the Fisher's forward passes (every mask at 1, batches cut into pieces of rows) are the dense model's: what
+    # they record must give the weights of the refit that runs the dense model beside the pruned one
+    from slimformer.budget.stream import DenseTargets
+
+    dense = tiny_model(family).double()
+    data = batches(3, size=5)
+    plan = uneven_plan(dense)
+    streamed, recorded_refit = copy.deepcopy(dense), copy.deepcopy(dense)
+    reconstruct_weights(streamed, plan, data, last_layer_rows=rows, fit_head=True, progress=False)
+    with DenseTargets(recorded_refit, last_layer_rows=rows, head=True) as recorded:
+        collect_mask_gradients(recorded_refit, data, max_tokens_per_pass=20, record=recorded, progress=False)
+        assert recorded.piece_rows == [2, 2, 1] * 3  # 20 tokens per pass: pieces of 2 rows of 9
+        report = reconstruct_weights(
+            recorded_refit, plan, data, last_layer_rows=rows, fit_head=True, dense=recorded, progress=False
+        )
+    assert report.layers[-1]["part"] == "classifier"
+    for got, expected in zip(projection_weights(recorded_refit), projection_weights(streamed), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    head_got, head_expected = output_layer(recorded_refit).weight, output_layer(streamed).weight
+    torch.testing.assert_close(head_got, head_expected, atol=1e-10, rtol=0)
+    assert projection_weights(recorded_refit)[0].ne(projection_weights(dense)[0]).any()  # something was refit
+
+
+def test_recorded_targets_beyond_their_memory_share_are_spilled_and_removed_afterwards(tmp_path):
+    from slimformer.budget.stream import DenseTargets
+
+    dense = tiny_model("bert")
+    data = batches(3)
+    plan = uneven_plan(dense)
+    in_ram, spilled = copy.deepcopy(dense), copy.deepcopy(dense)
+    reconstruct_weights(in_ram, plan, data, progress=False)
+    with DenseTargets(spilled, max_memory=0, spill_dir=tmp_path) as recorded:
+        collect_mask_gradients(spilled, data, record=recorded, progress=False)
+        assert recorded.budget.spilled > 0 and recorded.budget.peak == 0
+        (folder,) = tmp_path.iterdir()
+        assert folder.name.startswith("dense-targets-")
+        reconstruct_weights(spilled, plan, data, dense=recorded, progress=False)
+    assert not list(tmp_path.iterdir())
+    for got, expected in zip(projection_weights(spilled), projection_weights(in_ram), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_recorded_targets_refuse_batches_the_recorded_pass_did_not_see():
+    from slimformer.budget.stream import DenseTargets
+
+    model = tiny_model("bert")
+    data = batches(3)
+    with DenseTargets(model) as recorded:
+        collect_mask_gradients(model, data[:2], record=recorded, progress=False)
+        with pytest.raises(ValueError, match="did not see these 3 calibration batches"):
+            reconstruct_weights(model, uneven_plan(model), data, dense=recorded, progress=False)
+        with pytest.raises(ValueError, match="other last-layer rows"):
+            reconstruct_weights(
+                model, uneven_plan(model), data[:2], last_layer_rows="first", dense=recorded, progress=False
+            )

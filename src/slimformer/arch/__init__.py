@@ -193,18 +193,20 @@ def layer_views(model: PreTrainedModel, spec: ArchSpec | None = None) -> list[La
     """A :class:`LayerView` for every layer of ``model``, in order."""
     spec = spec or get_spec(model)
     head_size = spec.head_size(model.config)
-    views = []
-    for index, layer in enumerate(layer_list(model, spec)):
-        parts = {name: resolve(layer, getattr(spec, name)) for name in _LINEAR_PARTS}
-        for name, module in parts.items():
-            if not isinstance(module, nn.Linear):
-                raise UnsupportedArchitectureError(
-                    f"{spec.family} spec: layer {index} {name} ({getattr(spec, name)!r}) is "
-                    f"{type(module).__name__}, expected nn.Linear"
-                )
-        attention = resolve(layer, spec.attention)
-        views.append(LayerView(index=index, layer=layer, attention=attention, head_size=head_size, **parts))
-    return views
+    return [layer_view(layer, index, spec, head_size) for index, layer in enumerate(layer_list(model, spec))]
+
+
+def layer_view(layer: nn.Module, index: int, spec: ArchSpec, head_size: int) -> LayerView:
+    """The :class:`LayerView` of one layer module (also of a copy outside any model)."""
+    parts = {name: resolve(layer, getattr(spec, name)) for name in _LINEAR_PARTS}
+    for name, module in parts.items():
+        if not isinstance(module, nn.Linear):
+            raise UnsupportedArchitectureError(
+                f"{spec.family} spec: layer {index} {name} ({getattr(spec, name)!r}) is "
+                f"{type(module).__name__}, expected nn.Linear"
+            )
+    attention = resolve(layer, spec.attention)
+    return LayerView(index=index, layer=layer, attention=attention, head_size=head_size, **parts)
 
 
 _LINEAR_PARTS = ("query", "key", "value", "attn_out", "ffn_up", "ffn_down")

@@ -10,12 +10,14 @@ with its own copy of the gates).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from slimformer.budget.stream import DenseTargets
 from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
 from slimformer.gradients import gate_gradients, is_regression
@@ -78,6 +80,7 @@ def collect_mask_gradients(
     *,
     label_free: bool = False,
     max_tokens_per_pass: int = FISHER_TOKENS_PER_PASS,
+    record: DenseTargets | None = None,
     progress: bool = True,
 ) -> MaskGradients:
     """Per-example gradients of the task loss with respect to every head and FFN-neuron mask (all masks at 1).
@@ -86,17 +89,20 @@ def collect_mask_gradients(
     labels); it needs a classification head. A sentence-embedding model needs no labels at all (see
     :func:`slimformer.gradients.embedding_probe_loss`). Batches are cut to ``max_tokens_per_pass`` tokens per backward
     pass, which bounds the memory of the backward without changing any example's gradient.
+
+    ``record``: the forward passes (the dense model's, every mask at 1) also record the refit's dense targets.
     """
     if label_free and is_regression(model) and not is_sentence_embedder(model):
         raise SlimformerError("Label-free Fisher needs a classification task; give labels for regression tasks.")
-    gradients = gate_gradients(
-        model,
-        micro_batches(batches, max_tokens_per_pass),
-        per_example=True,
-        label_free=label_free,
-        progress=progress,
-        description="Fisher (per-example mask gradients)",
-    )
+    with record.recording(model) if record is not None else nullcontext():
+        gradients = gate_gradients(
+            model,
+            micro_batches(batches, max_tokens_per_pass),
+            per_example=True,
+            label_free=label_free,
+            progress=progress,
+            description="Fisher (per-example mask gradients)",
+        )
     return MaskGradients(heads=gradients.heads, neurons=gradients.neurons)
 
 
@@ -115,6 +121,7 @@ def calibration_mask_gradients(
     max_length: int,
     seed: int,
     label_free: bool = False,
+    record: DenseTargets | None = None,
     progress: bool = True,
 ) -> tuple[MaskGradients, ImportanceSample]:
     """Kwon et al.'s mask gradients on a seeded calibration sample of ``n_examples`` rows of ``data``, and the
@@ -132,7 +139,7 @@ def calibration_mask_gradients(
         seed=seed,
         length_grouped=True,
     )
-    gradients = collect_mask_gradients(model, sample.batches, label_free=label_free, progress=progress)
+    gradients = collect_mask_gradients(model, sample.batches, label_free=label_free, record=record, progress=progress)
     return gradients, sample
 
 

@@ -9,11 +9,13 @@ door then removes what the plan prunes, so the result is an ordinary, physically
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from slimformer.arch import get_spec
 from slimformer.budget.fisher import MaskGradients, calibration_mask_gradients, collect_mask_gradients
 from slimformer.budget.search import UnitCosts, rearrange, search_masks
+from slimformer.budget.stream import DenseTargets
 from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
 from slimformer.configs import FlopsBudget, LatencyBudget, PruneContext, PruneOutcome, parse_memory, register_handler
 from slimformer.embedding import is_sentence_embedder
@@ -106,6 +108,20 @@ def fisher_loss(gradients: MaskGradients, plan: PruningPlan) -> float:
 
 
 def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: PruneContext) -> PruneOutcome:
+    max_memory = parse_memory(config.max_memory)
+    rows = last_layer_rows(model) if config.tune == "weights" else None
+    # the Fisher's forward passes are the dense model's: they record the refit's targets, so the refit runs no
+    # dense model of its own (MiniLM-L6 on 2,048 STS-B pairs: 12 s of 59 saved; bench/results/budget_scaling.md)
+    recorder = (
+        DenseTargets(model, last_layer_rows=rows, head=config.refit_head, max_memory=max_memory)
+        if config.tune == "weights"
+        else nullcontext()
+    )
+    with recorder as recorded:
+        return _budget_rounds(model, tokenizer, config, ctx, recorded, rows, max_memory)
+
+
+def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, max_memory) -> PruneOutcome:
     seconds: dict[str, float] = {}
     peak_mib: dict[str, float | None] = {}  # the process's high-water mark after each phase: which one set it
     clock = time.perf_counter()
@@ -128,6 +144,7 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
         max_length=ctx.max_length,
         seed=config.seed,
         label_free=config.label_free,
+        record=recorded,
         progress=ctx.progress,
     )
     lap("fisher")
@@ -139,14 +156,12 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
 
         table = table_for_config(model, config, ctx)
         lap("latency_table")
-    max_memory = parse_memory(config.max_memory)
-    rows = last_layer_rows(model) if config.tune == "weights" else None
     plan, rounds = None, []
     for step in range(1, config.steps + 1):
         if plan is not None:  # the last round's model, its pruned units silenced: what the next Fisher measures
             silence(model, plan)
             gradients = collect_mask_gradients(
-                model, sample.batches, label_free=config.label_free, progress=ctx.progress
+                model, sample.batches, label_free=config.label_free, record=recorded, progress=ctx.progress
             )
             lap("fisher")
         fraction = config.fraction ** (step / config.steps)
@@ -176,6 +191,7 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
                 fit_head=config.refit_head,
                 last_layer_rows=rows,
                 max_memory=max_memory,
+                dense=recorded,
                 progress=ctx.progress,
             )
         elif config.tune == "scales":

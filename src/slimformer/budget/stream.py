@@ -17,14 +17,19 @@ an embedding lookup, cheaper than keeping MPNet's [batch, heads, seq, seq] posit
 
 Activations live in RAM while they fit ``max_memory`` bytes, and are spilled to memory-mapped files in a
 temporary folder beyond it (:class:`ActivationStore`).
+
+The dense stream itself can be skipped: the budget pruner's Fisher already runs the dense model (every gate at 1)
+over the same calibration set, and :class:`DenseTargets` records the sub-layer outputs the refit needs during that
+pass, so the refit makes no dense pass of its own.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +38,18 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from slimformer.arch import LayerView, classifier_modules, get_spec, layer_list, layer_views, resolve
+from slimformer.arch import LayerView, classifier_modules, get_spec, layer_list, layer_view, layer_views, resolve
 from slimformer.gates import Gates, gated
 from slimformer.gradients import model_inputs
 from slimformer.measure.memory import HeapTrimmer
 
 # of the memory available when the refit starts, the share its stored activations may take by default
 DEFAULT_MEMORY_SHARE = 0.5
+# of that budget, the share the dense targets recorded during the Fisher may hold in RAM; the rest is memory-mapped
+# from disk, which costs them little (written once in order, read back once, a layer at a time). At a quarter,
+# all-mpnet-base-v2 on 2,048 MRPC pairs peaked at 6.05 GiB (2.3 GiB of the 6.8 recorded in RAM)
+RECORDED_MEMORY_SHARE = 0.125
+PARTS = ("attention", "ffn")
 
 
 class _Stop(Exception):
@@ -122,6 +132,18 @@ class SublayerBatch:
     x: torch.Tensor | None
     units: torch.Tensor
     target: torch.Tensor | None
+    # the columns of the projection's input that ``units`` holds, in order (None: all of them); a pruned layer
+    # run with its pruned units removed gives only the kept ones
+    columns: torch.Tensor | None = None
+
+    def kept_units(self, columns: torch.Tensor) -> torch.Tensor:
+        """``units`` at these columns of the projection's input."""
+        if self.columns is None:
+            return self.units[:, columns.to(self.units.device)]
+        positions = torch.searchsorted(self.columns, columns.to(self.columns.device))
+        if not torch.equal(self.columns[positions.clamp_max(len(self.columns) - 1)], columns.to(self.columns.device)):
+            raise ValueError("asked for units the pruned layer does not keep")
+        return self.units[:, positions.to(self.units.device)]
 
 
 def _capture(module: nn.Module, store: dict, key: str, *, output: bool = False, stop: bool = False):
@@ -202,13 +224,183 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict
         return None
 
 
+class DenseTargets:
+    """The dense model's sub-layer outputs before their LayerNorm (the refit's targets) over the calibration set,
+    recorded while another full pass runs the dense model: the budget pruner's Fisher, whose gates are all 1, so
+    the model computes exactly the dense outputs. The refit given these makes no dense pass of its own (one forward
+    pass over the calibration set fewer). The recorded pass may cut the calibration batches into smaller pieces
+    by rows (the Fisher's micro-batches); the pieces are joined back into the refit's batches when read.
+
+    What is recorded takes RAM up to ``RECORDED_MEMORY_SHARE`` of ``max_memory`` (default: half the memory
+    available) and is memory-mapped from files in ``spill_dir`` beyond it. Use as a context manager (or call
+    :meth:`close`): the files go when it ends.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        last_layer_rows: str = "all",
+        head: bool = False,
+        max_memory: int | None = None,
+        spill_dir: str | os.PathLike | None = None,
+    ):
+        limit = default_max_memory() if max_memory is None else int(max_memory)
+        self.budget = MemoryBudget(int(RECORDED_MEMORY_SHARE * limit))
+        self.max_memory = limit
+        self.n_layers = len(layer_views(model))
+        self.first_token_last = last_layer_rows == "first"
+        self.head = head
+        self._stack = ExitStack()
+        self._folder: Path | None = None
+
+        def spill() -> Path:
+            if self._folder is None:
+                made = tempfile.TemporaryDirectory(dir=spill_dir, prefix="dense-targets-")
+                self._folder = Path(self._stack.enter_context(made))
+            return self._folder
+
+        self.stores = {
+            (layer, part): ActivationStore(self.budget, spill, f"dense-{layer}-{part}")
+            for layer in range(self.n_layers)
+            for part in PARTS
+        }
+        self.logits = ActivationStore(self.budget, spill, "dense-logits")
+        self.piece_rows: list[int] = []  # rows of every recorded forward pass, in order
+        self._pieces: list[list[int]] | None = None  # the pieces of each calibration batch, once matched
+
+    def __enter__(self) -> DenseTargets:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._clear()
+        self._stack.close()
+        self._folder = None
+
+    def _clear(self) -> None:
+        for store in (*self.stores.values(), self.logits):
+            store.clear()
+        self.piece_rows.clear()
+        self._pieces = None
+
+    @contextmanager
+    def recording(self, model: PreTrainedModel) -> Iterator[DenseTargets]:
+        """Record every forward pass of ``model`` inside the block (what an earlier recording held is dropped).
+        The model must run as the dense model: no gate below 1, weights as the refit will start from them."""
+        self._clear()
+        views = layer_views(model)
+        if len(views) != self.n_layers:
+            raise ValueError(f"recorded for {self.n_layers} layers, the model has {len(views)}")
+        piece: dict = {}
+        seen: dict[int, dict] = {}
+
+        def on_model(module, args, kwargs):
+            inputs = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            rows = inputs if isinstance(inputs, torch.Tensor) else mask
+            piece["index"] = len(self.piece_rows)
+            piece["valid"] = mask.bool() if mask is not None else None
+            self.piece_rows.append(int(rows.shape[0]))
+
+        def keep(layer: int, part: str, value: torch.Tensor) -> None:
+            first = self.first_token_last and layer == self.n_layers - 1
+            self.stores[layer, part][piece["index"]] = _rows(value.detach(), piece["valid"], first)
+
+        def layer_hooks(view: LayerView) -> list:
+            i = view.index
+
+            def on_input(mod, args, kwargs):
+                seen[i] = {"x": args[0] if args else kwargs["hidden_states"]}
+
+            def on_attention(mod, args, output):
+                seen[i]["attention"] = _first(output)
+
+            def on_ffn_input(mod, args):
+                seen[i]["ffn x"] = args[0]
+
+            def on_ffn(mod, args, output):
+                got = seen.pop(i)
+                with torch.no_grad():
+                    keep(i, "attention", got["x"].detach() + got["attention"].detach())
+                    keep(i, "ffn", got["ffn x"].detach() + _first(output).detach())
+
+            return [
+                view.layer.register_forward_pre_hook(on_input, with_kwargs=True),
+                view.attn_out.register_forward_hook(on_attention),
+                view.ffn_up.register_forward_pre_hook(on_ffn_input),
+                view.ffn_down.register_forward_hook(on_ffn),
+            ]
+
+        def on_logits(mod, args, output):
+            self.logits[piece["index"]] = _first(output).detach()
+
+        handles = [model.register_forward_pre_hook(on_model, with_kwargs=True)]
+        for view in views:
+            handles.extend(layer_hooks(view))
+        if self.head:
+            handles.append(output_layer(model).register_forward_hook(on_logits))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def match(self, batches: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Find the recorded pieces of each of ``batches`` (the refit's calibration batches): they must be the
+        same rows in the same order, each batch cut into whole pieces."""
+        pieces: list[list[int]] = []
+        position = 0
+        for batch in batches:
+            rows, taken = int(batch["input_ids"].shape[0]), []
+            while rows > 0 and position < len(self.piece_rows):
+                rows -= self.piece_rows[position]
+                taken.append(position)
+                position += 1
+            if rows != 0:
+                break
+            pieces.append(taken)
+        if len(pieces) != len(batches) or position != len(self.piece_rows):
+            raise ValueError(
+                f"the recorded pass ({len(self.piece_rows)} pieces, {sum(self.piece_rows)} rows) did not see these "
+                f"{len(batches)} calibration batches ({sum(int(b['input_ids'].shape[0]) for b in batches)} rows)"
+            )
+        self._pieces = pieces
+
+    def _joined(self, store: ActivationStore, index: int) -> torch.Tensor:
+        parts = [store[piece] for piece in self._pieces[index]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def targets(self, layer: int) -> dict[str, _RecordedTargets]:
+        """The layer's two sub-layer targets, indexed by calibration batch; ``clear()`` frees them."""
+        return {part: _RecordedTargets(self, self.stores[layer, part]) for part in PARTS}
+
+    def head_logits(self, index: int) -> torch.Tensor:
+        return self._joined(self.logits, index)
+
+
+class _RecordedTargets:
+    """One sub-layer's recorded targets, read per calibration batch (the walk's ``targets[part]``)."""
+
+    def __init__(self, recorded: DenseTargets, store: ActivationStore):
+        self._recorded, self._store = recorded, store
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self._recorded._joined(self._store, index)
+
+    def clear(self) -> None:
+        self._store.clear()
+
+
 def walk_sublayers(
     model: PreTrainedModel,
     gates: Gates,
     batches: Sequence[dict[str, torch.Tensor]],
     device: torch.device,
     *,
-    dense_targets: bool = True,
+    dense_targets: bool | DenseTargets = True,
     max_memory: int | None = None,
     spill_dir: str | os.PathLike | None = None,
     on_budget: Callable[[MemoryBudget], None] | None = None,
@@ -222,11 +414,21 @@ def walk_sublayers(
     of its weights change. With ``head``, a last step ``(None, "classifier", batches)`` gives the task head's
     output layer: its input in the pruned model and the dense model's logits, one row per example.
 
+    ``dense_targets``: ``True`` runs the dense stream beside the pruned one; ``False`` gives no targets; a
+    :class:`DenseTargets` that recorded a dense pass over ``batches`` gives its targets, and no dense layer runs.
+
     Memory: the dense and pruned inputs of the current layer, the dense targets of its two sub-layers and the
     pruned FFN block's input and kept activations (see :func:`_advance_pruned`), at most
-    ``max_memory`` bytes of them in RAM (default: half the memory available), the rest memory-mapped from
-    ``spill_dir`` (default: a temporary folder, removed at the end).
+    ``max_memory`` bytes of them in RAM (default: half the memory available; less what recorded targets hold), the
+    rest memory-mapped from ``spill_dir`` (default: a temporary folder, removed at the end).
     """
+    recorded = dense_targets if isinstance(dense_targets, DenseTargets) else None
+    if recorded is not None:
+        if recorded.first_token_last != (last_layer_rows == "first") or (head and not recorded.head):
+            raise ValueError("the dense targets were recorded for other last-layer rows or without the head's logits")
+        recorded.match(batches)
+        max_memory = max(0, recorded.max_memory - recorded.budget.used)
+    stream_dense = dense_targets is True
     budget = MemoryBudget(max_memory)
     calls = _LayerCalls(model, batches, device)
     trim = HeapTrimmer()
@@ -249,22 +451,29 @@ def walk_sublayers(
         for index in range(len(batches)):
             hidden = calls(index)[0]
             pruned[index] = hidden
-            if dense_targets:
+            if stream_dense:
                 dense[index] = hidden.clone()  # its own copy: the budget counts both streams
         views = layer_views(model)
-        common = (gates, calls, pruned, targets, dense_targets)
+        with_targets = dense_targets is not False
         for view in views:
             first_token = last_layer_rows == "first" and view.index == len(views) - 1
-            if dense_targets:
+            if stream_dense:
                 _advance_dense(view, calls, dense, targets, first_token, trim)
+            elif recorded is not None:
+                targets = recorded.targets(view.index)
+            common = (gates, calls, pruned, targets, with_targets)
             yield view, "attention", _pruned_source(model, view, "attention", *common, None, first_token, trim)
             targets["attention"].clear()  # the attention step is done: room for what the FFN step sees
             yield view, "ffn", _pruned_source(model, view, "ffn", *common, ffn_seen, first_token, trim)
+            targets["ffn"].clear()
             _advance_pruned(model, view, gates, calls, pruned, ffn_seen)
             ffn_seen.clear()
             trim()  # this layer's stores and passes, handed back before the next layer's
-        if head and dense_targets:
-            logits = [head_io(model, calls, index, dense[index])[1] for index in range(len(batches))]
+        if head and with_targets:
+            if recorded is not None:
+                logits = [recorded.head_logits(index) for index in range(len(batches))]
+            else:
+                logits = [head_io(model, calls, index, dense[index])[1] for index in range(len(batches))]
 
             def head_source() -> Iterator[SublayerBatch]:
                 for index in range(len(batches)):
@@ -363,10 +572,12 @@ class _FfnInputs:
         self.columns: torch.Tensor | None = None
         self.seen: set[int] = set()
 
-    def add(self, index: int, x: torch.Tensor, units: torch.Tensor, gate: torch.Tensor) -> None:
+    def add(self, index: int, x: torch.Tensor, units: torch.Tensor, gate: torch.Tensor, kept_only: bool) -> None:
+        """``kept_only``: ``units`` holds the kept neurons already (the layer ran with the others removed)."""
         if self.columns is None:
             self.columns = gate.ne(0).nonzero().squeeze(1).to(units.device)
-        self.x[index], self.units[index] = x, units.index_select(-1, self.columns)
+        self.x[index] = x
+        self.units[index] = units if kept_only else units.index_select(-1, self.columns)
         self.seen.add(index)
 
     def complete(self, n_batches: int) -> bool:
@@ -412,6 +623,44 @@ def _advance_pruned(
             pruned[index] = _run_layer(view.layer, pruned[index], args, kwargs)
 
 
+def _pruned_twin(model: PreTrainedModel, view: LayerView, gates: Gates) -> tuple[nn.Module, LayerView] | None:
+    """A copy of the layer with the heads and neurons that ``gates`` close physically removed and the kept heads'
+    gates folded into the attention output columns: run without gates, it gives the gated layer's contexts,
+    FFN input and activations of the kept units, at the pruned layer's cost instead of the dense one's. None
+    where the gates do more than close heads and neurons, or the layer keeps no head or no neuron (the gated layer
+    is run then)."""
+    from slimformer.layout import current_head_ids, prune_layer_heads, prune_layer_neurons
+
+    if gates.layers is not None or gates.hidden is not None:
+        return None
+    head_gate, neuron_gate = gates.heads[view.index], gates.neurons[view.index]
+    if head_gate.dim() != 1 or neuron_gate.dim() != 1:
+        return None
+    heads = head_gate.ne(0).nonzero().flatten().tolist()
+    neurons = neuron_gate.ne(0).nonzero().flatten().tolist()
+    if not heads or not neurons:
+        return None
+    spec = get_spec(model)
+    layer = copy.deepcopy(view.layer)
+    twin = layer_view(layer, view.index, spec, view.head_size)
+    with torch.no_grad():
+        scale = head_gate.to(twin.attn_out.weight).repeat_interleave(view.head_size)
+        twin.attn_out.weight.mul_(scale[None, :])
+    if len(heads) < view.num_heads:
+        prune_layer_heads(twin, spec, heads, current_head_ids(model)[view.index])
+    if len(neurons) < view.ffn_size:
+        prune_layer_neurons(twin, spec, neurons)
+    return layer, layer_view(layer, view.index, spec, view.head_size)
+
+
+def _unit_columns(view: LayerView, part: str, gates: Gates) -> torch.Tensor:
+    """The columns of the sub-layer projection's input that the gates keep."""
+    if part == "ffn":
+        return gates.neurons[view.index].ne(0).nonzero().flatten().cpu()
+    heads = gates.heads[view.index].ne(0).nonzero().flatten().cpu()
+    return (heads[:, None] * view.head_size + torch.arange(view.head_size)).flatten()
+
+
 def _pruned_source(
     model: PreTrainedModel,
     view: LayerView,
@@ -426,28 +675,33 @@ def _pruned_source(
     trim: Callable[[], None] = lambda: None,
 ) -> Callable[[], Iterator[SublayerBatch]]:
     def source() -> Iterator[SublayerBatch]:
-        proj = projection(view, part)
+        # built when asked for: the FFN step's copy carries the attention output the attention step refit
+        # (the pruned stream with every unit's columns, as the local target needs, runs the gated layer)
+        twin = _pruned_twin(model, view, gates) if with_targets else None
+        layer, runs = (view.layer, view) if twin is None else twin
+        columns = None if twin is None else _unit_columns(view, part, gates)
         for index in range(len(calls.batches)):
             _, args, kwargs, valid = calls(index)
             seen: dict = {}
             # capture hooks go in before the gates' hooks, so they see the un-gated contexts / activations
-            handles = [_capture(proj, seen, "units", stop=True)]
+            handles = [_capture(projection(runs, part), seen, "units", stop=True)]
             if part == "ffn":
-                handles.append(_capture(view.ffn_up, seen, "x"))
+                handles.append(_capture(runs.ffn_up, seen, "x"))
             try:
-                with gated(model, gates):
-                    _run_layer(view.layer, pruned[index], args, kwargs)
+                with gated(model, gates) if twin is None else nullcontext():
+                    _run_layer(layer, pruned[index], args, kwargs)
             finally:
                 for handle in handles:
                     handle.remove()
             x = pruned[index] if part == "attention" else seen["x"]
             if ffn_seen is not None:
-                ffn_seen.add(index, x, seen["units"], gates.neurons[view.index])
+                ffn_seen.add(index, x, seen["units"], gates.neurons[view.index], kept_only=twin is not None)
             trim()
             yield SublayerBatch(
                 x=_rows(x, valid, first_token),
                 units=_rows(seen["units"], valid, first_token),
                 target=targets[part][index] if with_targets else None,
+                columns=columns,
             )
 
     return source

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from slimformer.arch import LayerView, layer_views
-from slimformer.budget.stream import MemoryBudget, SublayerBatch, output_layer, projection, walk_sublayers
+from slimformer.budget.stream import DenseTargets, MemoryBudget, SublayerBatch, output_layer, projection, walk_sublayers
 from slimformer.gates import Gates
 from slimformer.prune.apply import plan_gates
 from slimformer.prune.plan import PruningPlan
@@ -152,13 +152,14 @@ def _normal_equations(
         residual = units @ weight.T if batch.target is None else batch.target.to("cpu", dtype) - x - bias
         if part == "attention":
             size = view.head_size
-            context = units.reshape(units.shape[0], -1, size)[:, index]  # [tokens, n, size]
+            columns = (index[:, None] * size + torch.arange(size)).flatten()
+            context = batch.kept_units(columns).to("cpu", dtype).reshape(units.shape[0], -1, size)  # [tokens, n, size]
             w = weight.reshape(weight.shape[0], -1, size)[:, index]  # [hidden, n, size]
             terms = torch.einsum("tns,dns->tnd", context, w)  # each kept head's output, [tokens, n, hidden]
             gram += torch.einsum("tnd,tmd->nm", terms, terms).double()
             rhs += torch.einsum("tnd,td->n", terms, residual).double()
         else:
-            act = units[:, index]  # [tokens, n]
+            act = batch.kept_units(index).to("cpu", dtype)  # [tokens, n]
             w = weight[:, index]  # [hidden, n]
             gram += ((act.T @ act) * (w.T @ w)).double()
             rhs += (act * (residual @ w)).sum(0).double()
@@ -189,6 +190,7 @@ def reconstruct_weights(
     fit_head: bool = False,
     last_layer_rows: str = "all",
     max_memory: int | None = None,
+    dense: DenseTargets | None = None,
     progress: bool = True,
 ) -> TuningReport:
     """Refit, in place, the kept columns (and the bias) of every output and down projection by least squares, so
@@ -209,6 +211,9 @@ def reconstruct_weights(
 
     ``last_layer_rows="first"`` fits the last layer on each example's first token only: what a classification
     head (or [CLS] pooling) reads of it; the other positions reach no output.
+
+    ``dense``: the dense targets recorded during an earlier pass over ``batches`` (the Fisher's); without them the
+    refit runs the dense model beside the pruned one.
     """
     device, gates = _setup(model, plan)
     report = TuningReport()
@@ -219,6 +224,7 @@ def reconstruct_weights(
         gates,
         batches,
         device,
+        dense_targets=dense if dense is not None else True,
         max_memory=max_memory,
         on_budget=_memory_report(report),
         head=fit_head,
@@ -288,7 +294,7 @@ def _regression_statistics(
     dtype = _compute_dtype(proj.weight)  # the activations come in the model's dtype too
     bias = proj.bias.detach().to("cpu", dtype) if proj.bias is not None else 0.0
     for batch in data:
-        features = batch.units[:, columns.to(batch.units.device)].to("cpu", dtype)
+        features = batch.kept_units(columns).to("cpu", dtype)
         if with_ones:
             features = torch.cat([features, torch.ones(features.shape[0], 1, dtype=dtype)], dim=1)
         residual = batch.target.to("cpu", dtype) - bias
