@@ -657,8 +657,13 @@ def _unit_columns(view: LayerView, part: str, gates: Gates) -> torch.Tensor:
     """The columns of the sub-layer projection's input that the gates keep."""
     if part == "ffn":
         return gates.neurons[view.index].ne(0).nonzero().flatten().cpu()
-    heads = gates.heads[view.index].ne(0).nonzero().flatten().cpu()
-    return (heads[:, None] * view.head_size + torch.arange(view.head_size)).flatten()
+    return head_columns(gates.heads[view.index].ne(0).nonzero().flatten().cpu(), view.head_size)
+
+
+def head_columns(heads: torch.Tensor | list[int], head_size: int) -> torch.Tensor:
+    """The attention output projection's input columns of ``heads`` (each head a contiguous slice), in order."""
+    heads = torch.as_tensor(heads, dtype=torch.long)
+    return (heads[:, None] * head_size + torch.arange(head_size)).flatten()
 
 
 def _pruned_source(

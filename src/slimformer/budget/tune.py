@@ -28,7 +28,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from slimformer.arch import LayerView, layer_views
-from slimformer.budget.stream import DenseTargets, MemoryBudget, SublayerBatch, output_layer, projection, walk_sublayers
+from slimformer.budget.stream import (
+    DenseTargets,
+    MemoryBudget,
+    SublayerBatch,
+    head_columns,
+    output_layer,
+    projection,
+    walk_sublayers,
+)
 from slimformer.gates import Gates
 from slimformer.prune.apply import plan_gates
 from slimformer.prune.plan import PruningPlan
@@ -152,7 +160,7 @@ def _normal_equations(
         residual = units @ weight.T if batch.target is None else batch.target.to("cpu", dtype) - x - bias
         if part == "attention":
             size = view.head_size
-            columns = (index[:, None] * size + torch.arange(size)).flatten()
+            columns = head_columns(index, size)
             context = batch.kept_units(columns).to("cpu", dtype).reshape(units.shape[0], -1, size)  # [tokens, n, size]
             w = weight.reshape(weight.shape[0], -1, size)[:, index]  # [hidden, n, size]
             terms = torch.einsum("tns,dns->tnd", context, w)  # each kept head's output, [tokens, n, hidden]
@@ -244,7 +252,7 @@ def reconstruct_weights(
                     continue
                 proj = projection(view, part)
             if part == "attention":
-                columns = torch.cat([torch.arange(h * view.head_size, (h + 1) * view.head_size) for h in kept])
+                columns = head_columns(kept, view.head_size)
             elif part == "ffn":
                 columns = torch.tensor(kept, dtype=torch.long)
             with_bias = fit_bias and proj.bias is not None
