@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from slimformer.arch import LayerView, layer_views
+from slimformer.budget.tune import ridge_solution, row_scales
 from slimformer.gates import Gates, gated
 from slimformer.gradients import model_inputs
 from slimformer.prune.apply import plan_gates
@@ -243,6 +244,7 @@ def reconstruct_weights(
     *,
     damping: float = 1e-2,
     fit_bias: bool = True,
+    row_scaled_ridge: bool = True,
     progress: bool = True,
 ) -> TuningReport:
     """Refit, in place, the kept columns (and the bias) of every output and down projection by least squares, so
@@ -271,9 +273,10 @@ def reconstruct_weights(
             else:
                 columns = torch.tensor(kept, dtype=torch.long)
             with_bias = fit_bias and proj.bias is not None
-            gram, cross, residual_sq, signal_sq = _regression_statistics(
+            gram, cross, residual_rows, signal_sq = _regression_statistics(
                 model, view, part, columns, gates, batches, targets[(view.index, part)], device, with_bias
             )
+            residual_sq = float(residual_rows.sum())
             w0 = proj.weight.detach().double().cpu()[:, columns]  # [hidden, n]
             start = torch.cat([w0.T, torch.zeros(1, w0.shape[0], dtype=w0.dtype)]) if with_bias else w0.T
             error_start = float((start * (gram @ start)).sum() - 2 * (start * cross).sum() + residual_sq)
@@ -281,7 +284,8 @@ def reconstruct_weights(
             penalty = torch.full((gram.shape[0],), ridge, dtype=gram.dtype)
             if with_bias:
                 penalty[-1] = ridge * 1e-3  # the bias is nearly free
-            solution = torch.linalg.solve(gram + torch.diag(penalty), cross + penalty[:, None] * start)
+            scales = row_scales(residual_rows) if row_scaled_ridge else None
+            solution = ridge_solution(gram, cross, start, penalty, scales)
             error_fit = float((solution * (gram @ solution)).sum() - 2 * (solution * cross).sum() + residual_sq)
             if error_fit < error_start:
                 with torch.no_grad():
@@ -315,14 +319,15 @@ def _regression_statistics(
     targets: list[torch.Tensor],
     device: torch.device,
     with_ones: bool,
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """X^T X, X^T R, ||R||^2 and ||targets||^2 (float64) over the real tokens, with X the kept columns of the
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """X^T X, X^T R, ||R_j||^2 per row and ||targets||^2 (float64) over the real tokens, with X the kept columns of the
     projection's input (plus a column of ones when ``with_ones``) and R = dense output - residual input - bias."""
     proj = _projection(view, part)
     n = len(columns) + (1 if with_ones else 0)
     gram = torch.zeros(n, n, dtype=torch.float64)
     cross = torch.zeros(n, proj.out_features, dtype=torch.float64)
-    residual_sq = signal_sq = 0.0
+    residual_rows = torch.zeros(proj.out_features, dtype=torch.float64)
+    signal_sq = 0.0
     bias = proj.bias.detach().cpu() if proj.bias is not None else 0.0
     for (x, units), target in zip(_sublayer_inputs(model, view, part, gates, batches, device), targets, strict=True):
         features = units[:, columns].double()
@@ -331,6 +336,6 @@ def _regression_statistics(
         residual = (target - x - bias).double()
         gram += features.T @ features
         cross += features.T @ residual
-        residual_sq += float(residual.pow(2).sum())
+        residual_rows += residual.pow(2).sum(dim=0)
         signal_sq += float(target.double().pow(2).sum())
-    return gram, cross, residual_sq, signal_sq
+    return gram, cross, residual_rows, signal_sq

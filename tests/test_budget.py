@@ -21,7 +21,14 @@ from slimformer.budget.latency_table import LatencyTable
 from slimformer.budget.method import plan_for_budget
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, rearrange_layer, search_masks
 from slimformer.budget.stream import _LayerCalls, _run_layer, head_io, output_layer, walk_sublayers
-from slimformer.budget.tune import _normal_equations, fold_scales, reconstruct_weights, tune_masks
+from slimformer.budget.tune import (
+    _normal_equations,
+    fold_scales,
+    reconstruct_weights,
+    ridge_solution,
+    row_scales,
+    tune_masks,
+)
 from slimformer.configs import ConfigError, parse_memory
 from slimformer.errors import SlimformerError
 from slimformer.gates import gated
@@ -355,6 +362,64 @@ def test_weight_reconstruction_solves_the_first_sublayers_least_squares_problem(
     got = layer_views(model)[0].attn_out
     torch.testing.assert_close(got.weight[:, columns].double(), expected[:, :-1].to(torch.float64), atol=1e-4, rtol=0)
     torch.testing.assert_close(got.bias.double(), expected[:, -1], atol=1e-4, rtol=0)
+
+
+def ridge_problem(rows: int = 6, units: int = 5, tokens: int = 200, seed: int = 0):
+    """A small least-squares problem whose last two input columns are nearly collinear: the direction a
+    weak ridge lets grow."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, units, generator=generator, dtype=torch.float64)
+    x[:, -1] = x[:, -2] + 1e-3 * torch.randn(tokens, generator=generator, dtype=torch.float64)
+    w0 = torch.randn(units, rows, generator=generator, dtype=torch.float64)
+    r = x @ w0 + 0.3 * torch.randn(tokens, rows, generator=generator, dtype=torch.float64)
+    return x, w0, r
+
+
+def test_row_scaled_ridge_solves_each_rows_own_system():
+    x, w0, r = ridge_problem()
+    gram, cross = x.T @ x, x.T @ r
+    penalty = torch.linspace(0.5, 2.0, gram.shape[0], dtype=torch.float64)  # uneven, like the nearly free bias
+    scales = torch.tensor([1.0, 3.0, 1.0, 50.0, 7.5, 1.0], dtype=torch.float64)
+    got = ridge_solution(gram, cross, w0, penalty, scales)
+    for j, s in enumerate(scales):
+        expected = torch.linalg.solve(gram + s * torch.diag(penalty), cross[:, j] + s * penalty * w0[:, j])
+        torch.testing.assert_close(got[:, j], expected, atol=1e-10, rtol=1e-10)
+    # every scale 1: the one shared solve
+    torch.testing.assert_close(
+        ridge_solution(gram, cross, w0, penalty, torch.ones(len(scales), dtype=torch.float64)),
+        ridge_solution(gram, cross, w0, penalty),
+        atol=1e-10,
+        rtol=1e-10,
+    )
+
+
+def test_row_scaled_ridge_keeps_a_massive_rows_weights_from_growing_with_its_scale():
+    # one output row (a "massive activation" dimension) has a 1,000 times larger target and start than the
+    # others: with one ridge for all rows its weights move 1,000 times further along the ill-conditioned
+    # direction; with the ridge scaled by the row's energy the move stays that of an ordinary row
+    x, w0, r = ridge_problem()
+    massive = 2
+    w_start = w0.clone() * 0.8  # the fit has somewhere to go from its start
+    big_r, big_start = r.clone(), w_start.clone()
+    big_r[:, massive] *= 1000.0
+    big_start[:, massive] *= 1000.0
+    gram = x.T @ x
+    ridge = 1e-2 * float(gram.diagonal().mean())
+    penalty = torch.full((gram.shape[0],), ridge, dtype=torch.float64)
+    rows = lambda target, start: ((target - x @ start) ** 2).sum(0)  # noqa: E731  residual energy per row
+
+    def move(scaled: bool) -> float:
+        solution = ridge_solution(
+            gram, x.T @ big_r, big_start, penalty, row_scales(rows(big_r, big_start)) if scaled else None
+        )
+        return float((solution[:, massive] - big_start[:, massive]).norm())
+
+    ordinary = ridge_solution(gram, x.T @ r, w_start, penalty)
+    ordinary_move = float((ordinary[:, massive] - w_start[:, massive]).norm())
+    assert move(scaled=False) > 500 * ordinary_move
+    assert move(scaled=True) < 50 * ordinary_move
+    # rows at or below the median energy keep the plain ridge; the others are scaled by their energy over it
+    assert row_scales(torch.tensor([1.0, 2.0, 2.0, 3.0, 200.0], dtype=torch.float64)).tolist() == [1, 1, 1, 1.5, 100]
 
 
 def uneven_plan(model) -> PruningPlan:
