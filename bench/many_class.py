@@ -93,14 +93,23 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.5,0.4,0.3")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
-    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--redo", action="store_true", help="run the chosen variants again (their old rows dropped)")
+    parser.add_argument(
+        "--before", default=None, help="with --redo: keep the chosen variants' old rows, labelled 'VARIANT (BEFORE)'"
+    )
     args = parser.parse_args()
     data = load_data()
     build_teacher(TASK, data, RECIPE)
     teacher = teacher_summary(TASK, teacher_dir(TASK))
     results_file = args.results_dir / "many_class.json"
-    rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() and not args.redo else []
-    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.redo:
+        old = [r for r in rows if r["variant"] in chosen]
+        rows = [r for r in rows if r["variant"] not in chosen]
+        if args.before:
+            rows += [{**r, "variant": f"{r['variant']} ({args.before})"} for r in old]
+    for variant in chosen:
         for fraction in [float(f) for f in args.fractions.split(",")]:
             if any(r["variant"] == variant and r["fraction"] == fraction for r in rows):
                 continue
