@@ -5,7 +5,8 @@ epoch over 8,000 SST-2 training sentences, batch 32, max length 64, logit distil
 
 - head movement pruning to 50% of the encoder weights (whole heads and FFN neurons: Lagunas et al. 2021's block
   movement at head granularity, the subset Joniak & Aizawa 2022 search for bias), with the debiasing objective
-  (a symmetric KL between predictions on each sentence and on it with gendered words swapped) at weight 0 / 1 / 10;
+  (a symmetric KL between predictions on each sentence and on it with gendered words swapped, and first names too
+  in the "(words + names)" variants) at weight 0 / 1 / 10;
 - the same with the robust-ticket objective (the task loss under a 2-step PGD attack on the word embeddings,
   bound 2% of the mean embedding norm; Zheng et al. 2022) at weight 1;
 - retraining-free budget pruning to 50% of the FLOPs, then logit distillation with and without fair distillation's
@@ -14,7 +15,7 @@ epoch over 8,000 SST-2 training sentences, batch 32, max length 64, logit distil
 Each model is scored on SST-2 dev, on AdvGLUE SST-2 (148 sentences), under PGD (2% and 5% bounds, 256 dev
 sentences, 5 steps) and on the EEC gender and race gaps. Per variant: mean and standard deviation over the seeds.
 Writes ``bench/results/fairness.{json,md,png}``; every finished run is kept in ``runs/bench/fairness/runs.jsonl``
-and skipped when the benchmark is run again.
+and skipped when the benchmark is run again (without that folder, the runs in the results file count as done).
 
     python bench/fairness.py [--seeds 0,1,2] [--variants all|name,name]
 """
@@ -30,7 +31,16 @@ import numpy as np
 import torch
 
 import slimformer
-from common import RUNS, describe_teacher, machine, markdown_table, teacher_folder, teacher_summary, write_results
+from common import (
+    RESULTS,
+    RUNS,
+    describe_teacher,
+    machine,
+    markdown_table,
+    teacher_folder,
+    teacher_summary,
+    write_results,
+)
 from slimformer.analyze import bias, robustness
 from slimformer.configs import FlopsBudget, Movement
 from slimformer.distill import DistillConfig
@@ -42,16 +52,31 @@ OUT = RUNS / "fairness"
 SAMPLES, EPOCHS, LENGTH = 8000, 1.0, 64
 HEADS = {"sparsity": 0.5, "granularity": "head", "epochs": EPOCHS, "max_length": LENGTH, "max_train_samples": SAMPLES}
 
+WORDS, NAMES = {"debias_names": False}, {"debias_names": True}
 VARIANTS = {
     "head movement 50%": {"kind": "prune", "config": HEADS},
-    "head movement 50% + debias 1": {"kind": "prune", "config": {**HEADS, "debias_weight": 1.0}},
-    "head movement 50% + debias 10": {"kind": "prune", "config": {**HEADS, "debias_weight": 10.0}},
+    "head movement 50% + debias 1 (words)": {"kind": "prune", "config": {**HEADS, "debias_weight": 1.0, **WORDS}},
+    "head movement 50% + debias 10 (words)": {"kind": "prune", "config": {**HEADS, "debias_weight": 10.0, **WORDS}},
+    "head movement 50% + debias 1 (words + names)": {
+        "kind": "prune",
+        "config": {**HEADS, "debias_weight": 1.0, **NAMES},
+    },
+    "head movement 50% + debias 10 (words + names)": {
+        "kind": "prune",
+        "config": {**HEADS, "debias_weight": 10.0, **NAMES},
+    },
     "head movement 50% + adversarial 1": {
         "kind": "prune",
         "config": {**HEADS, "adversarial_weight": 1.0, "adversarial_epsilon": 0.02, "adversarial_steps": 2},
     },
     "budget 50% + KD": {"kind": "distill", "counterfactual": False},
-    "budget 50% + fair KD": {"kind": "distill", "counterfactual": True},
+    "budget 50% + fair KD (words)": {"kind": "distill", "counterfactual": True, "names": False},
+}
+# labels of the runs measured before first names were swapped too (then the only swap): read from the results file
+RENAMED = {
+    "head movement 50% + debias 1": "head movement 50% + debias 1 (words)",
+    "head movement 50% + debias 10": "head movement 50% + debias 10 (words)",
+    "budget 50% + fair KD": "budget 50% + fair KD (words)",
 }
 
 
@@ -72,7 +97,12 @@ def build(label: str, seed: int, teacher: Path) -> Path:
     if not (pruned / "metrics.json").is_file():
         slimformer.prune(load_model(teacher), FlopsBudget(0.5), "sst2", out=pruned, measure=False, overwrite=True)
     train = TrainConfig(epochs=EPOCHS, max_length=LENGTH, max_train_samples=SAMPLES, batch_size=32, seed=seed)
-    settings = DistillConfig(alpha=0.9, temperature=2.0, counterfactual=spec["counterfactual"])
+    settings = DistillConfig(
+        alpha=0.9,
+        temperature=2.0,
+        counterfactual=spec["counterfactual"],
+        counterfactual_names=spec.get("names", True),
+    )
     slimformer.distill(teacher, pruned, folder, "sst2", config=train, distill_config=settings, overwrite=True)
     return folder
 
@@ -106,9 +136,21 @@ def dense_row(teacher: Path) -> dict:
     cached = OUT / "dense.json"
     if cached.is_file():
         return json.loads(cached.read_text())
+    earlier = [r for r in previous_runs() if r["variant"] == "dense (teacher)"]
+    if earlier and Path(earlier[0]["folder"]).resolve() == teacher.resolve():
+        cached.write_text(json.dumps(earlier[0]))
+        return earlier[0]
     row = score(teacher, 0, "dense (teacher)", 0.0)
     cached.write_text(json.dumps(row))
     return row
+
+
+def previous_runs() -> list[dict]:
+    """The runs in ``bench/results/fairness.json`` (under today's labels): a fresh ``runs/`` folder resumes from
+    them instead of training every variant again."""
+    results = RESULTS / "fairness.json"
+    runs = json.loads(results.read_text())["runs"] if results.is_file() else []
+    return [{**r, "variant": RENAMED.get(r["variant"], r["variant"])} for r in runs]
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -181,7 +223,9 @@ def write(runs: list[dict], teacher: dict) -> None:
         + f"Every variant: {EPOCHS:g} epoch over {SAMPLES:,} SST-2 training sentences, batch 32, max length {LENGTH}, "
         "logit distillation from the teacher (alpha 0.9, T 2); mean ± standard deviation over the seeds listed. "
         "Head movement: whole heads and FFN neurons, 50% of the encoder weights. Debias W: symmetric KL between "
-        "predictions on each sentence and on its gender-swapped copy, weight W. Adversarial 1: task loss under a "
+        "predictions on each sentence and on its gender-swapped copy, weight W; (words): gendered words swapped "
+        "(he / she, brother / sister, ...), (words + names): common first names too (john / mary, ...; none of "
+        "them an EEC name). Adversarial 1: task loss under a "
         "2-step PGD attack (bound 2% of the mean word-embedding norm). Budget 50% + (fair) KD: retraining-free "
         "pruning to 50% of the FLOPs, then logit distillation; fair KD adds gender-swapped copies of the training "
         "sentences taught the teacher's averaged prediction. PGD: 5 steps, 256 dev sentences, success = correct "
@@ -189,8 +233,6 @@ def write(runs: list[dict], teacher: dict) -> None:
         "![gender gap and AdvGLUE against accuracy](fairness.png)\n"
     )
     write_results("fairness", {"machine": machine(), "teacher": teacher, "runs": runs, "summary": summary}, text)
-    from common import RESULTS
-
     plot(summary, RESULTS / "fairness.png")
     print(text)
 
@@ -241,8 +283,9 @@ def findings(costs: dict | None, fairness: dict) -> str:
         lines += ["## Does the debiasing objective shrink the gap, and at what accuracy cost?", "",
                   "| variant | seeds | SST-2 dev | EEC gender gap | vs dense gap | accuracy vs dense |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
-        for name in ("dense (teacher)", "head movement 50%", "head movement 50% + debias 1",
-                     "head movement 50% + debias 10", "budget 50% + KD", "budget 50% + fair KD"):  # fmt: skip
+        movement, fair = [n for n in VARIANTS if "debias" in n], [n for n in VARIANTS if "fair KD" in n]
+        debiased = [*movement, *fair]
+        for name in ("dense (teacher)", "head movement 50%", *movement, "budget 50% + KD", *fair):
             if name not in summary:
                 continue
             entry = summary[name]
@@ -254,7 +297,7 @@ def findings(costs: dict | None, fairness: dict) -> str:
                 f"| {shown} | {accuracy:+.2f} |"
             )
         target = [
-            name for name in ("head movement 50% + debias 1", "head movement 50% + debias 10", "budget 50% + fair KD")
+            name for name in debiased
             if name in summary
             and abs(summary[name]["gender_gap"]["mean"]) <= 0.5 * abs(dense["gender_gap"]["mean"])
             and summary[name]["dev"]["mean"] >= dense["dev"]["mean"] - 0.01
@@ -297,13 +340,13 @@ def _is_name(person: str) -> bool:
 
 def person_split(folders: dict[str, str]) -> dict[str, dict]:
     """The EEC gender gap of each model on the pairs whose person is a first name, and on those whose person is a
-    gendered noun phrase or pronoun (the words the debiasing objective swaps): cached in
-    ``runs/bench/fairness/person_split.json``."""
+    gendered noun phrase or pronoun (the words the debiasing objective swaps): kept in
+    ``bench/results/fairness_person_split.json``."""
     import csv
 
     from slimformer.analyze.bias import find_eec_file
 
-    cache = OUT / "person_split.json"
+    cache = RESULTS / "fairness_person_split.json"  # with the results: the run folders may be gone
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     source = find_eec_file()
     with open(source, newline="") as handle:
@@ -316,6 +359,7 @@ def person_split(folders: dict[str, str]) -> dict[str, dict]:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(r for r in rows if (not r["Gender"]) or _is_name(r["Person"]) == keep)
+    known = {RENAMED.get(label, label): value for label, value in known.items()}
     for label, folder in folders.items():
         if label not in known:
             known[label] = {kind: bias(folder, eec_file=path).gaps["gender"]["all"] for kind, path in files.items()}
@@ -325,8 +369,6 @@ def person_split(folders: dict[str, str]) -> dict[str, dict]:
 
 def write_findings() -> None:
     """The results table again from every finished run (``runs.jsonl``), then docs/findings/compression-costs.md."""
-    from common import RESULTS
-
     runs = [json.loads(line) for line in (OUT / "runs.jsonl").read_text().splitlines()]
     write([json.loads((OUT / "dense.json").read_text()), *runs], teacher_summary("sst2", teacher_folder("sst2")))
 
@@ -337,9 +379,10 @@ def write_findings() -> None:
     split = person_split(seed0)
     text = findings(costs, fairness)
     table = ["## Which EEC pairs carry the gap: first names or gendered words?", "",
-             "The debiasing objective and fair distillation swap gendered words (he / she, brother / sister, ...; "
-             f"{SWAPPABLE}); 40 of the EEC's 62 persons are first names, which no word list swaps. Seed 0 of each "
-             "variant; gap in points of P(positive), female - male, 95% CI.", "",
+             "The (words) variants of the debiasing objective and fair distillation swap gendered words (he / she, "
+             f"brother / sister, ...; {SWAPPABLE_WORDS}); the (words + names) variants also swap 48 pairs of common "
+             f"first names, none of them an EEC name ({SWAPPABLE_NAMES}). 40 of the EEC's 62 persons are first "
+             "names. Seed 0 of each variant; gap in points of P(positive), female - male, 95% CI.", "",
              "| model | first-name pairs | gendered-word pairs |", "|---|---|---|"]  # fmt: skip
     for label, kinds in split.items():
         cells = []
@@ -351,8 +394,9 @@ def write_findings() -> None:
     FINDINGS.write_text(text + "\n".join(table) + "\n")
 
 
-# measured on the 8,000-sentence training subset every variant trains on (MiniLM tokenizer, the package's list)
-SWAPPABLE = "668 of the 8,000 SST-2 training sentences (8.4%) contain one"
+# measured on the 8,000-sentence training subset of seed 0 (MiniLM tokenizer, the package's lists)
+SWAPPABLE_WORDS = "688 of the 8,000 SST-2 training sentences (8.6%) contain one"
+SWAPPABLE_NAMES = "803 sentences, 10.0%, have a word or a name to swap"
 
 
 def main() -> None:
@@ -368,7 +412,9 @@ def main() -> None:
     load_task("sst2")  # fail early without the data
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / "runs.jsonl"
-    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    if not log.is_file():
+        log.write_text("".join(json.dumps(r) + "\n" for r in previous_runs() if r["variant"] != "dense (teacher)"))
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
     done = {(r["variant"], r["seed"]) for r in runs}
     dense = dense_row(teacher_path)
     for seed in seeds:  # seed-major: a cut-short run still has one seed of every variant

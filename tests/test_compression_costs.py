@@ -272,6 +272,44 @@ def test_gender_swap_on_token_ids_and_the_counterfactual_loss(tiny_model_dir):
     assert float(counterfactual_loss(logits, logits + 1, distributions=False)) == pytest.approx(2.0)
 
 
+def test_counterfactual_pairs_swap_first_names_and_none_is_a_name_the_eec_scores(tiny_model_dir):
+    from slimformer.adversarial import (
+        GENDER_PAIRS,
+        NAME_PAIRS,
+        counterfactual_pairs,
+        gender_swap_map,
+        swap_table,
+        swap_tokens,
+    )
+    from slimformer.analyze.bias import find_eec_file, read_eec
+
+    names = [name for pair in NAME_PAIRS for name in pair]
+    assert len(set(names)) == len(names) and not set(names) & {word for pair in GENDER_PAIRS for word in pair}
+    if find_eec_file() is None:
+        pytest.skip("the Equity Evaluation Corpus is not here")
+    persons = {row["Person"].lower() for row in read_eec()}
+    assert not set(names) & persons  # debiasing on the names it is scored on would flatter it
+
+    tokenizer = hf.AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = torch.tensor(tokenizer(["John thanked his sister"])["input_ids"])
+    decoded = {
+        names: tokenizer.decode(
+            swap_tokens(ids, swap_table(gender_swap_map(tokenizer, counterfactual_pairs(names)), len(tokenizer)))[0],
+            skip_special_tokens=True,
+        )
+        for names in (True, False)
+    }
+    assert decoded == {True: "mary thanked her brother", False: "john thanked her brother"}
+
+    from slimformer.configs import Movement
+    from slimformer.sparse.method import _extra_objectives
+
+    john, mary = tokenizer.convert_tokens_to_ids(["john", "mary"])
+    for names in (True, False):  # the config's setting reaches the debiasing objective's swap
+        config = Movement(sparsity=0.5, debias_weight=1.0, debias_names=names)
+        assert int(_extra_objectives(None, tokenizer, config, None).swap_table[john]) == (mary if names else john)
+
+
 def _biased_reviews(folder, repeats: int = 8):
     """A toy sentiment task whose labels follow the person's gender: a model learns the bias unless told not to."""
     lines = ["sentence\tlabel"]

@@ -4,7 +4,9 @@
   al. 2020, applies it to text): every token's embedding moves by at most ``radius`` (an L2 ball per token).
 * :func:`gender_swap_map` / :func:`swap_tokens`: counterfactual inputs with gendered words exchanged (he <-> she,
   brother <-> sister, ...), done on token ids so that a batch is swapped without re-tokenizing; the word pairs are
-  a short list kept here (after the counterfactual data augmentation of Lu et al. 2020 and Webster et al. 2020).
+  a short list kept here (after the counterfactual data augmentation of Lu et al. 2020 and Webster et al. 2020),
+  and so are pairs of common first names, since a name carries gender as much as a pronoun does (the name-based
+  counterfactual substitution of Maudslay et al. 2019, "It's All in the Name").
 """
 
 from __future__ import annotations
@@ -27,6 +29,27 @@ GENDER_PAIRS = (
     ("monk", "nun"), ("stepfather", "stepmother"), ("businessman", "businesswoman"), ("chairman", "chairwoman"),
     ("spokesman", "spokeswoman"), ("guy", "gal"), ("lad", "lass"), ("papa", "mama"),
 )  # fmt: skip
+
+# Frequent US first names (male, female), paired in frequency order. None is a name of the Equity Evaluation
+# Corpus, which scores the result (a test checks it); names that are also common words (mark, will, grace, ...)
+# are left out, since swapping them would change meanings.
+NAME_PAIRS = (
+    ("john", "mary"), ("james", "patricia"), ("robert", "jennifer"), ("michael", "linda"), ("william", "elizabeth"),
+    ("david", "barbara"), ("richard", "susan"), ("joseph", "jessica"), ("thomas", "sarah"), ("charles", "karen"),
+    ("christopher", "lisa"), ("daniel", "betty"), ("matthew", "margaret"), ("anthony", "sandra"),
+    ("kenneth", "deborah"), ("donald", "kimberly"), ("steven", "emily"), ("paul", "donna"), ("kevin", "michelle"),
+    ("brian", "sharon"), ("george", "dorothy"), ("edward", "amy"), ("ronald", "angela"), ("timothy", "helen"),
+    ("jason", "anna"), ("jeffrey", "brenda"), ("gary", "pamela"), ("eric", "nicole"), ("jonathan", "samantha"),
+    ("stephen", "katherine"), ("larry", "emma"), ("scott", "rachel"), ("peter", "rebecca"), ("henry", "julia"),
+    ("samuel", "laura"), ("benjamin", "victoria"), ("gregory", "christine"), ("patrick", "catherine"),
+    ("raymond", "virginia"), ("dennis", "diane"), ("walter", "alice"), ("arthur", "judith"), ("albert", "jean"),
+    ("tyler", "megan"), ("aaron", "olivia"), ("kyle", "sophia"), ("jacob", "julie"), ("nathan", "natalie"),
+)  # fmt: skip
+
+
+def counterfactual_pairs(names: bool = True) -> tuple[tuple[str, str], ...]:
+    """The pairs a counterfactual swaps: the gendered words, and the first names unless ``names`` is False."""
+    return GENDER_PAIRS + NAME_PAIRS if names else GENDER_PAIRS
 
 
 def gender_swap_map(tokenizer, pairs=GENDER_PAIRS) -> dict[int, int]:

@@ -91,6 +91,9 @@ class DistillConfig:
     counterfactual: bool = False
     """Fair distillation: add gender-swapped copies of the training sentences that have gendered words, each pair
     with the teacher's prediction averaged over both as its target."""
+    counterfactual_names: bool = True
+    """The counterfactual copies also exchange common first names (john <-> mary, ...; Maudslay et al. 2019), not
+    only gendered words."""
 
     def check(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -356,15 +359,17 @@ def with_counterfactuals(
     tokenizer: Any,
     *,
     regression: bool,
+    names: bool = True,
     cache: bool = True,
     progress: bool = True,
 ) -> tuple[Dataset, int]:
     """The training set with a gender-swapped copy of every row that has a swappable word, and a
     :data:`TEACHER_LOGITS` column: the teacher's own logits for rows without such words, the pair's averaged
-    target (:func:`averaged_targets`) for both rows of a pair. Returns the set and the number of copies."""
-    from slimformer.adversarial import gender_swap_map, swap_table, swap_tokens
+    target (:func:`averaged_targets`) for both rows of a pair. Returns the set and the number of copies. ``names``:
+    first names are swapped too."""
+    from slimformer.adversarial import counterfactual_pairs, gender_swap_map, swap_table, swap_tokens
 
-    table = swap_table(gender_swap_map(tokenizer), int(teacher.config.vocab_size))
+    table = swap_table(gender_swap_map(tokenizer, counterfactual_pairs(names)), int(teacher.config.vocab_size))
     originals = teacher_logits(teacher, tokenizer, train_set, cache=cache, progress=progress)
     changed, copies = [], []
     for index, ids in enumerate(train_set["input_ids"]):
@@ -503,6 +508,7 @@ def distill(
             teacher_loaded.model,
             tokenizer,
             regression=is_regression(teacher_loaded.model),
+            names=settings.counterfactual_names,
             cache=settings.cache_teacher,
             progress=progress,
         )

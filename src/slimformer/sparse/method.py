@@ -77,12 +77,12 @@ def _train_set(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data,
 
 def _extra_objectives(model, tokenizer, config, ctx: PruneContext):
     """The debiasing and adversarial terms the config asks for (see :class:`~slimformer.configs.Movement`)."""
-    from slimformer.adversarial import embedding_scale, gender_swap_map, swap_table
+    from slimformer.adversarial import counterfactual_pairs, embedding_scale, gender_swap_map, swap_table
     from slimformer.sparse.training import ExtraObjectives
 
     extra = ExtraObjectives(debias_weight=config.debias_weight, adversarial_weight=config.adversarial_weight)
     if config.debias_weight > 0:
-        mapping = gender_swap_map(tokenizer)
+        mapping = gender_swap_map(tokenizer, counterfactual_pairs(config.debias_names))
         if not mapping:
             raise SlimformerError("No gendered word pair is a single token of this tokenizer: nothing to swap.")
         extra.swap_table = swap_table(mapping, max(len(tokenizer), *mapping) + 1)
