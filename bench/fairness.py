@@ -101,7 +101,7 @@ def build(label: str, seed: int, teacher: Path) -> Path:
         alpha=0.9,
         temperature=2.0,
         counterfactual=spec["counterfactual"],
-        counterfactual_names=spec.get("names", True),
+        counterfactual_names=spec.get("names", False),
     )
     slimformer.distill(teacher, pruned, folder, "sst2", config=train, distill_config=settings, overwrite=True)
     return folder

@@ -151,8 +151,7 @@ def distill(
     counterfactual: Annotated[
         bool,
         typer.Option(
-            help="Fair distillation: add gender-swapped copies (gendered words and first names) of the training "
-            "sentences, each pair taught the "
+            help="Fair distillation: add gender-swapped copies of the training sentences, each pair taught the "
             "teacher's averaged prediction (Delobelle & Berendt 2022)."
         ),
     ] = False,
@@ -486,10 +485,7 @@ def prune(
     ] = None,
     debias_weight: Annotated[
         float,
-        typer.Option(
-            help="Sparse methods that train: weight of invariance to gender-swapped inputs (gendered words and "
-            "common first names; debiasing)."
-        ),
+        typer.Option(help="Sparse methods that train: weight of invariance to gender-swapped inputs (debiasing)."),
     ] = 0.0,
     adversarial_weight: Annotated[
         float,
