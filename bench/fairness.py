@@ -69,6 +69,12 @@ VARIANTS = {
         "kind": "prune",
         "config": {**HEADS, "adversarial_weight": 1.0, "adversarial_epsilon": 0.02, "adversarial_steps": 2},
     },
+    # the library's default attack (10% of the embedding norm, 3 steps): a word substitution, which AdvGLUE makes,
+    # moves a token much further than 2%
+    "head movement 50% + adversarial 1 (10% in 3 steps)": {
+        "kind": "prune",
+        "config": {**HEADS, "adversarial_weight": 1.0},
+    },
     "budget 50% + KD": {"kind": "distill", "counterfactual": False},
     "budget 50% + fair KD (words)": {"kind": "distill", "counterfactual": True, "names": False},
 }
@@ -306,26 +312,27 @@ def findings(costs: dict | None, fairness: dict) -> str:
                   + (f"Met by: {', '.join(target)}." if target else "Not met by any variant here; see the table for "
                      "how far each got.")]  # fmt: skip
         lines += [""]
-    robust = summary.get("head movement 50% + adversarial 1")
+    robust = {name: summary[name] for name in VARIANTS if "adversarial" in name and name in summary}
     if ordinary and robust:
-        bounds = [k for k in robust if k.startswith("pgd ")]
+        bounds = [k for k in ordinary if k.startswith("pgd ")]
         lines += ["## Do robust tickets beat ordinary ones?", "",
                   "| variant | SST-2 dev | AdvGLUE SST-2 | "
                   + " | ".join(f"PGD success {float(b[4:]) * 100:g}%" for b in bounds) + " |",
                   "|---|---|---|" + "---|" * len(bounds)]  # fmt: skip
-        for name, entry in (("ordinary (head movement 50%)", ordinary), ("robust (+ adversarial 1)", robust)):
+        for name, entry in (("ordinary (head movement 50%)", ordinary), *robust.items()):
             lines.append(f"| {name} | {_cell(entry, 'dev')} | {_cell(entry, 'advglue')} | "
                          + " | ".join(_cell(entry, b) for b in bounds) + " |")  # fmt: skip
-        better = robust["advglue"]["mean"] > ordinary["advglue"]["mean"]
-        lines += ["", f"AdvGLUE: robust {'above' if better else 'not above'} ordinary by "
-                  f"{(robust['advglue']['mean'] - ordinary['advglue']['mean']) * 100:+.2f} points, "
-                  f"{'beyond' if _separated(robust['advglue'], ordinary['advglue']) else 'within'} the seed spread "
-                  "(difference of the means against the sum of the standard deviations)."]  # fmt: skip
-        for bound in bounds:
-            moved = (robust[bound]["mean"] - ordinary[bound]["mean"]) * 100
-            lines.append(f"PGD success at {float(bound[4:]) * 100:g}%: {moved:+.2f} "
-                         f"points, {'beyond' if _separated(robust[bound], ordinary[bound]) else 'within'} the seed "
-                         "spread.")  # fmt: skip
+        for name, entry in robust.items():
+            better = entry["advglue"]["mean"] > ordinary["advglue"]["mean"]
+            lines += ["", f"{name}, AdvGLUE: {'above' if better else 'not above'} ordinary by "
+                      f"{(entry['advglue']['mean'] - ordinary['advglue']['mean']) * 100:+.2f} points, "
+                      f"{'beyond' if _separated(entry['advglue'], ordinary['advglue']) else 'within'} the seed "
+                      "spread (difference of the means against the sum of the standard deviations)."]  # fmt: skip
+            for bound in bounds:
+                moved = (entry[bound]["mean"] - ordinary[bound]["mean"]) * 100
+                lines.append(f"PGD success at {float(bound[4:]) * 100:g}%: {moved:+.2f} points, "
+                             f"{'beyond' if _separated(entry[bound], ordinary[bound]) else 'within'} the seed "
+                             "spread.")  # fmt: skip
         lines += [""]
     return "\n".join(lines) + "\n"
 
