@@ -99,8 +99,9 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     data = slimformer.load_task(spec["task"], data_dir=spec["glue_dir"])
+    options = {"fisher_precision": spec["fisher_precision"]} if spec.get("fisher_precision") else {}
     config = slimformer.FlopsBudget(
-        spec["fraction"], calibration_examples=spec["examples"], label_free=spec.get("label_free", False)
+        spec["fraction"], calibration_examples=spec["examples"], label_free=spec.get("label_free", False), **options
     )
     result = slimformer.prune(spec["model"], config, data, max_length=128, evaluate=spec["evaluate"], progress=False)
     seconds = result.report["seconds"]
@@ -188,6 +189,19 @@ def main() -> None:
     parser.add_argument(
         "--before-name", default="before", help="its name in the table (e.g. 'streamed, 3 passes' for cfffbe2)"
     )
+    parser.add_argument(
+        "--fisher-precision",
+        default="float32",
+        help="the pruner's fisher_precision, or several (float32,bfloat16): one implementation each; rows other "
+        "than float32 are named after theirs",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run each implementation this many times, interleaved (one of each per round), and keep the run of "
+        "median time: on a shared machine one run's time can be 10-20%% off",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--redo", action="store_true", help="re-run rows the results file already has")
     args = parser.parse_args()
@@ -196,36 +210,63 @@ def main() -> None:
         return
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     names += [f"bert-base-L{d.strip()}" for d in args.depths.split(",") if d.strip()]
-    implementations = [("streamed", ROOT / "src")]
-    implementations += [(args.before_name, args.before.resolve())] if args.before else []
+    implementations = []  # (name, src, fisher_precision)
+    for precision in [p.strip() for p in args.fisher_precision.split(",") if p.strip()]:
+        name = "streamed" if precision == "float32" else f"streamed, {precision} Fisher"
+        implementations.append((name, ROOT / "src", None if precision == "float32" else precision))
+    implementations += [(args.before_name, args.before.resolve(), None)] if args.before else []
     results_file = args.results_dir / "budget_scaling.json"
     rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
     log = RUNS / "scaling" / "runs.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         model, task, scored, label_free = model_and_task(name)
-        for implementation, src in implementations:
+        todo = []
+        for implementation, src, precision in implementations:
             key = (name, implementation, args.examples)
             done = [r for r in rows if (r["model"], r["implementation"], r["examples"]) == key]
             if done and not args.redo and "error" not in done[0]:
                 continue
+            todo.append((implementation, src, precision))
+        runs: dict[str, list[dict]] = {implementation: [] for implementation, _, _ in todo}
+        for round_ in range(args.repeats):
+            for implementation, src, precision in todo:
+                spec = {
+                    "model": model,
+                    "task": task,
+                    "examples": args.examples,
+                    "fraction": args.fraction,
+                    "threads": args.threads,
+                    "evaluate": scored,
+                    "label_free": label_free,
+                    "glue_dir": str(glue_dir()),
+                    "fisher_precision": precision,
+                }
+                print(f"{name} / {implementation} / {args.examples} examples / run {round_ + 1} ...", flush=True)
+                runs[implementation].append(run_fresh(spec, src, log))
+                print(runs[implementation][-1], flush=True)
+        for implementation, results in runs.items():
+            key = (name, implementation, args.examples)
             rows = [r for r in rows if (r["model"], r["implementation"], r["examples"]) != key]
-            spec = {
-                "model": model,
-                "task": task,
-                "examples": args.examples,
-                "fraction": args.fraction,
-                "threads": args.threads,
-                "evaluate": scored,
-                "label_free": label_free,
-                "glue_dir": str(glue_dir()),
-            }
-            print(f"{name} / {implementation} / {args.examples} examples ...", flush=True)
             row = {"model": name, "implementation": implementation, "examples": args.examples, "task": task}
-            rows.append({**row, **run_fresh(spec, src, log)})
+            good = sorted((r for r in results if "error" not in r), key=lambda r: r["pruning_seconds"])
+            if not good:
+                rows.append({**row, **results[-1]})
+                continue
+            median = good[(len(good) - 1) // 2]
+            rows.append({**row, **median, "runs": [{k: r[k] for k in ("pruning_seconds", "seconds")} for r in good]})
             print(rows[-1], flush=True)
-            write(rows, args)
+        write(rows, args)
     write(rows, args)
+
+
+def seconds_cell(row: dict) -> str:
+    """The run's pruning seconds; for repeated runs the median's, with the range and the number of runs."""
+    runs = row.get("runs") or []
+    if len(runs) < 2:
+        return f"{row['pruning_seconds']:.0f}"
+    times = [r["pruning_seconds"] for r in runs]
+    return f"{row['pruning_seconds']:.0f} ({min(times):.0f}-{max(times):.0f}, {len(runs)} runs)"
 
 
 def write(rows: list[dict], args) -> None:
@@ -245,7 +286,7 @@ def write(rows: list[dict], args) -> None:
                 r["examples"],
                 r["task"],
                 r.get("fisher_tokens_per_pass") or "batch of 32",
-                f"{r['pruning_seconds']:.0f}",
+                seconds_cell(r),
                 f"{r['seconds']['fisher']:.0f} / {r['seconds']['tune']:.0f}",
                 f"{r['peak_mib'] / 1024:.2f}",
                 by_phase,
@@ -286,7 +327,10 @@ def write(rows: list[dict], args) -> None:
         "`no heap trim`: before freed heap was handed back to the system between the Fisher's backward passes and "
         "the refit's batches (glibc kept what each pass of another shape freed: on mpnet the Fisher's resident set "
         "grew with every pass). `peak GiB after Fisher / refit`: the process's high-water mark when each phase ended "
-        "(the report's `details.peak_memory_mib`).\n\n"
+        "(the report's `details.peak_memory_mib`). `streamed, bfloat16 Fisher`: the Fisher's passes under bfloat16 "
+        "autocast (`FlopsBudget(fisher_precision='bfloat16')`; what it costs in score: fisher_precision.md). Where "
+        "a row gives several runs, the implementations ran interleaved (one run of each per round) and the row is "
+        "the run of median time.\n\n"
         + markdown_table(
             [
                 "model",

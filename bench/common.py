@@ -107,6 +107,18 @@ def teacher_summary(task: str, folder: Path) -> dict:
     }
 
 
+def task_fraction_cells(rows: list[dict]):
+    """The teachers of ``rows`` (task -> :func:`teacher_summary`), and each (task, teacher, fraction, that cell's
+    rows) in task order, fractions from the largest: the cells of the budget benchmarks' tables."""
+    teachers = {task: teacher_summary(task, teacher_folder(task)) for task in dict.fromkeys(r["task"] for r in rows)}
+    cells = [
+        (task, teacher, fraction, [r for r in rows if r["task"] == task and r["fraction"] == fraction])
+        for task, teacher in teachers.items()
+        for fraction in sorted({r["fraction"] for r in rows if r["task"] == task}, reverse=True)
+    ]
+    return teachers, cells
+
+
 def _shown_path(path: str) -> str:
     """A path inside the repository as a repository-relative one (results tables are committed)."""
     try:

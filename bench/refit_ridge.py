@@ -21,7 +21,7 @@ from pathlib import Path
 
 import slimformer
 import slimformer.budget.method as budget_method
-from common import RESULTS, RUNS, machine, markdown_table, teacher_summary, write_results
+from common import RESULTS, RUNS, machine, markdown_table, task_fraction_cells, write_results
 from refit_rows import MAX_LENGTH, task_data
 from teachers import teacher_dir
 
@@ -98,26 +98,25 @@ def largest_refit_weight(model) -> float:
 
 
 def write(rows: list[dict], results_dir: Path) -> None:
-    teachers = {task: teacher_summary(task, teacher_dir(task)) for task in dict.fromkeys(r["task"] for r in rows)}
+    teachers, cells = task_fraction_cells(rows)
     table = []
-    for task, teacher in teachers.items():
-        for fraction in sorted({r["fraction"] for r in rows if r["task"] == task}, reverse=True):
-            found = {r["ridge"]: r for r in rows if r["task"] == task and r["fraction"] == fraction}
-            if set(found) != set(RIDGES):
-                continue
-            one, scaled = found["one"], found["rows"]
-            table.append(
-                [
-                    f"{task} ({teacher['score'] * 100:.2f})",
-                    f"{fraction:.0%}",
-                    f"{one['score'] * 100:.2f}",
-                    f"{scaled['score'] * 100:.2f}",
-                    f"{(scaled['score'] - one['score']) * 100:+.2f}",
-                    f"{one['score_int8'] * 100:.2f}",
-                    f"{scaled['score_int8'] * 100:.2f}",
-                    f"{one['largest_weight']:.2f} / {scaled['largest_weight']:.2f}",
-                ]
-            )
+    for task, teacher, fraction, cell in cells:
+        found = {r["ridge"]: r for r in cell}
+        if set(found) != set(RIDGES):
+            continue
+        one, scaled = found["one"], found["rows"]
+        table.append(
+            [
+                f"{task} ({teacher['score'] * 100:.2f})",
+                f"{fraction:.0%}",
+                f"{one['score'] * 100:.2f}",
+                f"{scaled['score'] * 100:.2f}",
+                f"{(scaled['score'] - one['score']) * 100:+.2f}",
+                f"{one['score_int8'] * 100:.2f}",
+                f"{scaled['score_int8'] * 100:.2f}",
+                f"{one['largest_weight']:.2f} / {scaled['largest_weight']:.2f}",
+            ]
+        )
     headers = ["task (teacher)", "FLOPs", "one ridge", "ridge per row", "change", "int8, one ridge"]
     headers += ["int8, ridge per row", "largest refit weight"]
     markdown = (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import slimformer
 import slimformer.budget.method as budget_method
-from common import RESULTS, machine, markdown_table, teacher_summary, write_results
+from common import RESULTS, machine, markdown_table, task_fraction_cells, write_results
 from teachers import teacher_dir
 
 MAX_LENGTH = {"sst2": 64, "squad-article": 64, "stsb": 128}  # the teachers' own
@@ -63,22 +63,21 @@ def main() -> None:
 
 
 def write(rows: list[dict], results_dir: Path) -> None:
-    teachers = {task: teacher_summary(task, teacher_dir(task)) for task in dict.fromkeys(r["task"] for r in rows)}
+    teachers, cells = task_fraction_cells(rows)
     table = []
-    for task, teacher in teachers.items():
-        for fraction in sorted({r["fraction"] for r in rows if r["task"] == task}, reverse=True):
-            scores = {r["last_layer_rows"]: r["score"] for r in rows if r["task"] == task and r["fraction"] == fraction}
-            if set(scores) != set(ROWS):
-                continue
-            table.append(
-                [
-                    f"{task} ({teacher['score'] * 100:.2f})",
-                    f"{fraction:.0%}",
-                    f"{scores['all'] * 100:.2f}",
-                    f"{scores['first'] * 100:.2f}",
-                    f"{(scores['first'] - scores['all']) * 100:+.2f}",
-                ]
-            )
+    for task, teacher, fraction, cell in cells:
+        scores = {r["last_layer_rows"]: r["score"] for r in cell}
+        if set(scores) != set(ROWS):
+            continue
+        table.append(
+            [
+                f"{task} ({teacher['score'] * 100:.2f})",
+                f"{fraction:.0%}",
+                f"{scores['all'] * 100:.2f}",
+                f"{scores['first'] * 100:.2f}",
+                f"{(scores['first'] - scores['all']) * 100:+.2f}",
+            ]
+        )
     markdown = (
         "# The last layer's refit: every token or first tokens only\n\n"
         "Retraining-free budget pruning (`FlopsBudget`, defaults) of the converged MiniLM-L6 teachers (their dev "

@@ -820,3 +820,63 @@ def test_recorded_targets_refuse_batches_the_recorded_pass_did_not_see():
             reconstruct_weights(
                 model, uneven_plan(model), data[:2], last_layer_rows="first", dense=recorded, progress=False
             )
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_kept_layer_arguments_spare_the_embeddings_and_change_no_weight(family, monkeypatch):
+    # the layers' other arguments (masks, MPNet's position bias) are kept per batch instead of recomputed by an
+    # embedding pass for every sub-layer; the refit must not notice, and with no room it recomputes them
+    from slimformer.budget import stream
+
+    dense = tiny_model(family).double()
+    data = batches(3)
+    plan = uneven_plan(dense)
+    weights, passes = {}, {}
+    for room in (0, stream.LAYER_CALLS_CACHE_BYTES):
+        monkeypatch.setattr(stream, "LAYER_CALLS_CACHE_BYTES", room)
+        model = copy.deepcopy(dense)
+        calls = []
+        handle = model.base_model.embeddings.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        reconstruct_weights(model, plan, data, progress=False)
+        handle.remove()
+        weights[room], passes[room] = projection_weights(model), len(calls)
+    n_layers = len(layer_views(dense))
+    # kept: one embedding pass per batch (the streams' start); recomputed: also one per batch for each layer's dense
+    # pass and each of its two sub-layer steps
+    assert passes[stream.LAYER_CALLS_CACHE_BYTES] == len(data)
+    assert passes[0] == len(data) * (1 + 3 * n_layers)
+    for got, expected in zip(weights[stream.LAYER_CALLS_CACHE_BYTES], weights[0], strict=True):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_fisher_precision_resolves_to_bfloat16_only_for_float32_models(monkeypatch):
+    from slimformer.budget import fisher
+
+    model = tiny_model("bert")
+    assert fisher.fisher_autocast(model, "float32") is None
+    assert fisher.fisher_autocast(model, "bfloat16") == torch.bfloat16
+    assert fisher.fisher_autocast(copy.deepcopy(model).double(), "bfloat16") is None  # keeps its own precision
+    for native in (True, False):
+        monkeypatch.setattr(fisher, "native_bfloat16", lambda device, native=native: native)
+        assert fisher.fisher_autocast(model, "auto") == (torch.bfloat16 if native else None)
+    assert fisher.native_bfloat16(torch.device("meta")) is False  # only CPUs and CUDA GPUs are asked
+    with pytest.raises(ConfigError, match="fisher_precision"):
+        slimformer.FlopsBudget(0.5, fisher_precision="float16")
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_bfloat16_fisher_stays_close_and_records_float32_targets(family):
+    from slimformer.budget.stream import DenseTargets
+
+    model = tiny_model(family)
+    data = batches(3)
+    exact = collect_mask_gradients(model, data, progress=False)
+    with DenseTargets(model, head=True) as recorded:
+        rounded = collect_mask_gradients(model, data, record=recorded, autocast=torch.bfloat16, progress=False)
+        stored = [store[0] for store in recorded.stores.values()] + [recorded.logits[0]]
+    assert all(t.dtype == torch.float32 for t in stored)
+    for got, expected in zip(rounded.heads + rounded.neurons, exact.heads + exact.neurons, strict=True):
+        assert got.dtype == torch.float32
+        # bfloat16 keeps 8 bits of mantissa: per-example gradients within a few per cent of the float32 ones
+        error = (got - expected).norm() / expected.norm()
+        assert 0 < error < 0.05

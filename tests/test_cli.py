@@ -204,6 +204,20 @@ def test_a_model_fine_tuned_on_a_custom_csv_is_pruned_and_analysed_with_no_data_
     assert result.exit_code != 0 and "labels ['neg', 'pos'] differ" in str(result.exception)
 
 
+def test_budget_pruning_fisher_precision_reaches_the_pruner_and_its_report(tiny_model_dir, tmp_path):
+    glue = write_sst2(tmp_path / "glue")
+    out = tmp_path / "bf16"
+    common = ["--task", "sst2", "--data-dir", glue, "--max-length", "16", "--calibration-examples", "16"]
+    budget = ["--budget-flops", "0.5", "--fisher-precision"]
+    invoke("prune", "--model", tiny_model_dir, *common, "--out", out, *budget, "bfloat16")
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["config"]["fisher_precision"] == "bfloat16" and report["details"]["fisher_precision"] == "bfloat16"
+    bad = ["prune", "--model", tiny_model_dir, *common, "--out", tmp_path / "bad", *budget, "float16"]
+    failed = runner.invoke(app, [str(a) for a in bad])
+    assert failed.exit_code != 0 and "fisher_precision" in str(failed.exception) + failed.output
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
 def test_budget_pruning_with_a_memory_limit_spills_and_says_so(tiny_model_dir, tmp_path):
     glue = write_sst2(tmp_path / "glue")
     common = ["--task", "sst2", "--data-dir", glue, "--max-length", "16", "--calibration-examples", "16"]

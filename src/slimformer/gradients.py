@@ -97,13 +97,15 @@ def gate_gradients(
     base: Gates | None = None,
     progress: bool = True,
     description: str = "gate gradients",
+    autocast: torch.dtype | None = None,
 ) -> GateGradients:
     """Gradients of the task loss with respect to head, neuron and MLP gates (all at 1), over ``batches``.
 
     Summed mode: per batch the gradient of the batch-mean loss, accumulated as |g| (``square=False``) or g^2.
     ``per_example=True``: every example's own gradient of its loss (``square`` does not apply). ``label_free``
     uses the model's predicted class as the label (classification only). ``base``: fixed gates kept in place.
-    A sentence-embedding model needs no labels: its loss is :func:`embedding_probe_loss`.
+    A sentence-embedding model needs no labels: its loss is :func:`embedding_probe_loss`. ``autocast``: run the
+    passes under ``torch.autocast`` in this dtype (the gates and the loss stay in float32).
     """
     embedder = is_sentence_embedder(model)
     if label_free and is_regression(model) and not embedder:
@@ -153,8 +155,9 @@ def gate_gradients(
                 ],
                 layers=None if base is None or base.layers is None else base.layers.detach().to(device),
             )
-            with torch.enable_grad(), gated(model, effective):
-                logits = model(**inputs).logits
+            cast = torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+            with torch.enable_grad(), gated(model, effective), cast:
+                logits = model(**inputs).logits.to(dtype)
                 if embedder:
                     loss = embedding_probe_loss(logits, probes, reduction="sum" if per_example else "mean")
                 else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,6 +64,32 @@ class MaskGradients:
 FISHER_TOKENS_PER_PASS = 1024
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively (a CUDA GPU that supports it; an x86 CPU with AVX512-BF16 or
+    AMX). Elsewhere bfloat16 is emulated on CPUs and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: do not guess
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def fisher_autocast(model: PreTrainedModel, precision: str) -> torch.dtype | None:
+    """The autocast dtype of the Fisher's passes for ``precision`` (``"float32"``, ``"bfloat16"`` or ``"auto"``):
+    bfloat16 only for a float32 model (a float64 model keeps its precision; a half-precision one has it already),
+    and under ``"auto"`` only where the device has native bfloat16 arithmetic."""
+    parameter = next(model.parameters())
+    if precision == "float32" or parameter.dtype != torch.float32:
+        return None
+    if precision == "auto" and not native_bfloat16(parameter.device):
+        return None
+    return torch.bfloat16
+
+
 def micro_batches(batches: Sequence[dict[str, torch.Tensor]], max_tokens: int) -> list[dict[str, torch.Tensor]]:
     """Each batch split by rows so that rows x padded length stays within ``max_tokens`` (at least one row)."""
     out = []
@@ -82,6 +109,7 @@ def collect_mask_gradients(
     max_tokens_per_pass: int = FISHER_TOKENS_PER_PASS,
     record: DenseTargets | None = None,
     progress: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> MaskGradients:
     """Per-example gradients of the task loss with respect to every head and FFN-neuron mask (all masks at 1).
 
@@ -91,6 +119,8 @@ def collect_mask_gradients(
     pass, which bounds the memory of the backward without changing any example's gradient.
 
     ``record``: the forward passes (the dense model's, every mask at 1) also record the refit's dense targets.
+    ``autocast``: the passes' arithmetic (:func:`fisher_autocast`); what ``record`` keeps is stored in the model's
+    dtype.
     """
     if label_free and is_regression(model) and not is_sentence_embedder(model):
         raise SlimformerError("Label-free Fisher needs a classification task; give labels for regression tasks.")
@@ -102,6 +132,7 @@ def collect_mask_gradients(
             label_free=label_free,
             progress=progress,
             description="Fisher (per-example mask gradients)",
+            autocast=autocast,
         )
     return MaskGradients(heads=gradients.heads, neurons=gradients.neurons)
 
@@ -123,6 +154,7 @@ def calibration_mask_gradients(
     label_free: bool = False,
     record: DenseTargets | None = None,
     progress: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> tuple[MaskGradients, ImportanceSample]:
     """Kwon et al.'s mask gradients on a seeded calibration sample of ``n_examples`` rows of ``data``, and the
     sample itself (its length-grouped batches; the refit reuses them).
@@ -139,7 +171,9 @@ def calibration_mask_gradients(
         seed=seed,
         length_grouped=True,
     )
-    gradients = collect_mask_gradients(model, sample.batches, label_free=label_free, record=record, progress=progress)
+    gradients = collect_mask_gradients(
+        model, sample.batches, label_free=label_free, record=record, progress=progress, autocast=autocast
+    )
     return gradients, sample
 
 

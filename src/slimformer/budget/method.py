@@ -13,7 +13,12 @@ from contextlib import nullcontext
 from typing import Any
 
 from slimformer.arch import get_spec
-from slimformer.budget.fisher import MaskGradients, calibration_mask_gradients, collect_mask_gradients
+from slimformer.budget.fisher import (
+    MaskGradients,
+    calibration_mask_gradients,
+    collect_mask_gradients,
+    fisher_autocast,
+)
 from slimformer.budget.search import UnitCosts, rearrange, search_masks
 from slimformer.budget.stream import DenseTargets
 from slimformer.budget.tune import fold_scales, reconstruct_weights, tune_masks
@@ -134,6 +139,7 @@ def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, 
         peak_mib[name] = round(peak, 1) if peak is not None else None
         clock = now
 
+    autocast = fisher_autocast(model, config.fisher_precision)
     # least squares, like the Fisher, does not depend on batching: the refit reuses the length-grouped sample
     gradients, sample = calibration_mask_gradients(
         model,
@@ -146,6 +152,7 @@ def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, 
         label_free=config.label_free,
         record=recorded,
         progress=ctx.progress,
+        autocast=autocast,
     )
     lap("fisher")
     fisher_scale = config.fisher_scale or ("layer" if is_sentence_embedder(model) else "global")
@@ -161,7 +168,12 @@ def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, 
         if plan is not None:  # the last round's model, its pruned units silenced: what the next Fisher measures
             silence(model, plan)
             gradients = collect_mask_gradients(
-                model, sample.batches, label_free=config.label_free, record=recorded, progress=ctx.progress
+                model,
+                sample.batches,
+                label_free=config.label_free,
+                record=recorded,
+                progress=ctx.progress,
+                autocast=autocast,
             )
             lap("fisher")
         fraction = config.fraction ** (step / config.steps)
@@ -206,6 +218,7 @@ def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, 
         + (f", in {config.steps} steps (Fisher measured again on the pruned model)" if config.steps > 1 else ""),
         "budget": {config.method: config.fraction, "seq_len": config.seq_len, **latency_info},
         "fisher_scale": fisher_scale,
+        "fisher_precision": "float32" if autocast is None else str(autocast).removeprefix("torch."),
         "last_layer_rows": rows,
         # an embedding model's calibration reads texts only, whatever the option says
         "calibration": {**sample.description, "label_free": config.label_free or is_sentence_embedder(model)},

@@ -171,9 +171,9 @@ def _normal_equations(
             w = weight[:, index]  # [hidden, n]
             gram += ((act.T @ act) * (w.T @ w)).double()
             rhs += (act * (residual @ w)).sum(0).double()
-        residual_sq += float(residual.double().pow(2).sum())
+        residual_sq += float(residual.pow(2).sum(dtype=torch.float64))
         signal = residual if batch.target is None else batch.target
-        signal_sq += float(signal.double().pow(2).sum())
+        signal_sq += float(signal.pow(2).sum(dtype=torch.float64))
     return gram, rhs, residual_sq, signal_sq
 
 
@@ -362,6 +362,7 @@ def _regression_statistics(
             residual = residual - batch.x.to("cpu", dtype)
         gram += (features.T @ features).double()
         cross += (features.T @ residual).double()
-        residual_rows += residual.double().pow(2).sum(dim=0)
-        signal_sq += float(batch.target.double().pow(2).sum())
+        # squares summed in float64 without a float64 copy of the batch
+        residual_rows += residual.pow(2).sum(dim=0, dtype=torch.float64)
+        signal_sq += float(batch.target.pow(2).sum(dtype=torch.float64))
     return gram, cross, residual_rows, signal_sq

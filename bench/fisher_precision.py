@@ -1,0 +1,131 @@
+"""The budget pruner's Fisher in float32 or under bfloat16 autocast (``FlopsBudget(fisher_precision=...)``).
+
+The Fisher's forward and backward passes are most of the time of retraining-free pruning (issue 18); on a CPU with
+native bfloat16 dot products (AVX512-BF16 / AMX) autocast makes them about a quarter faster. This benchmark asks
+what that costs: the converged MiniLM-L6 teachers of bench/teachers.py pruned to 50 / 40 / 30% of the FLOPs with
+each precision, everything else at its default, on three seeded calibration samples (the seed draws the 2,048
+calibration examples; both precisions see the same sample). Reported: the dev score (mean ± sd over the seeds and
+the mean paired change), how many heads and neurons the two plans disagree on, and the Fisher's seconds (in one
+process, runs one after another: a rough guide; bench/budget_scaling.py times whole runs in fresh processes).
+Writes ``bench/results/fisher_precision.{json,md}``.
+
+    python bench/fisher_precision.py [--tasks sst2,stsb] [--fractions 0.5,0.4,0.3] [--seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import slimformer
+from common import RESULTS, machine, markdown_table, task_fraction_cells, write_results
+from refit_rows import MAX_LENGTH
+from teachers import teacher_dir
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def units(plan) -> set[tuple[str, int, int]]:
+    """The heads and neurons a plan keeps, as (kind, layer, index)."""
+    kept = {("head", layer, h) for layer, heads in enumerate(plan.kept_heads) for h in heads}
+    return kept | {("neuron", layer, n) for layer, neurons in enumerate(plan.kept_neurons) for n in neurons}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="sst2,stsb")
+    parser.add_argument("--fractions", default="0.5,0.4,0.3")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    results_file = args.results_dir / "fisher_precision.json"
+    rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
+    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        data = slimformer.load_task(task)
+        for fraction in [float(f) for f in args.fractions.split(",")]:
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                for precision in PRECISIONS:
+                    key = (task, fraction, seed, precision)
+                    if any((r["task"], r["fraction"], r["seed"], r["precision"]) == key for r in rows):
+                        continue
+                    config = slimformer.FlopsBudget(fraction, seed=seed, fisher_precision=precision)
+                    result = slimformer.prune(
+                        str(teacher_dir(task)), config, data, max_length=MAX_LENGTH[task], progress=False
+                    )
+                    seconds = result.report["seconds"]
+                    rows.append(
+                        {
+                            "task": task,
+                            "fraction": fraction,
+                            "seed": seed,
+                            "precision": precision,
+                            "resolved": result.report["details"]["fisher_precision"],
+                            "score": result.score,
+                            "fisher_seconds": seconds["fisher"],
+                            "tune_seconds": seconds["tune"],
+                            "kept": sorted(units(result.plan)),
+                        }
+                    )
+                    print({k: v for k, v in rows[-1].items() if k != "kept"}, flush=True)
+                    write(rows, args.results_dir)
+    write(rows, args.results_dir)
+
+
+def spread(values: list[float]) -> str:
+    """Mean ± standard deviation, in points."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values) * 100:.2f} ± {sd * 100:.2f}"
+
+
+def write(rows: list[dict], results_dir: Path) -> None:
+    teachers, cells = task_fraction_cells(rows)
+    table = []
+    for task, teacher, fraction, cell in cells:
+        pairs = []
+        for seed in sorted({r["seed"] for r in cell}):
+            found = {r["precision"]: r for r in cell if r["seed"] == seed}
+            if set(found) == set(PRECISIONS):
+                pairs.append((found["float32"], found["bfloat16"]))
+        if not pairs:
+            continue
+        exact = [p[0]["score"] for p in pairs]
+        rounded = [p[1]["score"] for p in pairs]
+        changes = [(b - a) * 100 for a, b in zip(exact, rounded, strict=True)]
+        differ = [
+            len({tuple(u) for u in a["kept"]} ^ {tuple(u) for u in b["kept"]}) / 2 for a, b in pairs
+        ]  # a unit swapped in for one swapped out counts once
+        kept_total = statistics.mean(len(a["kept"]) for a, _ in pairs)
+        table.append(
+            [
+                f"{task} ({teacher['score'] * 100:.2f})",
+                f"{fraction:.0%}",
+                len(pairs),
+                spread(exact),
+                spread(rounded),
+                " / ".join(f"{c:+.2f}" for c in changes) + f" (mean {statistics.mean(changes):+.2f})",
+                f"{statistics.mean(differ):.0f} of {kept_total:.0f}",
+                f"{statistics.median(p[0]['fisher_seconds'] for p in pairs):.1f} / "
+                f"{statistics.median(p[1]['fisher_seconds'] for p in pairs):.1f}",
+            ]
+        )
+    headers = ["task (teacher)", "FLOPs", "seeds", "float32 Fisher", "bfloat16 Fisher", "change per seed"]
+    headers += ["units the plans disagree on", "Fisher s (median) float32 / bfloat16"]
+    markdown = (
+        "# The budget pruner's Fisher in float32 or under bfloat16 autocast\n\n"
+        "MiniLM-L6 teachers converged by bench/teachers.py (dev score in brackets), pruned without retraining by "
+        "`slimformer.prune(FlopsBudget(f, seed=s, fisher_precision=p))`, every other setting at its default; each "
+        "seed draws one calibration sample of 2,048 training examples, the same for both precisions (so the change "
+        "per seed is paired). Under bfloat16 the Fisher's forward passes also record the refit's dense targets "
+        "(stored in float32). Dev scores: SST-2 accuracy, STS-B mean of Pearson and Spearman. Units the plans "
+        "disagree on: heads plus FFN neurons kept by one plan and not the other, halved. Fisher seconds: runs one "
+        "after another in one process on 2 threads (a rough guide; whole runs are timed in "
+        "budget_scaling.md).\n\n" + markdown_table(headers, table)
+    )
+    write_results("fisher_precision", {"machine": machine(), "teachers": teachers, "rows": rows}, markdown, results_dir)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
