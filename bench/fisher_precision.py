@@ -7,9 +7,12 @@ each precision, everything else at its default, on three seeded calibration samp
 calibration examples; both precisions see the same sample). Reported: the dev score (mean ± sd over the seeds and
 the mean paired change), how many heads and neurons the two plans disagree on, and the Fisher's seconds (in one
 process, runs one after another: a rough guide; bench/budget_scaling.py times whole runs in fresh processes).
-Writes ``bench/results/fisher_precision.{json,md}``.
+With ``--embedding mpnet`` it also prunes all-mpnet-base-v2 label-free to 50% of the FLOPs with the bfloat16
+Fisher, on bench/embeddings.py's calibration texts and scored on its STS-B and retrieval sets, beside the float32
+row bench/embeddings.py wrote (the same plan inputs: float32 is deterministic, and the refit has not changed its
+weights since). Writes ``bench/results/fisher_precision.{json,md}``.
 
-    python bench/fisher_precision.py [--tasks sst2,stsb] [--fractions 0.5,0.4,0.3] [--seeds 0,1,2]
+    python bench/fisher_precision.py [--tasks sst2,stsb] [--fractions 0.5,0.4,0.3] [--seeds 0,1,2] [--embedding mpnet]
 """
 
 from __future__ import annotations
@@ -38,10 +41,16 @@ def main() -> None:
     parser.add_argument("--tasks", default="sst2,stsb")
     parser.add_argument("--fractions", default="0.5,0.4,0.3")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--embedding", default="", help="also this embedding model (mpnet) at 50%% FLOPs")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     results_file = args.results_dir / "fisher_precision.json"
-    rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
+    previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    rows = previous.get("rows", [])
+    embedding_rows = previous.get("embedding_rows", [])
+    if args.embedding and not any(r["model"] == args.embedding for r in embedding_rows):
+        embedding_rows.append(embedding_row(args.embedding, args.results_dir))
+        write(rows, args.results_dir, embedding_rows)
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         data = slimformer.load_task(task)
         for fraction in [float(f) for f in args.fractions.split(",")]:
@@ -69,8 +78,38 @@ def main() -> None:
                         }
                     )
                     print({k: v for k, v in rows[-1].items() if k != "kept"}, flush=True)
-                    write(rows, args.results_dir)
-    write(rows, args.results_dir)
+                    write(rows, args.results_dir, embedding_rows)
+    write(rows, args.results_dir, embedding_rows)
+
+
+def embedding_row(name: str, results_dir: Path, budget: float = 0.5) -> dict:
+    """``name`` pruned label-free to ``budget`` with the bfloat16 Fisher as bench/embeddings.py prunes it, its
+    scores beside that benchmark's float32 row."""
+    import embeddings
+    from slimformer.tasks import load_task
+
+    reference = json.loads((results_dir / "embeddings.json").read_text())["rows"]
+    found = [r for r in reference if r["model"] == name and r["variant"] in ("dense", f"flops {budget:g}")]
+    dense, exact = sorted(found, key=lambda r: r["variant"] != "dense")
+    sts = load_task("stsb-embed")
+    retrieval, texts = embeddings.split_articles(load_task("squad-retrieval"))
+    calibration = embeddings.text_task(sts, embeddings.calibration_texts(sts, texts, 2048), "calibration texts")
+    config = slimformer.FlopsBudget(budget, calibration_examples=2048, fisher_precision="bfloat16")
+    result = slimformer.prune(
+        embeddings.model_source(name), config, calibration, max_length=embeddings.PASSAGE_TOKENS, evaluate=False
+    )
+    seconds = result.report["seconds"]
+    return {
+        "model": name,
+        "fraction": budget,
+        "dense": {k: dense[k] for k in ("sts_spearman", "ndcg@10")},
+        "float32": {k: exact[k] for k in ("sts_spearman", "ndcg@10", "prune_seconds")},
+        "bfloat16": {
+            **embeddings.scores(result.model, result.tokenizer, sts, retrieval),
+            "fisher_seconds": seconds["fisher"],
+            "prune_seconds": sum(v for k, v in seconds.items() if k != "total" and not k.startswith("evaluate")),
+        },
+    }
 
 
 def spread(values: list[float]) -> str:
@@ -79,7 +118,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values) * 100:.2f} ± {sd * 100:.2f}"
 
 
-def write(rows: list[dict], results_dir: Path) -> None:
+def write(rows: list[dict], results_dir: Path, embedding_rows: list[dict] | None = None) -> None:
     teachers, cells = task_fraction_cells(rows)
     table = []
     for task, teacher, fraction, cell in cells:
@@ -123,7 +162,33 @@ def write(rows: list[dict], results_dir: Path) -> None:
         "after another in one process on 2 threads (a rough guide; whole runs are timed in "
         "budget_scaling.md).\n\n" + markdown_table(headers, table)
     )
-    write_results("fisher_precision", {"machine": machine(), "teachers": teachers, "rows": rows}, markdown, results_dir)
+    embedding_rows = embedding_rows or []
+    if embedding_rows:
+        lines = []
+        for r in embedding_rows:
+            dense = r["dense"]
+            for precision in ("float32", "bfloat16"):
+                got = r[precision]
+                lines.append(
+                    [
+                        r["model"],
+                        f"{r['fraction']:.0%}",
+                        precision,
+                        f"{got['sts_spearman'] * 100:.2f} ({got['sts_spearman'] / dense['sts_spearman'] * 100:.1f}%)",
+                        f"{got['ndcg@10'] * 100:.2f} ({got['ndcg@10'] / dense['ndcg@10'] * 100:.1f}%)",
+                        f"{got['prune_seconds']:.0f}",
+                    ]
+                )
+        markdown += (
+            "\n## Sentence-embedding model, label-free\n\n"
+            "Pruned as bench/embeddings.py prunes it (2,048 unlabelled calibration texts, probe Fisher, each layer's "
+            "Fisher scaled to sum 1), scored on its STS-B dev (Spearman of cosine) and SQuAD retrieval test (nDCG@10); "
+            "the float32 row is embeddings.md's, % of the dense model in brackets. Pruning seconds include the "
+            "model's loading.\n\n"
+            + markdown_table(["model", "FLOPs", "Fisher", "STS-B", "nDCG@10", "pruning s"], lines)
+        )
+    data = {"machine": machine(), "teachers": teachers, "rows": rows, "embedding_rows": embedding_rows}
+    write_results("fisher_precision", data, markdown, results_dir)
     print(markdown)
 
 
