@@ -98,15 +98,31 @@ def test_an_unreachable_target_speedup_is_a_clear_error(tiny_model_dir, sst2, tm
     assert not (tmp_path / "never").exists()
 
 
-def test_compress_with_kd_recovery_adds_the_recovered_stage(tiny_model_dir, sst2, tmp_path):
+def test_compress_with_kd_recovery_adds_the_recovered_stage(tiny_model_dir, sst2, tmp_path, monkeypatch):
+    import slimformer.api
+
+    seen = []
+    real_distill = slimformer.api.distill
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["distill_config"].masked_copies)
+        return real_distill(*args, **kwargs)
+
+    monkeypatch.setattr(slimformer.api, "distill", recording)
     config = slimformer.Compress(
-        budget_flops=0.5, recover="kd", epochs=1, calibration_examples=16, int8_calibration_examples=16
+        budget_flops=0.5,
+        recover="kd",
+        epochs=1,
+        masked_copies=1,
+        calibration_examples=16,
+        int8_calibration_examples=16,
     )
     result = slimformer.compress(
         tiny_model_dir, config, sst2, max_length=16, seq_len=16, rounds=1, progress=False, costs=False
     )
     names = [s["stage"] for s in result.report["details"]["stages"]]
     assert names == ["dense", "dense int8", "pruned", "pruned + kd", "pruned + kd int8"]
+    assert seen == [1]  # the masked copies reached the distillation
 
 
 @pytest.mark.parametrize(
@@ -117,6 +133,8 @@ def test_compress_with_kd_recovery_adds_the_recovered_stage(tiny_model_dir, sst2
         ({"target_speedup": 0.5}, "above 1"),
         ({"budget_flops": 1.5}, "fraction of FLOPs"),
         ({"budget_flops": 0.5, "recover": "magic"}, "Unknown recovery"),
+        ({"budget_flops": 0.5, "masked_copies": 2}, "needs --recover kd"),
+        ({"budget_flops": 0.5, "recover": "kd", "masked_copies": -1}, "masked-copies"),
         ({"budget_flops": 0.5, "runtime": "openvino", "mode": "dynamic"}, "no dynamic int8"),
         ({"budget_flops": 0.5, "runtime": "tensorrt"}, "Unknown runtime"),
     ],

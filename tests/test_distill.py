@@ -324,9 +324,12 @@ def test_cli_distill(teacher_dir, tmp_path):
         "--batch-size",
         "8",
     ]
-    result = runner.invoke(app, [*args, "--student", "drop:top:2", "--out", str(tmp_path / "s"), "--alpha", "0.9"])
+    options = ["--alpha", "0.9", "--masked-copies", "1", "--mask-rate", "0.3"]
+    result = runner.invoke(app, [*args, "--student", "drop:top:2", "--out", str(tmp_path / "s"), *options])
     assert result.exit_code == 0, result.output
     assert "(teacher)" in result.output and (tmp_path / "s" / "metrics.json").is_file()
+    settings = json.loads((tmp_path / "s" / "metrics.json").read_text())["details"]["distill"]
+    assert (settings["alpha"], settings["masked_copies"], settings["mask_rate"]) == (0.9, 1, 0.3)
     with pytest.raises(SlimformerError, match="not understood"):
         runner.invoke(
             app, [*args, "--student", "drop:sideways:2", "--out", str(tmp_path / "t")], catch_exceptions=False
@@ -349,3 +352,63 @@ def test_sample_limits_apply_to_task_data_the_caller_loaded(teacher_dir, tmp_pat
     distill(teacher, "every:2", full, tmp_path / "student", config=config)
     saved = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert saved["details"]["train"]["samples"] == 10
+
+
+def test_masked_copies_mask_only_ordinary_tokens_and_are_the_same_on_every_run(teacher_dir):
+    from datasets import Dataset
+
+    teacher, _ = teacher_dir
+    tokenizer = load_model(teacher, "sst2").tokenizer
+    encoded = tokenizer(["a quiet , moving film", "dull", "the plot never quite comes together at all"])
+    rows = Dataset.from_dict({**encoded, "labels": [1, 0, 0]})
+    both = distill_pipeline.with_masked_copies(rows, tokenizer, copies=2, rate=0.5, seed=3)
+    assert len(both) == 9 and both.column_names == rows.column_names
+    assert list(both["labels"]) == [1, 0, 0] * 3
+    assert list(both["attention_mask"]) == list(rows["attention_mask"]) * 3
+    assert both[:3]["input_ids"] == list(rows["input_ids"])  # the originals come first, unchanged
+    special = set(tokenizer.all_special_ids) - {tokenizer.mask_token_id}
+    masked = 0
+    for index in range(3, 9):
+        original, copy = rows[index % 3]["input_ids"], both[index]["input_ids"]
+        assert len(copy) == len(original)
+        for before, after in zip(original, copy, strict=True):
+            assert after in (before, tokenizer.mask_token_id)
+            if before in special:
+                assert after == before  # [CLS] and [SEP] are never masked
+            masked += after != before
+    ordinary = sum(len(r) - 2 for r in list(rows["input_ids"])) * 2
+    assert 0.2 * ordinary < masked < 0.8 * ordinary  # about half at rate 0.5 (28 tokens: a loose bound)
+    again = distill_pipeline.with_masked_copies(rows, tokenizer, copies=2, rate=0.5, seed=3)
+    assert list(again["input_ids"]) == list(both["input_ids"])  # seeded: the cached teacher logits still apply
+    assert distill_pipeline.with_masked_copies(rows, tokenizer, copies=0, rate=0.5, seed=3) is rows
+    with pytest.raises(SlimformerError, match="masked_copies"):
+        DistillConfig(masked_copies=-1).check()
+    with pytest.raises(SlimformerError, match="mask_rate"):
+        DistillConfig(mask_rate=1.0).check()
+
+
+def test_distillation_with_masked_copies_trains_on_them(teacher_dir, tmp_path, monkeypatch):
+    teacher, glue = teacher_dir
+    seen = []
+    real = distill_pipeline.teacher_logits
+
+    def recording(teacher_model, tokenizer, dataset, **kwargs):
+        seen.append(len(dataset))
+        return real(teacher_model, tokenizer, dataset, **kwargs)
+
+    monkeypatch.setattr(distill_pipeline, "teacher_logits", recording)
+    plain = distill(teacher, "every:2", "sst2", tmp_path / "plain", data_dir=glue, config=QUICK)
+    result = distill(
+        teacher,
+        "every:2",
+        "sst2",
+        tmp_path / "masked",
+        data_dir=glue,
+        config=QUICK,
+        distill_config=DistillConfig(masked_copies=2),
+    )
+    assert seen[1] == 3 * seen[0]  # the teacher labelled the originals and both masked copies
+    saved = json.loads((tmp_path / "masked" / "metrics.json").read_text())["details"]
+    assert saved["distill"]["training_rows"] == 3 * plain.metrics["details"]["distill"]["training_rows"]
+    assert saved["train"]["steps"] == pytest.approx(3 * plain.metrics["details"]["train"]["steps"], abs=2)
+    assert result.score is not None

@@ -155,6 +155,14 @@ def distill(
             "teacher's averaged prediction (Delobelle & Berendt 2022)."
         ),
     ] = False,
+    masked_copies: Annotated[
+        int,
+        typer.Option(
+            help="Data augmentation: each training text also seen N times with --mask-rate of its tokens masked, "
+            "taught the teacher's predictions on them (TinyBERT-style; 0: off)."
+        ),
+    ] = 0,
+    mask_rate: Annotated[float, typer.Option(help="Share of tokens masked in each --masked-copies copy.")] = 0.15,
     calibration_file: CalibrationFileOpt = None,
     max_length: MaxLengthOpt = 128,
     batch_size: BatchSizeOpt = 32,
@@ -189,6 +197,8 @@ def distill(
         layer_map=layer_map,
         cache_teacher=cache_teacher,
         counterfactual=counterfactual,
+        masked_copies=masked_copies,
+        mask_rate=mask_rate,
     )
     result = run_distill(
         teacher, student, data, out, config=config, distill_config=settings, resume=resume, overwrite=overwrite
@@ -689,6 +699,9 @@ def compress(
     mode: Annotated[str | None, typer.Option(help="int8 mode (default: the runtime's default).")] = None,
     recover: Annotated[str | None, typer.Option(help="Recovery after pruning: kd or finetune.")] = None,
     epochs: Annotated[float, typer.Option(help="Recovery epochs.")] = 1.0,
+    masked_copies: Annotated[
+        int, typer.Option(help="With --recover kd: masked copies of each training text in the distillation.")
+    ] = 0,
     calibration_examples: Annotated[int, typer.Option(help="Examples the budget pruner calibrates on.")] = 2048,
     calibration_file: CalibrationFileOpt = None,
     max_attempts: Annotated[int, typer.Option(help="Pruning attempts while the measured speedup falls short.")] = 3,
@@ -718,6 +731,7 @@ def compress(
         mode=mode,
         recover=recover,
         epochs=epochs,
+        masked_copies=masked_copies,
         calibration_examples=calibration_examples,
         max_attempts=max_attempts,
         seed=seed,

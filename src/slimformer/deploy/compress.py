@@ -47,6 +47,9 @@ class Compress:
     mode: str | None = None
     recover: str | None = None
     epochs: float = 1.0
+    masked_copies: int = 0
+    """With ``recover="kd"``: masked copies of the training texts in the distillation
+    (:attr:`slimformer.distill.DistillConfig.masked_copies`)."""
     calibration_examples: int = 2048
     int8_calibration_examples: int = 256
     max_attempts: int = 3
@@ -65,6 +68,8 @@ class Compress:
             raise ConfigError(f"Unknown recovery {self.recover!r}; choose one of: {', '.join(RECOVERIES)}.")
         if self.max_attempts < 1 or self.epochs <= 0:
             raise ConfigError("max_attempts must be at least 1 and epochs positive.")
+        if self.masked_copies < 0 or (self.masked_copies and self.recover != "kd"):
+            raise ConfigError("--masked-copies is a count (>= 0) of the distillation's copies: it needs --recover kd.")
         self.quantize_config()  # refuses an unknown runtime or mode now, not after pruning
 
     def quantize_config(self):
@@ -292,6 +297,7 @@ def _pruned(loaded, task, budget, max_length: int):
 def _recovered(loaded, pruned, tokenizer, task, config: Compress, work: Path, progress: bool):
     """The pruned model after logit distillation from the dense one (``kd``) or plain fine-tuning."""
     from slimformer.api import distill, finetune, save
+    from slimformer.distill import DistillConfig
     from slimformer.models import load_model
     from slimformer.train import TrainConfig
 
@@ -300,7 +306,10 @@ def _recovered(loaded, pruned, tokenizer, task, config: Compress, work: Path, pr
     save(pruned, student_dir, tokenizer=tokenizer, task=task)
     train = TrainConfig(epochs=config.epochs, seed=config.seed)
     if config.recover == "kd":
-        result = distill(teacher_dir, student_dir, work / "recovered", task, config=train, progress=progress)
+        settings = DistillConfig(masked_copies=config.masked_copies)
+        result = distill(
+            teacher_dir, student_dir, work / "recovered", task, config=train, distill_config=settings, progress=progress
+        )
     else:
         result = finetune(student_dir, task, work / "recovered", config=train)
     return load_model(result.out_dir, task.spec).model.eval()

@@ -95,6 +95,12 @@ class DistillConfig:
     """The counterfactual copies also exchange common first names (john <-> mary, ...; Maudslay et al. 2019), not
     only gendered words (off by default: in debiasing pruning it did not shrink the EEC gap,
     bench/results/fairness.md)."""
+    masked_copies: int = 0
+    """Data augmentation (TinyBERT, Jiao et al. 2020, §3.3, with the tokenizer's mask token in place of their word
+    replacement): every training text is also seen this many times with ``mask_rate`` of its tokens masked, and the
+    student learns the teacher's predictions on those copies too. A teacher fine-tuned to convergence is nearly
+    certain on its own training texts, so they show little of how it behaves on new ones; masked copies do."""
+    mask_rate: float = 0.15
 
     def check(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -103,6 +109,10 @@ class DistillConfig:
             raise SlimformerError(f"temperature must be > 0, not {self.temperature}.")
         if self.hidden_weight < 0 or self.attention_weight < 0:
             raise SlimformerError("hidden_weight and attention_weight must be >= 0.")
+        if self.masked_copies < 0:
+            raise SlimformerError(f"masked_copies must be >= 0, not {self.masked_copies}.")
+        if not 0.0 < self.mask_rate < 1.0:
+            raise SlimformerError(f"mask_rate is the share of tokens masked, in (0, 1); got {self.mask_rate}.")
 
     @property
     def needs_layers(self) -> bool:
@@ -392,6 +402,36 @@ def with_counterfactuals(
     return both.add_column(TEACHER_LOGITS, [row.tolist() for row in all_targets]), len(changed)
 
 
+# ------------------------------------------------------------------------------------------ data augmentation
+
+
+def with_masked_copies(train_set: Dataset, tokenizer: Any, copies: int, rate: float, seed: int) -> Dataset:
+    """``train_set`` followed by ``copies`` copies of every row in which each ordinary token (not [CLS], [SEP] or
+    padding) is replaced by the mask token with probability ``rate`` (seeded: the same copies on every run, so the
+    teacher's cached logits apply). Labels are kept: masking a few tokens rarely changes the answer, and the
+    distillation targets come from the teacher on the masked text itself."""
+    if copies == 0:
+        return train_set
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        raise SlimformerError(
+            "--masked-copies needs a tokenizer with a mask token; this one has none. Leave --masked-copies at 0."
+        )
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    ids = train_set["input_ids"]
+    parts = [train_set]
+    for _ in range(copies):
+        masked = []
+        for row in ids:
+            row = torch.as_tensor(row, dtype=torch.long)
+            chosen = (torch.rand(row.shape, generator=generator) < rate) & ~torch.isin(row, special)
+            masked.append(torch.where(chosen, torch.tensor(mask_id), row).tolist())
+        copy = train_set.remove_columns("input_ids").add_column("input_ids", masked)
+        parts.append(copy.select_columns(train_set.column_names).cast(train_set.features))
+    return concatenate_datasets(parts)
+
+
 # ------------------------------------------------------------------------------------------------ the whole run
 
 
@@ -499,6 +539,7 @@ def distill(
         seconds["evaluate_before"] = round(time.perf_counter() - phase, 2)
 
     train_set = tokenized["train"].select_columns([c for c in MODEL_INPUTS if c in tokenized["train"].column_names])
+    train_set = with_masked_copies(train_set, tokenizer, settings.masked_copies, settings.mask_rate, config.seed)
     use_cache = settings.cache_teacher and not settings.needs_layers and settings.alpha > 0
     phase = time.perf_counter()
     counterfactual_copies = None
@@ -563,6 +604,7 @@ def distill(
                 **asdict(settings),
                 "layer_pairs": pairs,
                 "teacher_logits_cached": use_cache,
+                "training_rows": len(train_set),  # with masked and counterfactual copies
                 **({"counterfactual_copies": counterfactual_copies} if settings.counterfactual else {}),
             },
         },
@@ -590,4 +632,5 @@ __all__ = [
     "layer_mapping",
     "teacher_logits",
     "with_counterfactuals",
+    "with_masked_copies",
 ]
