@@ -2,7 +2,8 @@
 samples: is it the Fisher estimate, the refit's ridge, the calibration data, or the limit of a layer-wise refit?
 
 Same task and teacher as bench/many_class.py. Each diagnosis changes one thing and runs with calibration seeds 0, 1
-and 2; the table gives the mean accuracy change against the teacher and the spread over seeds:
+and 2 by default (the table gives how many ran: the clearly-worse variants were left at one); the table gives the
+mean accuracy change against the teacher and the spread over seeds:
 
 - ``fisher: temperature 2``: the Fisher's loss is the cross-entropy of logits / 2 (times 2), so that the
   training examples the converged teacher is sure of (mean top probability 0.996 on its training questions, 100%
@@ -242,8 +243,8 @@ def write(rows: list[dict], teacher: dict, results_dir: Path, agreed: dict | Non
         f"SQuAD v1.1 dev questions labelled by article (48 classes), MiniLM-L6 teacher dev accuracy "
         f"{teacher['score'] * 100:.2f} (converged, best epoch {teacher['best_epoch']}; 100% on its training "
         "questions). Accuracy change against the teacher, mean ± standard deviation over calibration seeds "
-        "(n runs); retraining-free budget pruning with one thing changed per row (bench/many_class_diagnosis.py "
-        "says what each row does). 2 threads.\n\n"
+        "(n runs); budget pruning with one thing changed per row, retraining-free except the KD rows "
+        "(bench/many_class_diagnosis.py says what each row does). 2 threads.\n\n"
         + markdown_table(["diagnosis", *[f"{f:.0%} FLOPs" for f in fractions]], table)
     )
     if agreed:
