@@ -33,8 +33,9 @@ import json
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -67,13 +68,10 @@ def probe_loss(logits: torch.Tensor, probe: torch.Tensor, reduction: str) -> tor
     return total if reduction == "sum" else total / logits.shape[0]
 
 
-@contextmanager
 def fisher_loss(kind: str | None):
     """The Fisher's loss replaced for the run (slimformer.gradients.task_loss is what gate_gradients calls)."""
     if kind is None:
-        yield
-        return
-    original = gradients_module.task_loss
+        return nullcontext()
     generator = torch.Generator().manual_seed(0)
 
     def loss(logits, labels, regression, reduction="mean"):
@@ -87,24 +85,15 @@ def fisher_loss(kind: str | None):
             probe = root - p * root.sum(-1, keepdim=True)
         return probe_loss(logits, probe, reduction)
 
-    gradients_module.task_loss = loss
-    try:
-        yield
-    finally:
-        gradients_module.task_loss = original
+    return mock.patch.object(gradients_module, "task_loss", loss)
 
 
-@contextmanager
 def refit_damping(damping: float | None):
+    """The refit's ridge strength replaced for the run."""
     if damping is None:
-        yield
-        return
-    original = budget_method.reconstruct_weights
-    budget_method.reconstruct_weights = functools.partial(original, damping=damping)
-    try:
-        yield
-    finally:
-        budget_method.reconstruct_weights = original
+        return nullcontext()
+    patched = functools.partial(budget_method.reconstruct_weights, damping=damping)
+    return mock.patch.object(budget_method, "reconstruct_weights", patched)
 
 
 def run(diagnosis: str, fraction: float, seed: int, data, dev_data) -> dict:
