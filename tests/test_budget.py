@@ -550,9 +550,10 @@ def test_refit_runs_every_layer_the_same_number_of_times():
         reconstruct_weights(model, plan, batches(2), progress=False)
     finally:
         handle.remove()
-    # per batch: the dense layer once and the pruned layer (its pruned units removed) up to each of its two
-    # projections; the pruned layer's output comes from what its FFN step saw, not from a third pass
-    assert dense_calls == [2] * 5 and pruned_calls == [2 * 2] * 5
+    # per batch: the dense layer once and the pruned layer's attention (its pruned heads removed) once: the FFN step
+    # computes the FFN from the contexts the attention step saw, and the layer's output comes from what the FFN step
+    # saw, not from further passes
+    assert dense_calls == [2] * 5 and pruned_calls == [2] * 5
 
 
 def test_max_memory_is_a_human_size_or_a_clear_error():
@@ -842,9 +843,9 @@ def test_kept_layer_arguments_spare_the_embeddings_and_change_no_weight(family, 
         weights[room], passes[room] = projection_weights(model), len(calls)
     n_layers = len(layer_views(dense))
     # kept: one embedding pass per batch (the streams' start); recomputed: also one per batch for each layer's dense
-    # pass and each of its two sub-layer steps
+    # pass and its attention step (the FFN step runs no layer: it starts from the contexts the attention step saw)
     assert passes[stream.LAYER_CALLS_CACHE_BYTES] == len(data)
-    assert passes[0] == len(data) * (1 + 3 * n_layers)
+    assert passes[0] == len(data) * (1 + 2 * n_layers)
     for got, expected in zip(weights[stream.LAYER_CALLS_CACHE_BYTES], weights[0], strict=True):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
@@ -862,6 +863,19 @@ def test_fisher_precision_resolves_to_bfloat16_only_for_float32_models(monkeypat
     assert fisher.native_bfloat16(torch.device("meta")) is False  # only CPUs and CUDA GPUs are asked
     with pytest.raises(ConfigError, match="fisher_precision"):
         slimformer.FlopsBudget(0.5, fisher_precision="float16")
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_bfloat16_fisher_runs_eager_attention_and_gives_the_implementation_back(family):
+    model = tiny_model(family)
+    before = model.config._attn_implementation
+    seen: list[str] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
+    collect_mask_gradients(model, batches(2), progress=False)
+    assert set(seen) == {before}  # float32 passes keep the model's own attention
+    seen.clear()
+    collect_mask_gradients(model, batches(2), autocast=torch.bfloat16, progress=False)
+    assert set(seen) == {"eager"} and model.config._attn_implementation == before
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))

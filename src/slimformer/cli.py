@@ -556,8 +556,8 @@ def prune(
     fisher_precision: Annotated[
         str,
         typer.Option(
-            help="Budget pruning: arithmetic of the Fisher's passes: float32, bfloat16 (autocast; measured 2-43% "
-            "less Fisher time where the CPU has AVX512-BF16, more on larger models) or auto (bfloat16 where the "
+            help="Budget pruning: arithmetic of the Fisher's passes: float32, bfloat16 (autocast; measured 43-50% "
+            "less Fisher time where the CPU has AVX512-BF16) or auto (bfloat16 where the "
             "hardware has it)."
         ),
     ] = "float32",

@@ -328,8 +328,8 @@ class _Budget(PruneConfig):
     # neighbours are gone, and one diagonal estimate from the dense model cannot see that
     steps: int = 1
     # the arithmetic of the Fisher's forward and backward passes on a float32 model: "bfloat16" runs them under
-    # autocast (2-25% less Fisher time on MiniLM-L6, 43% on all-mpnet-base-v2, on a CPU with native bfloat16 dot
-    # products; bench/results/budget_scaling.md); "auto" chooses bfloat16 where the processor has them (see
+    # autocast (about half the Fisher time on MiniLM-L6, 43% less on all-mpnet-base-v2, on a CPU with native
+    # bfloat16 dot products; bench/results/budget_scaling.md); "auto" chooses bfloat16 where the processor has them (see
     # slimformer.budget.fisher.fisher_autocast); what it costs in score: bench/results/fisher_precision.md
     fisher_precision: str = "float32"
 

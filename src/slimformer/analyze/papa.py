@@ -57,7 +57,7 @@ from slimformer.arch import layer_views
 from slimformer.evaluation import Evaluator
 from slimformer.gradients import model_inputs
 from slimformer.importance import importance_sample
-from slimformer.models import LoadedModel, load_model
+from slimformer.models import LoadedModel, eager_attention, load_model
 from slimformer.tasks import TaskData, tokenize_task
 
 PRESETS = ("none", "first-half", "last-half", "all")
@@ -80,20 +80,6 @@ class AttentionPatterns:
     @property
     def max_length(self) -> int:
         return int(self.counts.shape[0])
-
-
-@contextmanager
-def eager_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Switch the model to the eager attention implementation (which returns probabilities) for the block."""
-    previous = model.config._attn_implementation
-    switch = previous != "eager" and model._can_set_attn_implementation()
-    if switch:
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if switch:
-            model.set_attn_implementation(previous)
 
 
 @contextmanager

@@ -48,6 +48,9 @@ class ArchSpec:
     # task head's linear layers that read the final stream (relative to the task model).
     attn_norm: str = "attention.output.LayerNorm"
     ffn_norm: str = "output.LayerNorm"
+    # the FFN's activation module (between ``ffn_up`` and ``ffn_down``), relative to a layer: with the two norms, what
+    # the refit needs to compute a layer's FFN from its attention contexts without running the attention again
+    ffn_act: str = "intermediate.intermediate_act_fn"
     stream_entry: tuple[str, ...] = ("embeddings.LayerNorm",)
     head_inputs: tuple[str, ...] = ("classifier.dense",)
     # The sequence-classification head reads only the first token's final state (BERT's pooler, the [CLS] /

@@ -16,6 +16,7 @@ SPEC = ArchSpec(
     classifier=("pre_classifier", "classifier"),
     attn_norm="sa_layer_norm",
     ffn_norm="output_layer_norm",
+    ffn_act="ffn.activation",
     head_inputs=("pre_classifier",),
     heads_key="n_heads",
     ffn_key="hidden_dim",
