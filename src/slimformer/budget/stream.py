@@ -518,9 +518,10 @@ def walk_sublayers(
             elif recorded is not None:
                 targets = recorded.targets(view.index)
             common = (gates, calls, pruned, targets, with_targets)
-            yield view, "attention", _pruned_source(model, view, "attention", *common, contexts, first_token, trim)
+            steps = {"first_token": first_token, "trim": trim, "contexts": contexts}
+            yield view, "attention", _pruned_source(model, view, "attention", *common, **steps)
             targets["attention"].clear()  # the attention step is done: room for what the FFN step sees
-            yield view, "ffn", _pruned_source(model, view, "ffn", *common, ffn_seen, first_token, trim, contexts)
+            yield view, "ffn", _pruned_source(model, view, "ffn", *common, ffn_seen, **steps)
             targets["ffn"].clear()
             contexts.clear()
             _advance_pruned(model, view, gates, calls, pruned, ffn_seen)
@@ -732,15 +733,15 @@ def _pruned_source(
     pruned: ActivationStore,
     targets: dict,
     with_targets: bool,
-    seen_by_step: _FfnInputs | ActivationStore | None = None,
+    ffn_seen: _FfnInputs | None = None,
     first_token: bool = False,
     trim: Callable[[], None] = lambda: None,
     contexts: ActivationStore | None = None,
 ) -> Callable[[], Iterator[SublayerBatch]]:
-    """The calibration batches of one sub-layer step. What the step sees goes to ``seen_by_step``: the attention
-    step's kept heads' contexts (an :class:`ActivationStore`), the FFN step's inputs (:class:`_FfnInputs`). The FFN
-    step computes the layer's FFN from the attention step's ``contexts`` where it has them all, instead of running
-    the attention again (MiniLM-L6 on 2,048 STS-B pairs: refit 16 s instead of 21, bench/results/budget_scaling.md)."""
+    """The calibration batches of one sub-layer step. The attention step keeps the kept heads' contexts in
+    ``contexts``; the FFN step, where it has them all, computes the layer's FFN from them instead of running the
+    attention again (MiniLM-L6 on 2,048 STS-B pairs: refit 16 s instead of 21, bench/results/budget_scaling.md),
+    and keeps what it saw in ``ffn_seen``."""
     n_batches = len(calls.batches)
 
     def source() -> Iterator[SublayerBatch]:
@@ -749,8 +750,8 @@ def _pruned_source(
         twin = _pruned_twin(model, view, gates) if with_targets else None
         layer, runs = (view.layer, view) if twin is None else twin
         columns = None if twin is None else _unit_columns(view, part, gates)
-        ffn_seen = seen_by_step if part == "ffn" else None
-        replay = twin is not None and contexts is not None and len(contexts) == n_batches
+        keep_contexts = part == "attention" and twin is not None and contexts is not None
+        replay = part == "ffn" and twin is not None and contexts is not None and len(contexts) == n_batches
         if replay:
             spec = get_spec(model)
             attn_norm, act = resolve(layer, spec.attn_norm), resolve(layer, spec.ffn_act)
@@ -762,31 +763,23 @@ def _pruned_source(
                     seen["x"] = attn_norm(pruned[index] + runs.attn_out(contexts[index]))
                     seen["units"] = act(runs.ffn_up(seen["x"]))
                 contexts.discard(index)
-                ffn_seen.add(index, seen["x"], seen["units"], gates.neurons[view.index], kept_only=True)
-                trim()
-                yield SublayerBatch(
-                    x=_rows(seen["x"], valid, first_token),
-                    units=_rows(seen["units"], valid, first_token),
-                    target=targets[part][index] if with_targets else None,
-                    columns=columns,
-                )
-                continue
-            args, kwargs, valid = calls.arguments(index)
-            # capture hooks go in before the gates' hooks, so they see the un-gated contexts / activations
-            handles = [_capture(projection(runs, part), seen, "units", stop=True)]
-            if part == "ffn":
-                handles.append(_capture(runs.ffn_up, seen, "x"))
-            try:
-                with gated(model, gates) if twin is None else nullcontext():
-                    _run_layer(layer, pruned[index], args, kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
+            else:
+                args, kwargs, valid = calls.arguments(index)
+                # capture hooks go in before the gates' hooks, so they see the un-gated contexts / activations
+                handles = [_capture(projection(runs, part), seen, "units", stop=True)]
+                if part == "ffn":
+                    handles.append(_capture(runs.ffn_up, seen, "x"))
+                try:
+                    with gated(model, gates) if twin is None else nullcontext():
+                        _run_layer(layer, pruned[index], args, kwargs)
+                finally:
+                    for handle in handles:
+                        handle.remove()
             x = pruned[index] if part == "attention" else seen["x"]
             if ffn_seen is not None:
                 ffn_seen.add(index, x, seen["units"], gates.neurons[view.index], kept_only=twin is not None)
-            elif seen_by_step is not None and twin is not None:
-                seen_by_step[index] = seen["units"]
+            elif keep_contexts:
+                contexts[index] = seen["units"]
             trim()
             yield SublayerBatch(
                 x=_rows(x, valid, first_token),
