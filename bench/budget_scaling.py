@@ -213,7 +213,7 @@ def main() -> None:
     implementations = []  # (name, src, fisher_precision)
     for precision in [p.strip() for p in args.fisher_precision.split(",") if p.strip()]:
         name = "streamed" if precision == "float32" else f"streamed, {precision} Fisher"
-        implementations.append((name, ROOT / "src", None if precision == "float32" else precision))
+        implementations.append((name, ROOT / "src", precision))
     implementations += [(args.before_name, args.before.resolve(), None)] if args.before else []
     results_file = args.results_dir / "budget_scaling.json"
     rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []

@@ -16,7 +16,7 @@ from conftest import TINY_CONFIGS, tiny_inputs, tiny_model
 from reference_refit import reconstruct_weights as reference_reconstruct_weights
 from reference_refit import tune_masks as reference_tune_masks
 from slimformer.arch import get_spec, layer_views
-from slimformer.budget.fisher import collect_mask_gradients
+from slimformer.budget.fisher import collect_mask_gradients, native_bfloat16
 from slimformer.budget.latency_table import LatencyTable
 from slimformer.budget.method import plan_for_budget
 from slimformer.budget.search import UnitCosts, pruned_fisher, rearrange, rearrange_layer, search_masks
@@ -263,6 +263,8 @@ def test_budget_prune_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     reloaded = load_model(out)
     assert flops(reloaded.model, seq_len=16).encoder == models["after"]["encoder_flops"]
     assert "ZipLM" in details["description"] and len(details["tuning"]) == 4  # refit weights by default
+    # the default Fisher precision follows the processor: bfloat16 only where it multiplies it natively
+    assert details["fisher_precision"] == ("bfloat16" if native_bfloat16(torch.device("cpu")) else "float32")
     inputs = tiny_inputs(seed=2)
     inputs["input_ids"] = inputs["input_ids"] + 1000  # real word-piece ids of the MiniLM vocabulary
     with torch.no_grad():  # what was saved is the refit, pruned model

@@ -330,8 +330,9 @@ class _Budget(PruneConfig):
     # the arithmetic of the Fisher's forward and backward passes on a float32 model: "bfloat16" runs them under
     # autocast (about half the Fisher time on MiniLM-L6, 43% less on all-mpnet-base-v2, on a CPU with native
     # bfloat16 dot products; bench/results/budget_scaling.md); "auto" chooses bfloat16 where the processor has them (see
-    # slimformer.budget.fisher.fisher_autocast); what it costs in score: bench/results/fisher_precision.md
-    fisher_precision: str = "float32"
+    # slimformer.budget.fisher.fisher_autocast; the default: within the seeds' noise in score on SST-2 and STS-B at
+    # 50 / 40 / 30%, bench/results/fisher_precision.md); "float32" gives the same plan on every machine
+    fisher_precision: str = "auto"
 
     def check(self) -> None:
         parse_memory(self.max_memory)
