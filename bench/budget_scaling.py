@@ -317,7 +317,7 @@ def write(rows: list[dict], args) -> None:
         "during the Fisher's forward passes (no dense pass of its own; an eighth of the memory budget holds them in "
         "RAM, the rest is memory-mapped from disk); `before this stop (5d5256e)`: the same when the FFN step ran the "
         "layer's attention a second time, and its bfloat16 Fisher used PyTorch's SDPA attention (the mpnet rows "
-        "named `streamed` were measured with that version too); "
+        "`streamed` and `streamed, bfloat16 Fisher` were measured on fd83ac1, after this change, one run each); "
         "`streamed, recorded targets 1/4 in RAM`: the same with a quarter; `streamed, dense pass`: the same "
         "refit when it ran the dense layer beside the pruned one "
         "for its targets and the pruned layer at the dense layer's cost, with gates (slimformer 969deee); "
