@@ -688,6 +688,34 @@ def test_layer_scaled_fisher_spreads_the_budget_more_evenly_across_layers():
         slimformer.FlopsBudget(0.5, fisher_scale="per-head")
 
 
+def test_neuron_weight_trades_neurons_for_heads_within_the_same_flops():
+    from slimformer.budget.fisher import MaskGradients
+    from slimformer.budget.method import default_neuron_weight
+    from slimformer.embedding import SentenceEmbedder
+
+    model = tiny_model("bert")
+    generator = torch.Generator().manual_seed(1)
+    gradients = MaskGradients(
+        heads=[torch.rand(16, 4, generator=generator) for _ in range(2)],
+        neurons=[0.2 * torch.rand(16, 64, generator=generator) for _ in range(2)],
+    )
+    heads_kept, neurons_kept = {}, {}
+    for weight in (4.0, 1.0, 0.25):
+        plan, _ = plan_for_budget(model, gradients, budget_flops=0.5, seq_len=16, neuron_weight=weight)
+        assert flops(remove(copy.deepcopy(model), plan), seq_len=16).encoder <= 0.5 * flops(model, seq_len=16).encoder
+        heads_kept[weight], neurons_kept[weight] = sum(plan.result_layout().heads), sum(plan.result_layout().ffn)
+    assert heads_kept[4.0] < heads_kept[1.0] < heads_kept[0.25]
+    assert neurons_kept[4.0] > neurons_kept[1.0] > neurons_kept[0.25]
+    # the default: half for a sentence-embedding model refit by least squares, 1 for task models and other tunings
+    embedder = SentenceEmbedder(transformers.BertModel(model.config))
+    assert default_neuron_weight(embedder, slimformer.FlopsBudget(0.5)) == 0.5
+    assert default_neuron_weight(embedder, slimformer.FlopsBudget(0.5, tune="scales")) == 1.0
+    assert default_neuron_weight(model, slimformer.FlopsBudget(0.5)) == 1.0
+    for bad in (0.0, -1.0):
+        with pytest.raises(ConfigError, match="neuron_weight"):
+            slimformer.FlopsBudget(0.5, neuron_weight=bad)
+
+
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_silenced_units_give_the_outputs_of_the_model_they_are_removed_from(family):
     from slimformer.prune.apply import silence

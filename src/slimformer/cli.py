@@ -365,6 +365,7 @@ def _prune_config(options: dict):
         "max_memory": options["max_memory"],
         "refit_head": options["refit_head"],
         "fisher_scale": options["fisher_scale"],
+        "neuron_weight": options["neuron_weight"],
         "fisher_precision": options["fisher_precision"],
         "steps": options["budget_steps"],
     }
@@ -551,6 +552,13 @@ def prune(
             help="Budget pruning: 'global' (compare every unit's Fisher as it is) or 'layer' (scale each layer's "
             "Fisher to sum 1 first: a more even allocation). Default: layer for sentence-embedding models, global "
             "otherwise."
+        ),
+    ] = None,
+    neuron_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Budget pruning: the neurons' Fisher times this against the heads' in the search (below 1: more "
+            "heads and fewer neurons kept at the same FLOPs). Default: 0.5 for sentence-embedding models, 1 otherwise."
         ),
     ] = None,
     fisher_precision: Annotated[

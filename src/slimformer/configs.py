@@ -323,6 +323,13 @@ class _Budget(PruneConfig):
     # first (a more even allocation across layers); None: "layer" for sentence-embedding models, where it keeps
     # more of the embeddings (bench/results/embeddings.md), "global" for task models
     fisher_scale: str | None = None
+    # the neurons' Fisher is multiplied by this before the search (the heads' by 1): the least-squares refit recovers
+    # more of a pruned FFN's output than of a pruned attention's, which the Fisher of unrefitted masks cannot see, so
+    # below 1 the plan keeps more heads and fewer neurons at the same FLOPs. None: 0.5 for sentence-embedding models
+    # with tune="weights" (all-MiniLM-L6-v2 at 50%, 3 calibration seeds: retrieval nDCG@10 +1.2, STS-B +0.2;
+    # bench/results/embedding_diagnosis.md), 1 otherwise (task models: SST-2 and STS-B within the seeds' noise,
+    # the 48-class task 0.65 lower at 50%; bench/results/head_neuron_balance.md)
+    neuron_weight: float | None = None
     # prune in this many rounds, the budget approached geometrically (0.5 in 2: 0.71 then 0.5), the Fisher measured
     # again on the pruned and refit model before each round: the importance of what is left changes once its
     # neighbours are gone, and one diagonal estimate from the dense model cannot see that
@@ -343,6 +350,10 @@ class _Budget(PruneConfig):
             )
         if self.fisher_scale not in (None, *FISHER_SCALES):
             raise ConfigError(f"Unknown fisher_scale {self.fisher_scale!r}: choose one of {', '.join(FISHER_SCALES)}.")
+        if self.neuron_weight is not None and not self.neuron_weight > 0:
+            raise ConfigError(
+                f"neuron_weight must be > 0 (it multiplies the neurons' Fisher), got {self.neuron_weight!r}."
+            )
         _fraction(f"the {self.method} fraction", self.fraction, low_open=True, what="of the dense model's cost to keep")
         if self.tune not in _TUNE_CHOICES:
             raise ConfigError(f"Unknown tune {self.tune!r}: choose one of {', '.join(_TUNE_CHOICES)}.")

@@ -1,0 +1,328 @@
+"""Why label-free budget pruning keeps STS-B but loses retrieval (issue 14): all-MiniLM-L6-v2 at one FLOPs budget,
+the same pipeline as bench/embeddings.py (probe Fisher of the embeddings, Kwon et al. 2022's search and
+rearrangement, layer-wise least-squares refit) with one thing changed per row:
+
+- ``fisher scale alpha``: each layer's head and neuron Fisher divided by the layer's total to the power alpha
+  before the search (1: the default for embedding models, each layer's Fisher summing to 1; 0: the global Fisher);
+- ``neuron Fisher x w``: the neurons' Fisher multiplied by w before the search (``FlopsBudget(neuron_weight=w)``;
+  0.5 became the default for embedding models from these rows): the refit recovers more of a pruned FFN's error
+  than of pruned attention's, which the Fisher of the unrefitted masks does not know;
+- ``calibration``: the default mix (half STS-B train sentences, 3/8 held-out SQuAD questions, 1/8 held-out
+  paragraphs), held-out SQuAD texts only (3/4 questions, 1/4 paragraphs: the retrieval domain, no STS-B), or twice
+  as many texts of the default mix.
+
+Each row reports STS-B dev Spearman, retrieval nDCG@10 on the held-out articles, and nDCG@10 with one side encoded
+by the dense model (pruned queries against dense passages, and the other way round), with the mean cosine between
+the pruned and dense embeddings of the queries and of the passages: which side of the search loses. The Fisher
+of one calibration set is measured once and shared by its rows. Rows already in the results file are kept.
+
+    PYTHONPATH=src:bench python bench/embedding_diagnosis.py --budget 0.5
+    PYTHONPATH=src:bench python bench/embedding_diagnosis.py --model mpnet --seeds 0 \
+        --rows "neuron weight 1|neuron Fisher x 0.5"
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from common import RESULTS, machine, markdown_table, write_results
+from embeddings import calibration_texts, model_source, split_articles, text_task
+from slimformer.budget.fisher import calibration_mask_gradients, fisher_autocast
+from slimformer.budget.method import fisher_loss, last_layer_rows
+from slimformer.budget.search import UnitCosts, rearrange, search_masks
+from slimformer.budget.tune import reconstruct_weights
+from slimformer.evaluation import PASSAGE_TOKENS, EmbeddingEvaluator, encode
+from slimformer.models import load_model
+from slimformer.prune.apply import remove
+from slimformer.prune.plan import Layout
+from slimformer.tasks import load_task
+from slimformer.tasks.metrics import retrieval_metrics, sts_metrics
+
+NAME = "embedding_diagnosis"
+# (row name, calibration, number of texts, fisher scale alpha, neuron Fisher weight, calibration seed)
+ROWS = [
+    ("neuron weight 1 (each layer's Fisher sums to 1; the default before)", "default", 2048, 1.0, 1.0, 0),
+    ("fisher scale alpha 0.75", "default", 2048, 0.75, 1.0, 0),
+    ("fisher scale alpha 0.5", "default", 2048, 0.5, 1.0, 0),
+    ("global Fisher (alpha 0)", "default", 2048, 0.0, 1.0, 0),
+    ("neuron Fisher x 0.5 (the default now)", "default", 2048, 1.0, 0.5, 0),
+    ("neuron Fisher x 0.25", "default", 2048, 1.0, 0.25, 0),
+    ("neuron Fisher x 2", "default", 2048, 1.0, 2.0, 0),
+    ("calibration: SQuAD texts only", "squad", 2048, 1.0, 1.0, 0),
+    ("calibration: 4,096 texts", "default", 4096, 1.0, 1.0, 0),
+    *[
+        (f"{name}, calibration seed {seed}", "default", 2048, 1.0, weight, seed)
+        for seed in (1, 2)
+        for name, weight in (("neuron weight 1", 1.0), ("neuron Fisher x 0.5 (the default now)", 0.5))
+    ],
+]
+
+
+def calibration_set(kind: str, n: int, sts, texts: dict[str, list[str]], seed: int = 0) -> list[str]:
+    if kind == "default":
+        return calibration_texts(sts, texts, n, seed=seed)
+    rng = np.random.default_rng(seed)
+    questions = [texts["questions"][i] for i in rng.permutation(len(texts["questions"]))[: 3 * n // 4]]
+    paragraphs = [texts["paragraphs"][i] for i in rng.permutation(len(texts["paragraphs"]))[: n - len(questions)]]
+    return questions + paragraphs
+
+
+def scaled(fisher: list[np.ndarray], totals: list[float], alpha: float) -> list[np.ndarray]:
+    return [f / total**alpha if total > 0 else f for f, total in zip(fisher, totals, strict=True)]
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(axis=1).mean())
+
+
+class Embeddings:
+    """Every text the scores need, encoded once per model."""
+
+    def __init__(self, tokenizer, sts, retrieval) -> None:
+        self.sts = EmbeddingEvaluator(tokenizer, sts)
+        self.retrieval = EmbeddingEvaluator(tokenizer, retrieval)
+
+    def __call__(self, model) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            first, second = (encode(model, *part) for part in self.sts.splits["dev"])
+            return {
+                "sts_a": first,
+                "sts_b": second,
+                "queries": encode(model, *self.retrieval.splits["dev"][0]),
+                "passages": encode(model, *self.retrieval.corpus),
+            }
+
+
+def scores(pruned: dict[str, np.ndarray], dense: dict[str, np.ndarray], gold_sts, relevant) -> dict:
+    def ndcg(queries, passages) -> float:
+        return retrieval_metrics(queries, passages, relevant)["ndcg@10"]
+
+    return {
+        "sts_spearman": sts_metrics(pruned["sts_a"], pruned["sts_b"], gold_sts)["spearman_cosine"],
+        "ndcg@10": ndcg(pruned["queries"], pruned["passages"]),
+        "ndcg@10 pruned queries": ndcg(pruned["queries"], dense["passages"]),
+        "ndcg@10 pruned passages": ndcg(dense["queries"], pruned["passages"]),
+        "cosine queries": mean_cosine(pruned["queries"], dense["queries"]),
+        "cosine passages": mean_cosine(pruned["passages"], dense["passages"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default="", help="only the rows whose names start with one of these (|-separated)")
+    parser.add_argument("--seeds", default="", help="only the rows of these calibration seeds (e.g. 0,1)")
+    parser.add_argument("--render", action="store_true", help="only write the markdown again from the JSON")
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="only time the model pruned with neuron weight 1 against 0.5 (and the dense model), interleaved",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = RESULTS / f"{NAME}.json"
+    done = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    if args.render:
+        write_results(NAME, done, render(done))
+        return
+    if args.latency:
+        done.setdefault("latency", {})[args.model] = neuron_weight_latency(args)
+        write_results(NAME, done, render(done))
+        return
+    rows = [r for r in done["rows"] if r["budget"] == args.budget and r["model"] == args.model]
+    finished = {r["row"] for r in rows}
+
+    sts = load_task("stsb-embed")
+    retrieval, texts = split_articles(load_task("squad-retrieval"))
+    dense = load_model(model_source(args.model), "stsb-embed")
+    model, tokenizer = dense.model, dense.tokenizer
+    embed = Embeddings(tokenizer, sts, retrieval)
+    gold_sts, relevant = embed.sts.gold["dev"], embed.retrieval.gold["dev"]
+    reference = embed(model)
+    dense_scores = scores(reference, reference, gold_sts, relevant)
+    layout = Layout.of(model)
+    costs = UnitCosts.flops(layout, 128)
+    gradients = {}
+    wanted = [prefix for prefix in args.rows.split("|") if prefix]
+    seeds = {int(seed) for seed in args.seeds.split(",") if seed}
+    for name, kind, n, alpha, neuron_weight, seed in ROWS:
+        if name in finished or (wanted and not any(name.startswith(prefix) for prefix in wanted)):
+            continue
+        if seeds and seed not in seeds:
+            continue
+        if (kind, n, seed) not in gradients:
+            calibration = text_task(sts, calibration_set(kind, n, sts, texts, seed), f"{kind} calibration texts")
+            gradients[(kind, n, seed)] = calibration_mask_gradients(
+                model,
+                tokenizer,
+                calibration,
+                n_examples=n,
+                batch_size=32,
+                max_length=PASSAGE_TOKENS,
+                seed=seed,
+                progress=True,
+                autocast=fisher_autocast(model, "auto"),
+            )
+        grads, sample = gradients[(kind, n, seed)]
+        heads, neurons = grads.head_fisher(), grads.neuron_fisher()
+        totals = [float(h.sum() + f.sum()) for h, f in zip(heads, neurons, strict=True)]
+        plan = search_masks(
+            layout,
+            scaled(heads, totals, alpha),
+            [neuron_weight * f for f in scaled(neurons, totals, alpha)],
+            args.budget,
+            costs,
+            model_type=model.config.model_type,
+        )
+        plan = rearrange(plan, grads.heads, grads.neurons)
+        pruned = copy.deepcopy(model)
+        started = time.perf_counter()
+        report = reconstruct_weights(pruned, plan, sample.batches, last_layer_rows=last_layer_rows(model))
+        refit_seconds = time.perf_counter() - started
+        remove(pruned, plan)
+        row = {
+            "row": name,
+            "model": args.model,
+            "budget": args.budget,
+            "calibration": kind,
+            "calibration_texts": n,
+            "calibration_seed": seed,
+            "fisher_scale_alpha": alpha,
+            "neuron_fisher_weight": neuron_weight,
+            "heads_per_layer": [len(k) for k in plan.kept_heads],
+            "neurons_per_layer": [len(k) for k in plan.kept_neurons],
+            "fisher_loss_estimate": fisher_loss(grads, plan),
+            "relative_error_tuned": [round(layer["relative_error_tuned"], 4) for layer in report.layers],
+            "refit_seconds": round(refit_seconds, 1),
+            **scores(embed(pruned), reference, gold_sts, relevant),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        others = [r for r in done["rows"] if not (r["budget"] == args.budget and r["model"] == args.model)]
+        done = {
+            **done,
+            "machine": machine(),
+            "dense": {**done.get("dense", {}), args.model: dense_scores},
+            "rows": others + rows,
+        }
+        write_results(NAME, done, render(done))
+    write_results(NAME, done, render(done))
+
+
+def neuron_weight_latency(args) -> dict:
+    """Milliseconds of the dense model and of the models pruned through the front door with neuron weight 1 and
+    0.5 (default calibration, seed 0), timed in one interleaved run at three shapes."""
+    import slimformer
+    from slimformer.report import interleaved_latency
+
+    sts = load_task("stsb-embed")
+    _, texts = split_articles(load_task("squad-retrieval"))
+    calibration = text_task(sts, calibration_texts(sts, texts, 2048), "calibration texts")
+    dense = load_model(model_source(args.model), "stsb-embed")
+    models = {"dense": dense.model}
+    for weight in (1.0, 0.5):
+        models[f"neuron weight {weight:g}"] = slimformer.prune(
+            copy.deepcopy(dense.model),
+            slimformer.FlopsBudget(args.budget, neuron_weight=weight),
+            calibration,
+            tokenizer=dense.tokenizer,
+            max_length=PASSAGE_TOKENS,
+            evaluate=False,
+            measure=False,
+            progress=False,
+        ).model
+    timings = {"threads": args.threads, "budget": args.budget}
+    for batch, length in ((32, 128), (1, 32), (32, 256)):
+        timed = interleaved_latency(models, batch_size=batch, seq_len=length, threads=args.threads, rounds=3, repeats=5)
+        timings[f"{batch}x{length}"] = {name: timed[name]["median_ms"] for name in models}
+        print(batch, length, timings[f"{batch}x{length}"], flush=True)
+    return timings
+
+
+def render(data: dict) -> str:
+    table = []
+    for r in data["rows"]:
+        base = data["dense"][r["model"]]
+        table.append(
+            [
+                r["model"],
+                f"{r['budget']:.0%}",
+                r["row"],
+                " ".join(str(h) for h in r["heads_per_layer"]),
+                " ".join(str(n) for n in r["neurons_per_layer"]),
+                f"{100 * r['sts_spearman']:.2f} ({100 * r['sts_spearman'] / base['sts_spearman']:.1f}%)",
+                f"{100 * r['ndcg@10']:.2f} ({100 * r['ndcg@10'] / base['ndcg@10']:.1f}%)",
+                f"{100 * r['ndcg@10 pruned queries']:.2f}",
+                f"{100 * r['ndcg@10 pruned passages']:.2f}",
+                f"{r['cosine queries']:.3f} / {r['cosine passages']:.3f}",
+            ]
+        )
+    summary = []
+    for model in data["dense"]:
+        for label, prefix in (("neuron weight 1", "neuron weight 1"), ("neuron weight 0.5", "neuron Fisher x 0.5")):
+            same = [r for r in data["rows"] if r["model"] == model and r["row"].startswith(prefix)]
+            if len(same) > 1:
+                sts = statistics.mean(100 * r["sts_spearman"] for r in same)
+                ndcg = statistics.mean(100 * r["ndcg@10"] for r in same)
+                heads = statistics.mean(sum(r["heads_per_layer"]) for r in same)
+                summary.append(
+                    f"{model}, {label}: STS-B {sts:.2f}, nDCG@10 {ndcg:.2f}, {heads:.0f} heads kept (mean of "
+                    f"{len(same)} calibration seeds)"
+                )
+    dense = "; ".join(
+        f"{m}: STS-B {100 * s['sts_spearman']:.2f}, nDCG@10 {100 * s['ndcg@10']:.2f}" for m, s in data["dense"].items()
+    )
+    return (
+        "# Why label-free budget pruning keeps STS-B but loses retrieval\n\n"
+        "Label-free budget pruning of the published sentence-transformers checkpoint (the dense model is the "
+        f"converged one: {dense}), one thing changed per row (bench/embedding_diagnosis.py says what each does); "
+        "retraining-free, one run per row (calibration seed 0 unless the row says), the data split of "
+        "bench/embeddings.py (retrieval: "
+        "held-out SQuAD articles' questions against their paragraphs; calibration texts from the other articles "
+        "and STS-B train). 'pruned queries': nDCG@10 of the pruned model's question embeddings against the dense "
+        "model's passage embeddings ('pruned passages' the other way round); 'cosine': mean cosine between the "
+        "pruned and dense embeddings of the questions / passages. Fisher precision: `auto` (bfloat16 on this "
+        "CPU).\n\n"
+        + markdown_table(
+            [
+                "model",
+                "FLOPs",
+                "row",
+                "heads per layer",
+                "neurons per layer",
+                "STS-B Spearman (% kept)",
+                "nDCG@10 (% kept)",
+                "pruned queries",
+                "pruned passages",
+                "cosine q / p",
+            ],
+            table,
+        )
+        + ("\nOver calibration seeds: " + "; ".join(summary) + ".\n" if summary else "")
+        + "".join(
+            f"\nLatency of {model} pruned to {timing['budget']:.0%} of the FLOPs, ms (median, one "
+            f"interleaved run, {timing['threads']} threads): "
+            + "; ".join(
+                f"{shape}: " + ", ".join(f"{name} {ms:.1f}" for name, ms in cells.items())
+                for shape, cells in timing.items()
+                if shape not in ("threads", "budget")
+            )
+            + ".\n"
+            for model, timing in data.get("latency", {}).items()
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
