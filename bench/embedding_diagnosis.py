@@ -7,6 +7,11 @@ rearrangement, layer-wise least-squares refit) with one thing changed per row:
 - ``neuron Fisher x w``: the neurons' Fisher multiplied by w before the search (``FlopsBudget(neuron_weight=w)``;
   0.5 became the default for embedding models from these rows): the refit recovers more of a pruned FFN's error
   than of pruned attention's, which the Fisher of the unrefitted masks does not know;
+- ``refit-aware``: each unit's Fisher multiplied by the fraction of its output that the least-squares refit could
+  not rebuild from the other units of its sub-layer (the optimal brain surgeon's saliency, Hassibi & Stork 1993, as
+  ZipLM uses it per structure: one over the unit's diagonal entry of the inverse Gram of the dense model's
+  activations, per head the Schur complement of its context block), per unit, its square root, or each layer's
+  mean per part (a data-driven neuron weight);
 - ``calibration``: the default mix (half STS-B train sentences, 3/8 held-out SQuAD questions, 1/8 held-out
   paragraphs), held-out SQuAD texts only (3/4 questions, 1/4 paragraphs: the retrieval domain, no STS-B), or twice
   as many texts of the default mix.
@@ -34,11 +39,13 @@ import torch
 
 from common import RESULTS, machine, markdown_table, write_results
 from embeddings import calibration_texts, model_source, split_articles, text_task
-from slimformer.budget.fisher import calibration_mask_gradients, fisher_autocast
+from slimformer.arch import layer_views
+from slimformer.budget.fisher import MaskGradients, calibration_mask_gradients, fisher_autocast
 from slimformer.budget.method import fisher_loss, last_layer_rows
 from slimformer.budget.search import UnitCosts, rearrange, search_masks
 from slimformer.budget.tune import reconstruct_weights
 from slimformer.evaluation import PASSAGE_TOKENS, EmbeddingEvaluator, encode
+from slimformer.gradients import model_inputs
 from slimformer.models import load_model
 from slimformer.prune.apply import remove
 from slimformer.prune.plan import Layout
@@ -46,7 +53,7 @@ from slimformer.tasks import load_task
 from slimformer.tasks.metrics import retrieval_metrics, sts_metrics
 
 NAME = "embedding_diagnosis"
-# (row name, calibration, number of texts, fisher scale alpha, neuron Fisher weight, calibration seed)
+# (row name, calibration, number of texts, fisher scale alpha, neuron Fisher weight, calibration seed[, saliency])
 ROWS = [
     ("neuron weight 1 (each layer's Fisher sums to 1; the default before)", "default", 2048, 1.0, 1.0, 0),
     ("fisher scale alpha 0.75", "default", 2048, 0.75, 1.0, 0),
@@ -62,6 +69,9 @@ ROWS = [
         for seed in (1, 2)
         for name, weight in (("neuron weight 1", 1.0), ("neuron Fisher x 0.5 (the default now)", 0.5))
     ],
+    ("refit-aware Fisher: x unexplained fraction per unit", "default", 2048, 1.0, 1.0, 0, "unit"),
+    ("refit-aware Fisher: x its square root", "default", 2048, 1.0, 1.0, 0, "sqrt"),
+    ("refit-aware Fisher: x its layer mean per part", "default", 2048, 1.0, 1.0, 0, "layer"),
 ]
 
 
@@ -76,6 +86,73 @@ def calibration_set(kind: str, n: int, sts, texts: dict[str, list[str]], seed: i
 
 def scaled(fisher: list[np.ndarray], totals: list[float], alpha: float) -> list[np.ndarray]:
     return [f / total**alpha if total > 0 else f for f, total in zip(fisher, totals, strict=True)]
+
+
+def activation_grams(model, batches) -> dict[str, list[torch.Tensor]]:
+    """Per layer, the Gram (float64) over all real tokens of the attention output projection's input (the heads'
+    contexts) and of the FFN down projection's input (the neurons' activations), a constant column appended: the
+    refit fits the bias too."""
+    views = layer_views(model)
+    grams: dict[str, list] = {"attention": [None] * len(views), "ffn": [None] * len(views)}
+    real_tokens = {}
+
+    def hook(index: int, part: str):
+        def record(module, args):
+            x = args[0][real_tokens["mask"]].double()
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+            previous = grams[part][index]
+            grams[part][index] = x.T @ x if previous is None else previous + x.T @ x
+
+        return record
+
+    handles = [v.attn_out.register_forward_pre_hook(hook(v.index, "attention")) for v in views]
+    handles += [v.ffn_down.register_forward_pre_hook(hook(v.index, "ffn")) for v in views]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                inputs = model_inputs(batch, torch.device("cpu"))
+                real_tokens["mask"] = inputs["attention_mask"].bool()
+                model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def unexplained_fractions(model, grams, damping: float = 1e-2) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per layer, each head's and each neuron's fraction of output energy outside the span of the other units'
+    (the refit's ridge, ``damping`` times the mean diagonal, included)."""
+    heads, neurons = [], []
+    for view in layer_views(model):
+        c = grams["attention"][view.index]
+        c = c + damping * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+        inverse = torch.linalg.inv(c)
+        weight = view.attn_out.weight.detach().double()
+        fractions = []
+        for h in range(view.num_heads):
+            block = slice(h * view.head_size, (h + 1) * view.head_size)
+            residual = torch.linalg.inv(inverse[block, block])  # the Schur complement: what the others cannot explain
+            w = weight[:, block]
+            fractions.append(float(torch.trace(w @ residual @ w.T) / torch.trace(w @ c[block, block] @ w.T)))
+        heads.append(np.array(fractions))
+        g = grams["ffn"][view.index]
+        g = g + damping * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
+        neurons.append((1.0 / (g.diagonal() * torch.linalg.inv(g).diagonal()))[:-1].numpy())
+    return heads, neurons
+
+
+def refit_aware(grads: MaskGradients, fractions, mode: str) -> MaskGradients:
+    """The gradients scaled so that every Fisher entry is multiplied by the unit's unexplained fraction (``unit``),
+    its square root (``sqrt``) or its layer's mean per part (``layer``)."""
+
+    def factor(f: np.ndarray) -> np.ndarray:
+        return {"unit": f, "sqrt": np.sqrt(f), "layer": np.full_like(f, f.mean())}[mode]
+
+    def scale(gradients, parts):
+        return [g * torch.tensor(np.sqrt(factor(f)), dtype=g.dtype) for g, f in zip(gradients, parts, strict=True)]
+
+    heads, neurons = fractions
+    return MaskGradients(heads=scale(grads.heads, heads), neurons=scale(grads.neurons, neurons))
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -156,7 +233,8 @@ def main() -> None:
     gradients = {}
     wanted = [prefix for prefix in args.rows.split("|") if prefix]
     seeds = {int(seed) for seed in args.seeds.split(",") if seed}
-    for name, kind, n, alpha, neuron_weight, seed in ROWS:
+    fractions = {}
+    for name, kind, n, alpha, neuron_weight, seed, *saliency in ROWS:
         if name in finished or (wanted and not any(name.startswith(prefix) for prefix in wanted)):
             continue
         if seeds and seed not in seeds:
@@ -175,6 +253,10 @@ def main() -> None:
                 autocast=fisher_autocast(model, "auto"),
             )
         grads, sample = gradients[(kind, n, seed)]
+        if saliency:
+            if (kind, n, seed) not in fractions:
+                fractions[(kind, n, seed)] = unexplained_fractions(model, activation_grams(model, sample.batches))
+            grads = refit_aware(grads, fractions[(kind, n, seed)], saliency[0])
         heads, neurons = grads.head_fisher(), grads.neuron_fisher()
         totals = [float(h.sum() + f.sum()) for h, f in zip(heads, neurons, strict=True)]
         plan = search_masks(
@@ -200,6 +282,7 @@ def main() -> None:
             "calibration_seed": seed,
             "fisher_scale_alpha": alpha,
             "neuron_fisher_weight": neuron_weight,
+            "refit_aware_saliency": saliency[0] if saliency else None,
             "heads_per_layer": [len(k) for k in plan.kept_heads],
             "neurons_per_layer": [len(k) for k in plan.kept_neurons],
             "fisher_loss_estimate": fisher_loss(grads, plan),

@@ -131,16 +131,18 @@ def pruned_folder(name: str, budget: float, args, fisher_scale: str = "layer") -
     return OUT / f"{name}-flops{budget:g}-cal{args.calibration}-{fisher_scale}"
 
 
-def distilled_variant(teacher: str, student: str, label: str, sts: TaskData, args) -> tuple[object, dict]:
-    """``student`` (a pruned folder, or a layer spec such as ``every:2``) trained to imitate ``teacher``'s
-    embeddings of the STS-B train sentences (cached)."""
+def distilled_variant(
+    teacher: str, student: str, label: str, sts: TaskData, args, epochs: float
+) -> tuple[object, dict]:
+    """``student`` (a pruned folder, or a layer spec such as ``every:2``) trained for ``epochs`` to imitate
+    ``teacher``'s embeddings of the distillation texts (cached)."""
     from slimformer.distill import distill
     from slimformer.train import TrainConfig
 
-    folder = OUT / f"{label}-kd{args.kd_epochs:g}ep"
+    folder = OUT / f"{label}-kd{epochs:g}ep"
     if not folder.is_dir():
         config = TrainConfig(
-            epochs=args.kd_epochs,
+            epochs=epochs,
             learning_rate=args.kd_lr,
             batch_size=32,
             max_length=PASSAGE_TOKENS,
@@ -180,10 +182,16 @@ def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) 
         student = pruned_folder(name, budget, args)
         if not student.is_dir():
             pruned_variant(name, source, budget, calibration, args)
-        variants[f"flops {budget:g} + KD"] = distilled_variant(source, str(student), student.name, training, args)
+        for epochs in args.kd_epochs:
+            variants[f"flops {budget:g} + KD{kd_suffix(epochs, args)}"] = distilled_variant(
+                source, str(student), student.name, training, args, epochs
+            )
     for spec in args.layer_students:
         label = f"{name}-{spec.replace(':', '')}"
-        variants[f"layers {spec} + KD"] = distilled_variant(source, spec, label, training, args)
+        for epochs in args.kd_epochs:
+            variants[f"layers {spec} + KD{kd_suffix(epochs, args)}"] = distilled_variant(
+                source, spec, label, training, args, epochs
+            )
     if args.int8:
         for label in list(variants):
             model = variants[label][0]
@@ -193,13 +201,15 @@ def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) 
     base_flops = flops(dense.model, seq_len=128).encoder
     for label, (model, report) in variants.items():
         source_model = variants[label.removesuffix(" + int8")][0]
+        pruned = bool(report) and report["command"] == "prune"
         row = {
             "model": name,
             "variant": label,
             "calibration_texts": args.calibration,
             "params": count_parameters(source_model).total,
             "encoder_flops_kept": flops(source_model, seq_len=128).encoder / base_flops,
-            "prune_seconds": report["seconds"]["total"] if report and report["command"] == "prune" else None,
+            "prune_seconds": report["seconds"]["total"] if pruned else None,
+            "neuron_weight": report["details"].get("neuron_weight") if pruned else None,
             "train_seconds": report["seconds"].get("train") if report and report["command"] == "distill" else None,
             **scores(model, dense.tokenizer, sts, retrieval),
         }
@@ -218,6 +228,15 @@ def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) 
         row["sts_kept"] = row["sts_spearman"] / dense_row["sts_spearman"]
         row["ndcg_kept"] = row["ndcg@10"] / dense_row["ndcg@10"]
     return rows
+
+
+def epochs_note(args) -> str:
+    return " or ".join(f"{e:g}" for e in args.kd_epochs)
+
+
+def kd_suffix(epochs: float, args) -> str:
+    """Rows name their distillation epochs only when several were run."""
+    return f" {epochs:g} ep" if len(args.kd_epochs) > 1 else ""
 
 
 def calibration_note(rows: list[dict]) -> str:
@@ -277,7 +296,7 @@ def main() -> None:
     )
     parser.add_argument("--kd-budgets", default="", help="FLOPs budgets also recovered by embedding distillation")
     parser.add_argument("--layer-students", default="", help="layer-reduction baselines with KD, e.g. every:2,every:3")
-    parser.add_argument("--kd-epochs", type=float, default=1.0)
+    parser.add_argument("--kd-epochs", default="1", help="distillation epochs, comma-separated: a row for each")
     parser.add_argument("--kd-lr", type=float, default=1e-4)
     parser.add_argument("--int8", action="store_true", help="also every variant as dynamic int8 on ONNX Runtime")
     parser.add_argument("--threads", type=int, default=2)
@@ -287,6 +306,7 @@ def main() -> None:
     args = parser.parse_args()
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
     args.kd_budgets = [float(b) for b in args.kd_budgets.split(",") if b]
+    args.kd_epochs = [float(e) for e in args.kd_epochs.split(",") if e]
     args.global_budgets = [float(b) for b in args.global_budgets.split(",") if b]
     args.layer_students = [spec for spec in args.layer_students.split(",") if spec]
     sts = load_task("stsb-embed")
@@ -316,9 +336,11 @@ def main() -> None:
         "Label-free budget pruning (`slimformer prune --task stsb-embed --budget-flops F`): probe Fisher of the "
         "head / neuron masks under the embedding-distillation objective, Kwon et al.'s mask search and "
         "rearrangement (each layer's Fisher scaled to sum 1, the default for embedding models; '(global Fisher)': "
-        "compared as it is), and the layer-wise least-squares refit to the dense model's own sub-layer outputs; no "
-        "labels, no training. '+ KD': then embedding distillation from the dense model (`slimformer distill "
-        f"--task stsb-embed`, squared embedding distance, {args.kd_epochs:g} epochs, lr {args.kd_lr:g}); "
+        "compared as it is; the neurons' Fisher weighed 0.5 against the heads', the default for embedding models "
+        "refit by least squares), and the layer-wise least-squares refit to the dense model's own sub-layer "
+        "outputs; no labels, no training. '+ KD': then embedding distillation from the dense model "
+        "(`slimformer distill --task stsb-embed`, squared embedding distance, "
+        f"{epochs_note(args)} epochs, lr {args.kd_lr:g}); "
         "'layers every:K + KD': the sentence-transformers baseline, every K-th layer kept, then the same "
         "distillation. '+ int8': dynamic int8 on ONNX Runtime, scored and timed through the runtime. Dense models: "
         "the published sentence-transformers checkpoints (all-MiniLM-L6-v2, all-mpnet-base-v2), used as they are."
