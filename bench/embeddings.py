@@ -178,19 +178,18 @@ def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) 
         variants[f"flops {budget:g} (global Fisher)"] = pruned_variant(
             name, source, budget, calibration, args, fisher_scale="global"
         )
+    students = []  # (row label, student for distill, cache label)
     for budget in args.kd_budgets:
-        student = pruned_folder(name, budget, args)
-        if not student.is_dir():
+        folder = pruned_folder(name, budget, args)
+        if not folder.is_dir():
             pruned_variant(name, source, budget, calibration, args)
+        students.append((f"flops {budget:g}", str(folder), folder.name))
+    students += [(f"layers {spec}", spec, f"{name}-{spec.replace(':', '')}") for spec in args.layer_students]
+    for row_label, student, cache_label in students:
         for epochs in args.kd_epochs:
-            variants[f"flops {budget:g} + KD{kd_suffix(epochs, args)}"] = distilled_variant(
-                source, str(student), student.name, training, args, epochs
-            )
-    for spec in args.layer_students:
-        label = f"{name}-{spec.replace(':', '')}"
-        for epochs in args.kd_epochs:
-            variants[f"layers {spec} + KD{kd_suffix(epochs, args)}"] = distilled_variant(
-                source, spec, label, training, args, epochs
+            suffix = f" {epochs:g} ep" if len(args.kd_epochs) > 1 else ""  # epochs named only when several ran
+            variants[f"{row_label} + KD{suffix}"] = distilled_variant(
+                source, student, cache_label, training, args, epochs
             )
     if args.int8:
         for label in list(variants):
@@ -232,11 +231,6 @@ def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) 
 
 def epochs_note(args) -> str:
     return " or ".join(f"{e:g}" for e in args.kd_epochs)
-
-
-def kd_suffix(epochs: float, args) -> str:
-    """Rows name their distillation epochs only when several were run."""
-    return f" {epochs:g} ep" if len(args.kd_epochs) > 1 else ""
 
 
 def calibration_note(rows: list[dict]) -> str:
