@@ -10,7 +10,7 @@ labels): ``--calibration`` texts, half STS-B train sentences, 3/8 held-out quest
 up to 256 tokens. Distillation (``--kd-budgets``, ``--layer-students``): the student imitates the dense model's
 embeddings of every STS-B train sentence and every held-out question and paragraph. No text scored is ever seen
 before. Models are cached under runs/bench/embeddings/ (rerunning resumes); latency is measured for all variants of
-a model, PyTorch and ONNX Runtime int8 alike, in one interleaved run.
+a model, PyTorch and int8 runtimes alike, in one interleaved run.
 
     PYTHONPATH=src:bench python bench/embeddings.py --models minilm-l6 --budgets 0.6,0.5,0.4,0.3
 """
@@ -154,18 +154,42 @@ def distilled_variant(
     return load_model(folder).model, report
 
 
-def int8_variant(model, label: str, sts: TaskData):
-    """Dynamic int8 on ONNX Runtime of ``model`` (cached), run by the runtime."""
+# int8 kinds: row suffix and quantization settings
+INT8_KINDS = {
+    "onnxruntime": (" + int8", {"runtime": "onnxruntime", "mode": "dynamic"}),
+    "onnxruntime-outliers": (" + int8 (fp32 outliers)", {"runtime": "onnxruntime", "mode": "dynamic"}),
+    "openvino": (" + int8 (OpenVINO)", {"runtime": "openvino", "mode": "static"}),
+}
+
+
+def int8_variant(model, tokenizer, label: str, kind: str, calibration: TaskData, args):
+    """int8 of ``model`` (cached), run by the runtime: dynamic on ONNX Runtime (``onnxruntime-outliers``: the
+    linear layers whose inputs' max / RMS exceeds ``--fp32-outliers`` on 256 calibration texts kept in fp32);
+    static on OpenVINO (NNCF, ranges from 256 calibration texts). Calibration texts are read up to 256 tokens, as
+    the passages are."""
     from slimformer.deploy.runtime import load_artifact_folder
 
-    folder = OUT / f"{label}-int8"
+    folder = OUT / (f"{label}-int8" if kind == "onnxruntime" else f"{label}-int8-{kind}")
+    if kind == "onnxruntime-outliers":
+        folder = folder.with_name(f"{folder.name}{args.fp32_outliers:g}")
     if not folder.is_dir():
-        slimformer.quantize(model, slimformer.Quantize(mode="dynamic"), sts, out=folder, evaluate=False,
-                            measure=False, progress=False)  # fmt: skip
+        settings = dict(INT8_KINDS[kind][1])
+        if kind == "onnxruntime-outliers":
+            settings["fp32_outlier_ratio"] = args.fp32_outliers
+        slimformer.quantize(model, slimformer.Quantize(**settings), calibration, out=folder, tokenizer=tokenizer,
+                            max_length=PASSAGE_TOKENS, evaluate=False, measure=False, progress=False)  # fmt: skip
     return load_artifact_folder(folder, threads=2).model
 
 
-def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) -> list[dict]:
+SCORE_FIELDS = ("sts_spearman", "ndcg@10", "recall@10", "mrr@10", "eval_seconds")
+
+
+def run_model(
+    name: str, args, sts: TaskData, retrieval: TaskData, texts: dict, previous: dict[str, dict] | None = None
+) -> list[dict]:
+    """Every variant of model ``name``: scored (or, with ``--reuse-scores``, its scores taken from ``previous``,
+    the last results' rows by variant: the models are cached, so their scores do not change) and timed."""
+    previous = previous or {}
     source = model_source(name)
     dense = load_model(source, "stsb-embed")
     calibration = text_task(sts, calibration_texts(sts, texts, args.calibration), "calibration texts")
@@ -191,15 +215,16 @@ def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) 
             variants[f"{row_label} + KD{suffix}"] = distilled_variant(
                 source, student, cache_label, training, args, epochs
             )
-    if args.int8:
-        for label in list(variants):
+    for kind in args.int8:
+        for label in [label for label in variants if " + int8" not in label]:
             model = variants[label][0]
             slug = f"{name}-{label.replace(' ', '').replace(':', '').replace('+', '-')}"
-            variants[f"{label} + int8"] = (int8_variant(model, slug, sts), variants[label][1])
+            int8 = int8_variant(model, dense.tokenizer, slug, kind, calibration, args)
+            variants[label + INT8_KINDS[kind][0]] = (int8, variants[label][1])
     rows = []
     base_flops = flops(dense.model, seq_len=128).encoder
     for label, (model, report) in variants.items():
-        source_model = variants[label.removesuffix(" + int8")][0]
+        source_model = variants[label.split(" + int8")[0]][0]
         pruned = bool(report) and report["command"] == "prune"
         row = {
             "model": name,
@@ -210,8 +235,14 @@ def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) 
             "prune_seconds": report["seconds"]["total"] if pruned else None,
             "neuron_weight": report["details"].get("neuron_weight") if pruned else None,
             "train_seconds": report["seconds"].get("train") if report and report["command"] == "distill" else None,
-            **scores(model, dense.tokenizer, sts, retrieval),
         }
+        if label.endswith(INT8_KINDS["onnxruntime-outliers"][0]):
+            row["fp32_outlier_ratio"] = args.fp32_outliers
+        earlier = previous.get(label, {})
+        if args.reuse_scores and earlier and earlier.get("fp32_outlier_ratio") == row.get("fp32_outlier_ratio"):
+            row.update({field: earlier[field] for field in SCORE_FIELDS if field in earlier})
+        else:
+            row.update(scores(model, dense.tokenizer, sts, retrieval))
         print(json.dumps(row), flush=True)
         rows.append(row)
     models = {label: model for label, (model, _) in variants.items()}
@@ -229,8 +260,13 @@ def run_model(name: str, args, sts: TaskData, retrieval: TaskData, texts: dict) 
     return rows
 
 
-def epochs_note(args) -> str:
-    return " or ".join(f"{e:g}" for e in args.kd_epochs)
+def epochs_note(args, rows: list[dict]) -> str:
+    """The distillation epochs the rows name (a run with several names them in its labels, "KD 3 ep"), else this
+    run's."""
+    import re
+
+    named = sorted({float(m.group(1)) for r in rows if (m := re.search(r"KD (\d+(?:\.\d+)?) ep", r["variant"]))})
+    return " or ".join(f"{e:g}" for e in (named or args.kd_epochs))
 
 
 def calibration_note(rows: list[dict]) -> str:
@@ -242,8 +278,8 @@ def calibration_note(rows: list[dict]) -> str:
 
 
 def _series(variant: str) -> str:
-    """Which curve a variant belongs to: the kind of model, fp32 (PyTorch) or int8 (ONNX Runtime)."""
-    runtime = " int8" if variant.endswith("+ int8") else ""
+    """Which curve a variant belongs to: the kind of model, fp32 (PyTorch) or int8 (ONNX Runtime or OpenVINO)."""
+    runtime = " int8" + variant.split(" + int8", 1)[1] if " + int8" in variant else ""
     if variant.startswith("dense"):
         return "dense" + runtime
     if variant.startswith("layers"):
@@ -292,7 +328,22 @@ def main() -> None:
     parser.add_argument("--layer-students", default="", help="layer-reduction baselines with KD, e.g. every:2,every:3")
     parser.add_argument("--kd-epochs", default="1", help="distillation epochs, comma-separated: a row for each")
     parser.add_argument("--kd-lr", type=float, default=1e-4)
-    parser.add_argument("--int8", action="store_true", help="also every variant as dynamic int8 on ONNX Runtime")
+    parser.add_argument(
+        "--int8",
+        nargs="?",
+        const="onnxruntime",
+        default="",
+        help="also every variant as int8 of these kinds (comma-separated; alone: onnxruntime, dynamic; "
+        "onnxruntime-outliers: dynamic, outlier inputs kept fp32; openvino: static, NNCF)",
+    )
+    parser.add_argument(
+        "--fp32-outliers", type=float, default=100.0, help="max / RMS above which onnxruntime-outliers keeps fp32"
+    )
+    parser.add_argument(
+        "--reuse-scores",
+        action="store_true",
+        help="keep the scores of variants already in the results file (cached models) and only time them again",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
@@ -303,6 +354,9 @@ def main() -> None:
     args.kd_epochs = [float(e) for e in args.kd_epochs.split(",") if e]
     args.global_budgets = [float(b) for b in args.global_budgets.split(",") if b]
     args.layer_students = [spec for spec in args.layer_students.split(",") if spec]
+    args.int8 = [runtime for runtime in args.int8.split(",") if runtime]
+    if unknown := set(args.int8) - set(INT8_KINDS):
+        parser.error(f"--int8: unknown kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(INT8_KINDS)}")
     sts = load_task("stsb-embed")
     retrieval, texts = split_articles(load_task("squad-retrieval"))
     previous_file = args.results_dir / "embeddings.json"
@@ -310,7 +364,8 @@ def main() -> None:
     previous = json.loads(previous_file.read_text()) if previous_file.is_file() else {}
     rows = [r for r in previous.get("rows", []) if r["model"] not in models]
     for name in models:
-        rows += run_model(name, args, sts, retrieval, texts)
+        earlier = {r["variant"]: r for r in previous.get("rows", []) if r["model"] == name}
+        rows += run_model(name, args, sts, retrieval, texts, earlier)
     headers = [
         "model", "variant", "params (M)", "FLOPs kept", "STS-B Spearman", "% kept", "nDCG@10", "% kept",
         "recall@10", "ms 32x128", "speedup", "ms 1x32", "speedup", "pruning s",
@@ -334,10 +389,14 @@ def main() -> None:
         "refit by least squares), and the layer-wise least-squares refit to the dense model's own sub-layer "
         "outputs; no labels, no training. '+ KD': then embedding distillation from the dense model "
         "(`slimformer distill --task stsb-embed`, squared embedding distance, "
-        f"{epochs_note(args)} epochs, lr {args.kd_lr:g}); "
+        f"{epochs_note(args, rows)} epochs, lr {args.kd_lr:g}); "
         "'layers every:K + KD': the sentence-transformers baseline, every K-th layer kept, then the same "
-        "distillation. '+ int8': dynamic int8 on ONNX Runtime, scored and timed through the runtime. Dense models: "
-        "the published sentence-transformers checkpoints (all-MiniLM-L6-v2, all-mpnet-base-v2), used as they are."
+        "distillation. '+ int8': dynamic int8 on ONNX Runtime; '(fp32 outliers)': the same with the linear layers "
+        f"whose input's largest value exceeds {args.fp32_outliers:g}x its RMS on 256 calibration texts kept in "
+        "fp32 (`slimformer quantize --fp32-outliers`); '(OpenVINO)': static int8 on OpenVINO (NNCF, activation "
+        "ranges from 256 calibration texts); each scored and timed through its runtime. "
+        "Dense models: the published sentence-transformers checkpoints (all-MiniLM-L6-v2, all-mpnet-base-v2), "
+        "used as they are."
         "\n\n"
         "Data: SQuAD v1.1 dev is split by article (seeded). Retrieval test: the questions of 24 articles against "
         "those articles' paragraphs (passages read up to 256 tokens). Calibration: "
@@ -345,8 +404,9 @@ def main() -> None:
         "of the other 24 articles); distillation: all STS-B train sentences and all questions and paragraphs of "
         "those 24 articles. No scored text is seen before scoring. STS-B: Spearman of the cosine similarity on the "
         "full dev set (1,500 pairs). Latency: every variant of a model in one interleaved run "
-        f"({args.rounds} rounds x {args.repeats} timed runs, medians), {args.threads} threads; speedup over the "
-        "dense PyTorch fp32 model. FLOPs: encoder FLOPs at 128 tokens.\n\n"
+        f"({args.rounds} rounds x {args.repeats} timed runs, medians), {args.threads} threads, a runtime's "
+        "session open only for its turn (idle ONNX Runtime sessions spin-wait and slowed the model being timed); "
+        "speedup over the dense PyTorch fp32 model. FLOPs: encoder FLOPs at 128 tokens.\n\n"
         + markdown_table(headers, table)
         + "\n![Pareto](embeddings.png)\n"
     )

@@ -702,7 +702,7 @@ def test_static_int8_and_compress_calibrate_on_the_calibration_file(tiny_model_d
     )  # fmt: skip
     assert sorted(seen) == sorted(SENTENCES_B)
     assert result.report["details"]["quantization"]["calibration_file"] == str(path.resolve())
-    with pytest.raises(SlimformerError, match="dynamic int8 reads none"):
+    with pytest.raises(SlimformerError, match="dynamic int8 without fp32_outlier_ratio reads none"):
         slimformer.quantize(tiny_model_dir, slimformer.Quantize(mode="dynamic"), "stsb-embed", data_dir=glue,
                             calibration_file=path, measure=False, progress=False)  # fmt: skip
     seen.clear()

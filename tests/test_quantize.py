@@ -11,7 +11,7 @@ import torch
 import slimformer
 from conftest import tiny_inputs
 from slimformer.configs import ConfigError
-from slimformer.errors import TaskError
+from slimformer.errors import SlimformerError, TaskError
 from slimformer.prune import Layout, PruningPlan, remove
 from slimformer.tasks import load_task
 from test_train import write_sst2
@@ -112,10 +112,91 @@ def test_quantize_reports_interleaved_latency_of_both_runtimes(tiny_model_dir, s
     assert result.out_dir is None
 
 
+def test_interleaved_latency_lets_runtime_threads_go_between_turns_and_reopens_them(
+    tiny_model_dir, sst2, tmp_path, monkeypatch
+):
+    from slimformer.deploy.runtime import load_artifact_folder
+    from slimformer.report import interleaved_latency
+
+    loaded = pruned_tiny(tiny_model_dir)
+    out = tmp_path / "int8"
+    slimformer.quantize(loaded, slimformer.Quantize(), sst2, out=out, max_length=16, measure=False, progress=False)
+    runner = load_artifact_folder(out, threads=1).model
+    before = runner(**real_ids()).logits
+    opened = []
+    original_open = type(runner)._open
+
+    def counting_open(self):
+        opened.append(self.is_open)
+        original_open(self)
+
+    monkeypatch.setattr(type(runner), "_open", counting_open)
+    timing = interleaved_latency(
+        {"pytorch": loaded.model, "int8": runner}, batch_size=1, seq_len=8, threads=1, rounds=2, repeats=1, warmup=0
+    )
+    assert timing["int8"]["median_ms"] > 0
+    # closed before the first turn and after each: a fresh session per turn (two rounds), none open afterwards
+    assert opened == [False, False] and not runner.is_open and runner.session is None
+    torch.testing.assert_close(runner(**real_ids()).logits, before, rtol=0, atol=0)  # reopened on demand
+    assert runner.is_open and len(opened) == 3
+
+
+def test_linear_layers_with_outlier_inputs_stay_fp32_and_that_saves_accuracy(tiny_model_dir, sst2, tmp_path):
+    """One FFN neuron of layer 0 made to fire ~40x harder than the rest on some tokens (as all-mpnet-base-v2's few
+    massive neurons do): the ratio measured through ONNX Runtime is PyTorch's, that layer's FFN-down alone stays
+    fp32, and the int8 logits move less than when one scale has to cover the outlier."""
+    from slimformer.deploy.onnxrt import input_outlier_ratios, linear_nodes
+    from slimformer.export import export_onnx
+
+    loaded = slimformer.load_model(tiny_model_dir, "sst2")
+    up = loaded.model.bert.encoder.layer[0].intermediate.dense
+    with torch.no_grad():
+        up.weight[0] *= 40
+    captured = {}
+    down = loaded.model.bert.encoder.layer[0].output.dense
+    handle = down.register_forward_hook(lambda module, args, output: captured.update(x=args[0].detach()))
+    inputs = real_ids()
+    with torch.no_grad():
+        expected = loaded.model(**inputs).logits.numpy()
+    handle.remove()
+    x = captured["x"].double()
+    torch_ratio = float(x.abs().max() / x.square().mean().sqrt())
+    assert torch_ratio > 10
+
+    onnx = pytest.importorskip("onnx")
+    exported = export_onnx(loaded.model, tmp_path / "fp32.onnx", check=False)
+    names = linear_nodes(onnx.load(str(exported.path)))["quantize"]
+    feed = {"input_ids": inputs["input_ids"].numpy(), "attention_mask": inputs["attention_mask"].numpy()}
+    feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    ratios = input_outlier_ratios(exported.path, names, [feed])
+    worst, second = sorted(ratios, key=ratios.get, reverse=True)[:2]
+    assert "layer.0/output/dense" in worst
+    assert ratios[worst] == pytest.approx(torch_ratio, rel=1e-4)
+
+    threshold = (ratios[worst] + ratios[second]) / 2
+    plain = slimformer.quantize(loaded, slimformer.Quantize(), sst2, max_length=16, measure=False, progress=False)
+    kept = slimformer.quantize(
+        loaded, slimformer.Quantize(fp32_outlier_ratio=threshold), sst2, max_length=16, measure=False, progress=False
+    )
+    info = kept.report["details"]["quantization"]
+    assert info["quantized_nodes"] == plain.report["details"]["quantization"]["quantized_nodes"] - 1
+    assert list(info["outlier_inputs"]) == [worst]
+    assert info["fp32_nodes"][f"linear layers with outlier inputs (max / RMS > {threshold:g})"] == 1
+    assert 1 < info["largest_int8_input_ratio"] < threshold  # measured on the task's calibration examples
+    assert info["calibration_examples"] > 0  # dynamic int8 read calibration examples to find the outlier
+
+    def error(result) -> float:
+        return float(np.abs(result.model(**inputs).logits.numpy() - expected).max())
+
+    assert error(kept) < 0.5 * error(plain)
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda: slimformer.Quantize(runtime="tensorrt"), "Unknown runtime"),
+        (lambda: slimformer.Quantize(runtime="openvino", fp32_outlier_ratio=100), "handles outliers itself"),
+        (lambda: slimformer.Quantize(fp32_outlier_ratio=1.0), "must be above 1"),
         (lambda: slimformer.Quantize(mode="int4"), "Unknown quantization mode"),
         (lambda: slimformer.Quantize(calibration_examples=0), "at least 1"),
     ],
@@ -123,6 +204,12 @@ def test_quantize_reports_interleaved_latency_of_both_runtimes(tiny_model_dir, s
 def test_impossible_quantization_settings_are_refused_up_front(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+def test_a_bare_model_without_its_tokenizer_is_refused_before_any_work(tiny_model_dir, sst2):
+    bare = slimformer.load_model(tiny_model_dir, "sst2").model
+    with pytest.raises(SlimformerError, match="needs the model's tokenizer"):
+        slimformer.quantize(bare, slimformer.Quantize(mode="static"), sst2, measure=False, progress=False)
 
 
 def test_static_quantization_needs_task_data(tiny_model_dir):
@@ -180,6 +267,9 @@ def test_openvino_int8_artifact_runs_with_openvino_alone(tiny_model_dir, sst2, t
 
     runner = load_artifact_folder(out).model
     assert runner.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    np.testing.assert_allclose(runner(**inputs).logits.numpy(), logits, atol=1e-6, rtol=0)
+    runner.close()  # as interleaved latency does between turns: compiled again on the next call, same numbers
+    assert runner.compiled is None
     np.testing.assert_allclose(runner(**inputs).logits.numpy(), logits, atol=1e-6, rtol=0)
 
     manifest = json.loads((out / "slimformer.json").read_text())

@@ -651,9 +651,18 @@ def quantize(
             "default: dynamic on onnxruntime, static on openvino."
         ),
     ] = None,
-    calibration_examples: Annotated[int, typer.Option(help="Static: training examples to calibrate on.")] = 256,
+    calibration_examples: Annotated[
+        int, typer.Option(help="Static int8 or --fp32-outliers: training examples to calibrate on.")
+    ] = 256,
     calibration_file: CalibrationFileOpt = None,
     per_channel: Annotated[bool, typer.Option(help="One weight scale per output channel.")] = True,
+    fp32_outliers: Annotated[
+        float | None,
+        typer.Option(
+            help="ONNX Runtime: keep in fp32 the linear layers whose input's largest value exceeds this many times "
+            "its RMS on calibration examples (e.g. 100 for all-mpnet-base-v2; dynamic int8 then reads them too)."
+        ),
+    ] = None,
     max_length: MaxLengthOpt = 128,
     max_eval_samples: Annotated[int | None, typer.Option(help="Random subset of each dev split.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence for FLOPs and latency.")] = 128,
@@ -667,9 +676,14 @@ def quantize(
     import slimformer
 
     settings = slimformer.Quantize(
-        runtime=runtime, mode=mode, calibration_examples=calibration_examples, per_channel=per_channel, seed=seed
+        runtime=runtime,
+        mode=mode,
+        calibration_examples=calibration_examples,
+        per_channel=per_channel,
+        seed=seed,
+        fp32_outlier_ratio=fp32_outliers,
     )
-    data = task_data(model, locals(), max_eval=max_eval_samples, required=settings.mode == "static")
+    data = task_data(model, locals(), max_eval=max_eval_samples, required=settings.calibrates)
     result = slimformer.quantize(
         model,
         settings,

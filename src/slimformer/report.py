@@ -83,7 +83,16 @@ def interleaved_latency(
 ) -> dict[str, Any]:
     """Latency of several models measured in ``rounds`` that each visit every model once, so that drift in the
     machine's load spreads evenly; per model the median of all its samples (ms). ``speedup`` is the first
-    model's median over each other's."""
+    model's median over each other's.
+
+    A model run by ONNX Runtime or OpenVINO is closed before and after each of its turns (it reopens on its next
+    forward): an idle session's threads keep spin-waiting for work and would compete with the model being timed
+    (see :meth:`slimformer.deploy.runtime._RuntimeClassifier.close`)."""
+    from slimformer.deploy.runtime import is_runtime_model
+
+    runtime_models = [model for model in models.values() if is_runtime_model(model)]
+    for model in runtime_models:
+        model.close()
     samples: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
@@ -91,6 +100,8 @@ def interleaved_latency(
                 model, batch_size=batch_size, seq_len=seq_len, threads=threads, warmup=warmup, repeats=repeats
             )
             samples[name].extend(stats.samples_ms)
+            if is_runtime_model(model):
+                model.close()
     result: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "threads": threads}
     for name, values in samples.items():
         ordered = sorted(values)

@@ -44,6 +44,10 @@ class Quantize:
     ``calibration_examples`` training examples: QDQ on ONNX Runtime, NNCF's FakeQuantize on OpenVINO); default:
     the runtime's first (dynamic on ONNX Runtime, static on OpenVINO). ``per_channel``: one weight scale per
     output channel (more accurate than one per tensor, at no speed cost; NNCF always does this).
+    ``fp32_outlier_ratio`` (ONNX Runtime): keep in fp32 every linear layer whose input's largest magnitude exceeds
+    this many times its root mean square on the calibration examples (which dynamic int8 then reads too): one
+    int8 scale per activation tensor cannot hold both (all-mpnet-base-v2 needs it, around 100; see
+    :mod:`slimformer.deploy.onnxrt`). NNCF's SmoothQuant handles such inputs on OpenVINO.
     """
 
     runtime: str = "onnxruntime"
@@ -51,6 +55,7 @@ class Quantize:
     calibration_examples: int = 256
     per_channel: bool = True
     seed: int = 0
+    fp32_outlier_ratio: float | None = None
 
     method = "quantize"
 
@@ -68,6 +73,21 @@ class Quantize:
             )
         if self.calibration_examples < 1:
             raise ConfigError(f"calibration_examples must be at least 1, got {self.calibration_examples}.")
+        if self.fp32_outlier_ratio is not None:
+            if self.runtime != "onnxruntime":
+                raise ConfigError(
+                    f"fp32_outlier_ratio is for ONNX Runtime; {self.runtime}'s quantizer handles outliers itself."
+                )
+            if not self.fp32_outlier_ratio > 1:
+                raise ConfigError(
+                    f"fp32_outlier_ratio compares an input's largest value with its root mean square, so it must "
+                    f"be above 1, got {self.fp32_outlier_ratio}."
+                )
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the quantizer reads calibration examples (static ranges, or finding outlier inputs)."""
+        return self.mode == "static" or self.fp32_outlier_ratio is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "version": 1, **asdict(self)}
@@ -173,31 +193,35 @@ def quantize(
         raise SlimformerError(f"Output folder {out_dir} already exists. Choose another --out or pass --overwrite.")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    needs_data = config.mode == "static" or evaluate
+    needs_data = config.calibrates or evaluate
     task = (
-        resolve_data(
-            model, data, data_dir=data_dir, required=config.mode == "static", max_eval_samples=max_eval_samples
-        )
+        resolve_data(model, data, data_dir=data_dir, required=config.calibrates, max_eval_samples=max_eval_samples)
         if needs_data
         else None
     )
     if calibration_file is not None:
-        if config.mode != "static":
+        if not config.calibrates:
             raise SlimformerError(
-                f"calibration_file gives the texts static int8 calibrates on; {config.mode} int8 reads none."
+                "calibration_file gives the texts int8 calibrates on (static ranges, or fp32_outlier_ratio); "
+                f"{config.mode} int8 without fp32_outlier_ratio reads none."
             )
         from slimformer.tasks import with_calibration_texts
 
         task = with_calibration_texts(task, calibration_file)
     loaded = _loaded(model, tokenizer, task)
     net, tokenizer = loaded.model.eval(), loaded.tokenizer
+    if tokenizer is None and (config.calibrates or (evaluate and task is not None)):
+        raise SlimformerError(
+            "quantize needs the model's tokenizer to read calibration or evaluation texts: pass tokenizer=..., "
+            "or the model's folder or a LoadedModel instead of the bare model."
+        )
     if task is not None:
         check_label_set(net, task)
     seconds["load"] = round(time.perf_counter() - clock, 2)
 
     work = Path(tempfile.mkdtemp(prefix="slimformer-quantize-"))
     try:
-        feeds = _calibration_feeds(tokenizer, task, config, max_length) if config.mode == "static" else None
+        feeds = _calibration_feeds(tokenizer, task, config, max_length) if config.calibrates else None
         int8, info, fp32_bytes = _quantize_on_runtime(net, config, feeds, work, seconds, threads, progress)
         info["calibration_examples"] = sum(len(f["input_ids"]) for f in feeds) if feeds else 0
         if calibration_file is not None:
@@ -278,7 +302,12 @@ def _quantize_on_runtime(net, config: Quantize, feeds, work: Path, seconds: dict
     seconds["export"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
     info = quantize_onnx_file(
-        fp32.path, work / ONNX_FILE, mode=config.mode, calibration=feeds, per_channel=config.per_channel
+        fp32.path,
+        work / ONNX_FILE,
+        mode=config.mode,
+        calibration=feeds,
+        per_channel=config.per_channel,
+        fp32_outlier_ratio=config.fp32_outlier_ratio,
     )
     seconds["quantize"] = round(time.perf_counter() - clock, 2)
     return OnnxClassifier(work / ONNX_FILE, net.config, threads=threads, embedding=embedding), info, fp32.size_bytes
