@@ -292,27 +292,30 @@ def _series(variant: str) -> str:
 
 
 def pareto_plot(rows: list[dict], path: Path) -> None:
+    """Per model a row of two panels (STS-B, retrieval): % of the dense score against measured speedup, a curve per
+    kind of variant (dashed: int8), the legend beside the row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    figure, grid = plt.subplots(len(names), 2, figsize=(13, 4 * len(names)), squeeze=False)
     panels = (("sts_kept", "STS-B Spearman"), ("ndcg_kept", "retrieval nDCG@10"))
-    for axis, (metric, title) in zip(axes, panels, strict=True):
-        for name in dict.fromkeys(r["model"] for r in rows):
-            mine = [r for r in rows if r["model"] == name]
+    for axes, name in zip(grid, names, strict=True):
+        mine = [r for r in rows if r["model"] == name]
+        for axis, (metric, title) in zip(axes, panels, strict=True):
             for series in dict.fromkeys(_series(r["variant"]) for r in mine):
                 points = sorted((r["speedup_32x128"], 100 * r[metric]) for r in mine if _series(r["variant"]) == series)
-                style = "--" if series.endswith("int8") else "-"
-                axis.plot(*zip(*points, strict=True), "o" + style, label=f"{name}: {series}", markersize=5)
-        axis.axhline(99, color="grey", linestyle=":", linewidth=1)
-        axis.set_xlabel("measured speedup over dense fp32, batch 32 x 128 (2 threads)")
-        axis.set_ylabel(f"% of the dense {title}")
-        axis.set_title(title)
-    axes[0].legend(fontsize=7, loc="lower left")
+                style = "--" if " int8" in series else "-"
+                axis.plot(*zip(*points, strict=True), "o" + style, label=series, markersize=5)
+            axis.axhline(99, color="grey", linestyle=":", linewidth=1)
+            axis.set_xlabel("measured speedup over dense fp32, batch 32 x 128 (2 threads)")
+            axis.set_ylabel(f"% of the dense {title}")
+            axis.set_title(f"{name}: {title}")
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 

@@ -103,6 +103,8 @@ def test_int8_artifact_runs_without_slimformer_and_stays_close_to_pytorch(mode, 
 
 
 def test_quantize_reports_interleaved_latency_of_both_runtimes(tiny_model_dir, sst2, tmp_path):
+    from slimformer.report import interleaved_latency
+
     result = slimformer.quantize(
         tiny_model_dir, slimformer.Quantize(), sst2, max_length=16, seq_len=16, threads=1, progress=False
     )
@@ -110,6 +112,12 @@ def test_quantize_reports_interleaved_latency_of_both_runtimes(tiny_model_dir, s
     assert latency["runtimes"] == {"before": "pytorch fp32", "after": "onnxruntime int8 (dynamic)"}
     assert latency["before"]["median_ms"] > 0 and latency["after"]["median_ms"] > 0 and latency["speedup"] > 0
     assert result.out_dir is None
+    # unsaved, its work folder gone: the model still runs, and timing it again does not close it for good
+    inputs = real_ids()
+    first = result.model(**inputs).logits
+    assert not result.model.path.exists()
+    interleaved_latency({"int8": result.model}, batch_size=1, seq_len=8, threads=1, rounds=1, repeats=1)
+    torch.testing.assert_close(result.model(**inputs).logits, first, rtol=0, atol=0)
 
 
 def test_interleaved_latency_lets_runtime_threads_go_between_turns_and_reopens_them(

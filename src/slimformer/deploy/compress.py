@@ -277,6 +277,8 @@ def compress(
         if out_dir is not None:
             _save(pruned_int8, pruned, plan, tokenizer, task, report, out_dir, overwrite)
             pruned_int8.model.path = out_dir / pruned_int8.model.path.name
+        else:
+            pruned_int8.model.open()  # unsaved: its file goes with the work folder below; the session holds it
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return DeployResult(model=pruned_int8.model, report=report, out_dir=out_dir)

@@ -264,6 +264,8 @@ def quantize(
         if out_dir is not None:
             _save_artifact(int8.path, config.runtime, net, tokenizer, out_dir, report, info, record, overwrite)
             int8.path = out_dir / int8.path.name  # the runtime already holds the graph; the work copy goes below
+        else:
+            int8.open()  # unsaved: its file goes with the work folder below, so the open session must hold it
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return DeployResult(model=int8, report=report, out_dir=out_dir)

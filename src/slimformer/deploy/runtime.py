@@ -58,12 +58,14 @@ class _RuntimeClassifier(nn.Module):
 
         Interleaved latency closes a runtime model after its turn: an idle ONNX Runtime session's worker threads
         keep spin-waiting for work, and on a 2-core machine they took turns with the next model's threads (samples
-        of one int8 MiniLM at 1 x 32 alternated between 2 and 7 ms while four other sessions were open)."""
-        if self.is_open:
+        of one int8 MiniLM at 1 x 32 alternated between 2 and 7 ms while four other sessions were open). A model
+        whose file is gone (an unsaved result, its work folder removed) stays open: its session is all there is."""
+        if self.is_open and self.path.is_file():
             self._close()
             self.is_open = False
 
-    def _ensure_open(self) -> None:
+    def open(self) -> None:
+        """Open the runtime's session if it is closed (``forward`` does this by itself)."""
         if not self.is_open:
             self._open()
             self.is_open = True
@@ -94,7 +96,7 @@ class OnnxClassifier(_RuntimeClassifier):
         self.session = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **inputs: Any):
-        self._ensure_open()
+        self.open()
         # the graph's one output: logits, or an embedding model's sentence_embedding (older exports: logits)
         logits = self.session.run(None, self._arrays(input_ids, attention_mask, inputs))[0]
         return SimpleNamespace(logits=torch.from_numpy(logits))
@@ -124,7 +126,7 @@ class OpenVinoClassifier(_RuntimeClassifier):
         self._request = self.compiled = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **inputs: Any):
-        self._ensure_open()
+        self.open()
         outputs = self._request.infer(self._arrays(input_ids, attention_mask, inputs))
         logits = next(iter(outputs.values()))
         return SimpleNamespace(logits=torch.from_numpy(np.array(logits)))
