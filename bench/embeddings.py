@@ -169,13 +169,13 @@ def int8_variant(model, tokenizer, label: str, kind: str, calibration: TaskData,
     the passages are."""
     from slimformer.deploy.runtime import load_artifact_folder
 
-    folder = OUT / (f"{label}-int8" if kind == "onnxruntime" else f"{label}-int8-{kind}")
+    settings = dict(INT8_KINDS[kind][1])
+    tag = "" if kind == "onnxruntime" else f"-{kind}"  # the plain kind keeps the cache folders of earlier runs
     if kind == "onnxruntime-outliers":
-        folder = folder.with_name(f"{folder.name}{args.fp32_outliers:g}")
+        settings["fp32_outlier_ratio"] = args.fp32_outliers
+        tag += f"{args.fp32_outliers:g}"
+    folder = OUT / f"{label}-int8{tag}"
     if not folder.is_dir():
-        settings = dict(INT8_KINDS[kind][1])
-        if kind == "onnxruntime-outliers":
-            settings["fp32_outlier_ratio"] = args.fp32_outliers
         slimformer.quantize(model, slimformer.Quantize(**settings), calibration, out=folder, tokenizer=tokenizer,
                             max_length=PASSAGE_TOKENS, evaluate=False, measure=False, progress=False)  # fmt: skip
     return load_artifact_folder(folder, threads=2).model
