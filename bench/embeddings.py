@@ -351,6 +351,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--name", default="embeddings", help="results file stem: another name keeps a run beside the main table"
+    )
     args = parser.parse_args()
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
     args.kd_budgets = [float(b) for b in args.kd_budgets.split(",") if b]
@@ -362,7 +365,7 @@ def main() -> None:
         parser.error(f"--int8: unknown kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(INT8_KINDS)}")
     sts = load_task("stsb-embed")
     retrieval, texts = split_articles(load_task("squad-retrieval"))
-    previous_file = args.results_dir / "embeddings.json"
+    previous_file = args.results_dir / f"{args.name}.json"
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     previous = json.loads(previous_file.read_text()) if previous_file.is_file() else {}
     rows = [r for r in previous.get("rows", []) if r["model"] not in models]
@@ -411,12 +414,12 @@ def main() -> None:
         "session open only for its turn (idle ONNX Runtime sessions spin-wait and slowed the model being timed); "
         "speedup over the dense PyTorch fp32 model. FLOPs: encoder FLOPs at 128 tokens.\n\n"
         + markdown_table(headers, table)
-        + "\n![Pareto](embeddings.png)\n"
+        + f"\n![Pareto]({args.name}.png)\n"
     )
-    data = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "results_dir"}}
+    data = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k not in ("results_dir", "name")}}
     data["rows"] = rows
-    write_results("embeddings", data, markdown, args.results_dir)
-    pareto_plot(rows, args.results_dir / "embeddings.png")
+    write_results(args.name, data, markdown, args.results_dir)
+    pareto_plot(rows, args.results_dir / f"{args.name}.png")
 
 
 if __name__ == "__main__":

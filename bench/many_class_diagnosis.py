@@ -12,6 +12,9 @@ mean accuracy change against the teacher and the spread over seeds:
   estimated without bias by one Gaussian probe per example (as the embedding models' probe loss does for J^T J);
 - ``fisher: logit probe``: J^T J of the logits (all logit directions alike);
 - ``refit ridge x0.1`` / ``x10``: the least-squares refit's damping (default 1e-2 of the Gram's mean diagonal);
+- ``calibration: + 1 masked copy``: the calibration sample followed by a copy of it with 15% of its tokens
+  masked (the augmentation that helps distillation below), so that the Fisher and the refit also see inputs the
+  teacher is less sure of;
 - ``calibration on dev (oracle)``: the Fisher and the refit computed on the dev questions themselves, the ones
   scored: what better calibration data could at most buy (not a method: it sees the test set);
 - ``+ logit KD``: the default pruned model then distilled from the teacher for 2 epochs on the training questions
@@ -41,11 +44,13 @@ import torch
 import torch.nn.functional as F
 
 import slimformer
+import slimformer.budget.fisher as budget_fisher
 import slimformer.budget.method as budget_method
 import slimformer.gradients as gradients_module
 from common import RESULTS, machine, markdown_table, teacher_summary, write_results
 from many_class import RECIPE, TASK, load_data, task_files
 from slimformer.distill.pipeline import DistillConfig
+from slimformer.importance import importance_sample
 from slimformer.train import TrainConfig
 from teachers import build_teacher, teacher_dir
 
@@ -57,6 +62,7 @@ DIAGNOSES = {
     "refit ridge x0.1": {"damping": 1e-3},
     "refit ridge x10": {"damping": 1e-1},
     "calibration on dev (oracle)": {"calibration": "dev"},
+    "calibration: + 1 masked copy": {"masked_copies": 1},
     "+ logit KD (2 epochs)": {"kd_epochs": 2.0},
     "+ logit KD (2 epochs; 2 masked copies)": {"kd_epochs": 2.0, "masked_copies": 2},
 }
@@ -96,13 +102,25 @@ def refit_damping(damping: float | None):
     return mock.patch.object(budget_method, "reconstruct_weights", patched)
 
 
+def calibration_copies(copies: int | None):
+    """The budget pruner's calibration sample followed by ``copies`` copies of it with 15% of the tokens masked."""
+    if not copies:
+        return nullcontext()
+    patched = functools.partial(importance_sample, masked_copies=copies)
+    return mock.patch.object(budget_fisher, "importance_sample", patched)
+
+
 def run(diagnosis: str, fraction: float, seed: int, data, dev_data) -> dict:
     settings = DIAGNOSES[diagnosis]
     config = slimformer.FlopsBudget(fraction, seed=seed)
     calibration = dev_data if settings.get("calibration") == "dev" else data
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        with fisher_loss(settings.get("fisher_loss")), refit_damping(settings.get("damping")):
+        with (
+            fisher_loss(settings.get("fisher_loss")),
+            refit_damping(settings.get("damping")),
+            calibration_copies(settings.get("masked_copies") if "kd_epochs" not in settings else None),
+        ):
             result = slimformer.prune(
                 str(teacher_dir(TASK)), config, calibration, max_length=MAX_LENGTH, progress=False, out=f"{tmp}/pruned"
             )

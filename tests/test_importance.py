@@ -332,6 +332,28 @@ def test_sample_is_seeded_and_hashed(loaded, sst2):
     assert a.batches[0]["input_ids"].shape[1] <= 16
 
 
+def test_masked_copies_follow_the_sample_and_differ_only_where_masked(loaded, sst2):
+    plain = importance_sample(loaded.tokenizer, sst2, n_examples=10, batch_size=32, max_length=16, seed=0)
+    both = importance_sample(
+        loaded.tokenizer, sst2, n_examples=10, batch_size=32, max_length=16, seed=0, masked_copies=2, mask_rate=0.5
+    )
+    again = importance_sample(
+        loaded.tokenizer, sst2, n_examples=10, batch_size=32, max_length=16, seed=0, masked_copies=2, mask_rate=0.5
+    )
+    assert both.n_examples == 30 and both.description["masked_copies"] == 2
+    assert both.hash == again.hash != plain.hash
+    ids, labels = both.batches[0]["input_ids"], both.batches[0]["labels"]
+    originals, mask_id = ids[:10], loaded.tokenizer.mask_token_id
+    special = torch.tensor(sorted(set(loaded.tokenizer.all_special_ids)))
+    assert torch.equal(originals, plain.batches[0]["input_ids"])
+    for masked in (ids[10:20], ids[20:]):
+        changed = masked != originals
+        assert changed.any() and bool((masked[changed] == mask_id).all())  # only masks were written
+        assert not torch.isin(originals[changed], special).any()  # never over [CLS], [SEP] or padding
+        assert torch.equal(labels[:10], labels[10:20])
+    assert not torch.equal(ids[10:20], ids[20:])  # each copy drawn anew
+
+
 def test_tokenized_dataset_input_matches_task_data(loaded, sst2, tmp_path):
     tokenized = tokenize_task(sst2, loaded.tokenizer, max_length=16, cache_dir=tmp_path)
     from_dataset = importance_sample(loaded.tokenizer, tokenized["train"], n_examples=8, batch_size=4, seed=3)

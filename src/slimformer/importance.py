@@ -60,6 +60,7 @@ from slimformer.io import write_json_atomic
 from slimformer.models import LoadedModel
 from slimformer.tasks import TaskData
 from slimformer.tasks.data import split_texts
+from slimformer.tasks.tokenize import masked_token_rows
 
 if TYPE_CHECKING:  # prune builds on importance, so importance only names its plans
     from slimformer.prune.plan import PruningPlan
@@ -255,9 +256,12 @@ def importance_sample(
     seed: int = 0,
     split: str | None = None,
     length_grouped: bool = False,
+    masked_copies: int = 0,
+    mask_rate: float = 0.15,
 ) -> ImportanceSample:
     """A seeded random sample of ``n_examples`` rows (all rows if None or more than there are), tokenized and
-    padded into batches of ``batch_size``.
+    padded into batches of ``batch_size``; with ``masked_copies``, followed by that many copies of it with
+    ``mask_rate`` of their tokens masked (:func:`slimformer.tasks.tokenize.masked_token_rows`).
 
     ``data`` is a :class:`~slimformer.tasks.TaskData` (the ``split`` named, else its train split, else its first
     dev split) or an already tokenized dataset (``input_ids`` and, for labelled scoring, ``labels``). Only the
@@ -297,6 +301,12 @@ def importance_sample(
         ]
         features = [{("labels" if k == "label" else k): v for k, v in row.items()} for row in rows.select_columns(keep)]
         description["max_length"] = None
+    if masked_copies:
+        masked = masked_token_rows([row["input_ids"] for row in features], tokenizer, mask_rate, seed, masked_copies)
+        features = features + [
+            {**row, "input_ids": ids} for row, ids in zip(features * masked_copies, masked, strict=True)
+        ]
+        description.update(masked_copies=masked_copies, mask_rate=mask_rate)
     if length_grouped:
         # similar lengths share a batch: far less padding; only for per-example quantities, where it changes nothing
         features = sorted(features, key=lambda row: len(row["input_ids"]))

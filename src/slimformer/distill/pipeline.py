@@ -58,7 +58,7 @@ from slimformer.models import load_model
 from slimformer.report import model_stats
 from slimformer.tasks import TaskData, load_task, tokenize_task
 from slimformer.tasks.data import split_texts
-from slimformer.tasks.tokenize import cache_root
+from slimformer.tasks.tokenize import cache_root, masked_token_rows
 from slimformer.train import (
     METRICS_FILE,
     FinetuneResult,
@@ -412,22 +412,11 @@ def with_masked_copies(train_set: Dataset, tokenizer: Any, copies: int, rate: fl
     distillation targets come from the teacher on the masked text itself."""
     if copies == 0:
         return train_set
-    mask_id = getattr(tokenizer, "mask_token_id", None)
-    if mask_id is None:
-        raise SlimformerError(
-            "--masked-copies needs a tokenizer with a mask token; this one has none. Leave --masked-copies at 0."
-        )
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
-    ids = train_set["input_ids"]
+    masked = masked_token_rows(train_set["input_ids"], tokenizer, rate, seed, copies)
     parts = [train_set]
-    for _ in range(copies):
-        masked = []
-        for row in ids:
-            row = torch.as_tensor(row, dtype=torch.long)
-            chosen = (torch.rand(row.shape, generator=generator) < rate) & ~torch.isin(row, special)
-            masked.append(torch.where(chosen, torch.tensor(mask_id), row).tolist())
-        copy = train_set.remove_columns("input_ids").add_column("input_ids", masked)
+    for copy_index in range(copies):
+        rows = masked[copy_index * len(train_set) : (copy_index + 1) * len(train_set)]
+        copy = train_set.remove_columns("input_ids").add_column("input_ids", rows)
         parts.append(copy.select_columns(train_set.column_names).cast(train_set.features))
     return concatenate_datasets(parts)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset
 
 from slimformer.errors import TaskError
@@ -105,3 +106,28 @@ def tokenize_task(
             desc=f"Tokenizing {spec.name} {split}",
         )
     return tokenized
+
+
+def masked_token_rows(
+    rows: list[list[int]], tokenizer: Any, rate: float, seed: int, copies: int = 1
+) -> list[list[int]]:
+    """``copies`` masked copies of every row of token ids, copy after copy: each ordinary token (not [CLS], [SEP]
+    or padding) replaced by the mask token with probability ``rate``, seeded, so every run draws the same copies.
+
+    A model's outputs on a masked copy are less certain than on the training text it has fitted (how the unseen
+    text it will be scored on looks to it), which is why distillation (Jiao et al. 2020, TinyBERT's augmentation)
+    and the budget pruner's calibration use them."""
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        raise TaskError(
+            "Masked copies need a tokenizer with a mask token; this one has none. Leave masked copies at 0."
+        )
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    masked = []
+    for _ in range(copies):
+        for row in rows:
+            ids = torch.as_tensor(row, dtype=torch.long)
+            chosen = (torch.rand(ids.shape, generator=generator) < rate) & ~torch.isin(ids, special)
+            masked.append(torch.where(chosen, torch.tensor(mask_id), ids).tolist())
+    return masked
