@@ -261,7 +261,8 @@ def importance_sample(
 ) -> ImportanceSample:
     """A seeded random sample of ``n_examples`` rows (all rows if None or more than there are), tokenized and
     padded into batches of ``batch_size``; with ``masked_copies``, followed by that many copies of it with
-    ``mask_rate`` of their tokens masked (:func:`slimformer.tasks.tokenize.masked_token_rows`).
+    ``mask_rate`` of their tokens masked (:func:`slimformer.tasks.tokenize.masked_token_rows`; tried as budget
+    calibration on a 48-class task, it lost points: bench/results/many_class_diagnosis.md).
 
     ``data`` is a :class:`~slimformer.tasks.TaskData` (the ``split`` named, else its train split, else its first
     dev split) or an already tokenized dataset (``input_ids`` and, for labelled scoring, ``labels``). Only the
@@ -302,9 +303,9 @@ def importance_sample(
         features = [{("labels" if k == "label" else k): v for k, v in row.items()} for row in rows.select_columns(keep)]
         description["max_length"] = None
     if masked_copies:
-        masked = masked_token_rows([row["input_ids"] for row in features], tokenizer, mask_rate, seed, masked_copies)
+        copies = masked_token_rows([row["input_ids"] for row in features], tokenizer, mask_rate, seed, masked_copies)
         features = features + [
-            {**row, "input_ids": ids} for row, ids in zip(features * masked_copies, masked, strict=True)
+            {**row, "input_ids": ids} for rows in copies for row, ids in zip(features, rows, strict=True)
         ]
         description.update(masked_copies=masked_copies, mask_rate=mask_rate)
     if length_grouped:

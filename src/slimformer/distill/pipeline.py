@@ -412,10 +412,8 @@ def with_masked_copies(train_set: Dataset, tokenizer: Any, copies: int, rate: fl
     distillation targets come from the teacher on the masked text itself."""
     if copies == 0:
         return train_set
-    masked = masked_token_rows(train_set["input_ids"], tokenizer, rate, seed, copies)
     parts = [train_set]
-    for copy_index in range(copies):
-        rows = masked[copy_index * len(train_set) : (copy_index + 1) * len(train_set)]
+    for rows in masked_token_rows(train_set["input_ids"], tokenizer, rate, seed, copies):
         copy = train_set.remove_columns("input_ids").add_column("input_ids", rows)
         parts.append(copy.select_columns(train_set.column_names).cast(train_set.features))
     return concatenate_datasets(parts)

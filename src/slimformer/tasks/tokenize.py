@@ -110,13 +110,11 @@ def tokenize_task(
 
 def masked_token_rows(
     rows: list[list[int]], tokenizer: Any, rate: float, seed: int, copies: int = 1
-) -> list[list[int]]:
-    """``copies`` masked copies of every row of token ids, copy after copy: each ordinary token (not [CLS], [SEP]
-    or padding) replaced by the mask token with probability ``rate``, seeded, so every run draws the same copies.
-
-    A model's outputs on a masked copy are less certain than on the training text it has fitted (how the unseen
-    text it will be scored on looks to it), which is why distillation (Jiao et al. 2020, TinyBERT's augmentation)
-    and the budget pruner's calibration use them."""
+) -> list[list[list[int]]]:
+    """``copies`` masked copies of the rows of token ids, one list of rows per copy: each ordinary token (not [CLS],
+    [SEP] or padding) replaced by the mask token with probability ``rate``, seeded, so every run draws the same
+    copies. Distillation trains on them (TinyBERT's augmentation, Jiao et al. 2020): the teacher is less sure of a
+    masked copy than of the training text it has fitted, as it is of unseen text."""
     mask_id = getattr(tokenizer, "mask_token_id", None)
     if mask_id is None:
         raise TaskError(
@@ -124,10 +122,12 @@ def masked_token_rows(
         )
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
-    masked = []
+    copied = []
     for _ in range(copies):
+        masked = []
         for row in rows:
             ids = torch.as_tensor(row, dtype=torch.long)
             chosen = (torch.rand(ids.shape, generator=generator) < rate) & ~torch.isin(ids, special)
             masked.append(torch.where(chosen, torch.tensor(mask_id), ids).tolist())
-    return masked
+        copied.append(masked)
+    return copied
