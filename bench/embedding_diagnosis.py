@@ -12,6 +12,9 @@ rearrangement, layer-wise least-squares refit) with one thing changed per row:
   ZipLM uses it per structure: one over the unit's diagonal entry of the inverse Gram of the dense model's
   activations, per head the Schur complement of its context block), per unit, its square root, or each layer's
   mean per part (a data-driven neuron weight);
+- ``units chosen by the refit``: the search's number of heads and neurons per layer, but the ones each sub-layer's
+  least-squares refit can best do without go, chosen greedily on the pruned model's own inputs (structured OBS as
+  in ZipLM; ``FlopsBudget(unit_choice="refit")``) instead of the Fisher's rearranged choice;
 - ``calibration``: the default mix (half STS-B train sentences, 3/8 held-out SQuAD questions, 1/8 held-out
   paragraphs), held-out SQuAD texts only (3/4 questions, 1/4 paragraphs: the retrieval domain, no STS-B), or twice
   as many texts of the default mix.
@@ -53,6 +56,7 @@ from slimformer.tasks import load_task
 from slimformer.tasks.metrics import retrieval_metrics, sts_metrics
 
 NAME = "embedding_diagnosis"
+CHOSEN_HALF = "units chosen by the refit, neuron Fisher x 0.5"
 # (row name, calibration, number of texts, fisher scale alpha, neuron Fisher weight, calibration seed[, saliency])
 ROWS = [
     ("neuron weight 1 (each layer's Fisher sums to 1; the default before)", "default", 2048, 1.0, 1.0, 0),
@@ -72,6 +76,9 @@ ROWS = [
     ("refit-aware Fisher: x unexplained fraction per unit", "default", 2048, 1.0, 1.0, 0, "unit"),
     ("refit-aware Fisher: x its square root", "default", 2048, 1.0, 1.0, 0, "sqrt"),
     ("refit-aware Fisher: x its layer mean per part", "default", 2048, 1.0, 1.0, 0, "layer"),
+    (CHOSEN_HALF, "default", 2048, 1.0, 0.5, 0, "choose"),
+    ("units chosen by the refit, neuron weight 1", "default", 2048, 1.0, 1.0, 0, "choose"),
+    *[(f"{CHOSEN_HALF}, calibration seed {seed}", "default", 2048, 1.0, 0.5, seed, "choose") for seed in (1, 2)],
 ]
 
 
@@ -253,7 +260,8 @@ def main() -> None:
                 autocast=fisher_autocast(model, "auto"),
             )
         grads, sample = gradients[(kind, n, seed)]
-        if saliency:
+        choose = saliency == ["choose"]
+        if saliency and not choose:
             if (kind, n, seed) not in fractions:
                 fractions[(kind, n, seed)] = unexplained_fractions(model, activation_grams(model, sample.batches))
             grads = refit_aware(grads, fractions[(kind, n, seed)], saliency[0])
@@ -267,10 +275,14 @@ def main() -> None:
             costs,
             model_type=model.config.model_type,
         )
-        plan = rearrange(plan, grads.heads, grads.neurons)
+        if not choose:
+            plan = rearrange(plan, grads.heads, grads.neurons)
         pruned = copy.deepcopy(model)
         started = time.perf_counter()
-        report = reconstruct_weights(pruned, plan, sample.batches, last_layer_rows=last_layer_rows(model))
+        report = reconstruct_weights(
+            pruned, plan, sample.batches, last_layer_rows=last_layer_rows(model), choose_units=choose
+        )
+        plan = report.plan
         refit_seconds = time.perf_counter() - started
         remove(pruned, plan)
         row = {
@@ -282,7 +294,8 @@ def main() -> None:
             "calibration_seed": seed,
             "fisher_scale_alpha": alpha,
             "neuron_fisher_weight": neuron_weight,
-            "refit_aware_saliency": saliency[0] if saliency else None,
+            "refit_aware_saliency": saliency[0] if saliency and not choose else None,
+            "unit_choice": "refit" if choose else "fisher",
             "heads_per_layer": [len(k) for k in plan.kept_heads],
             "neurons_per_layer": [len(k) for k in plan.kept_neurons],
             "fisher_loss_estimate": fisher_loss(grads, plan),

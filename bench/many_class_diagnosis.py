@@ -5,12 +5,23 @@ Same task and teacher as bench/many_class.py. Each diagnosis changes one thing a
 and 2 by default (the table gives how many ran: the clearly-worse variants were left at one); the table gives the
 mean accuracy change against the teacher and the spread over seeds:
 
+- ``default``: the library's default, which for this many classes is the Fisher of the model's own predictive
+  distribution, J^T (diag(p) - p p^T) J (slimformer.gradients.model_fisher_probe_loss; one Gaussian probe per
+  example); every row marked ``empirical`` uses Kwon et al.'s Fisher of the labels' cross-entropy instead, the
+  default before (those rows were measured then);
 - ``fisher: temperature 2``: the Fisher's loss is the cross-entropy of logits / 2 (times 2), so that the
   training examples the converged teacher is sure of (mean top probability 0.996 on its training questions, 100%
   training accuracy) still give gradients;
-- ``fisher: softmax Gauss-Newton``: the Fisher of the model's own predictive distribution, J^T (diag(p) - p p^T) J,
-  estimated without bias by one Gaussian probe per example (as the embedding models' probe loss does for J^T J);
 - ``fisher: logit probe``: J^T J of the logits (all logit directions alike);
+- ``units chosen by the refit``: each layer keeps as many heads and neurons as the Fisher search gives it, but
+  the ones the least-squares refit can best do without go (``FlopsBudget(unit_choice="refit")``: structured
+  OBS on the pruned model's own inputs, as in ZipLM) instead of the Fisher's rearranged choice;
+- ``neuron Fisher x 2``: the neurons' Fisher doubled before the search (``neuron_weight=2``): more neurons and
+  fewer heads kept at the same FLOPs (the facts a many-class task reads are thought to sit in FFN neurons);
+- ``GN Fisher: 4 probes per example``: the calibration batches seen four times by the default (model) Fisher, each
+  time with fresh probes: a less noisy estimate of the same Fisher (the refit is unchanged by the repeats);
+- ``calibration: 6144 examples``: three times the default calibration sample (128 questions per class instead of
+  43; short questions give the FFN refit few tokens per unknown);
 - ``refit ridge x0.1`` / ``x10``: the least-squares refit's damping (default 1e-2 of the Gram's mean diagonal);
 - ``calibration: + 1 masked copy``: the calibration sample followed by a copy of it with 15% of its tokens
   masked (the augmentation that helps distillation below), so that the Fisher and the refit also see inputs the
@@ -54,17 +65,23 @@ from slimformer.importance import importance_sample
 from slimformer.train import TrainConfig
 from teachers import build_teacher, teacher_dir
 
+EMPIRICAL = {"fisher": "empirical"}
 DIAGNOSES = {
     "default": {},
-    "fisher: temperature 2": {"fisher_loss": "temperature"},
-    "fisher: softmax Gauss-Newton": {"fisher_loss": "gauss-newton"},
-    "fisher: logit probe": {"fisher_loss": "logit-probe"},
-    "refit ridge x0.1": {"damping": 1e-3},
-    "refit ridge x10": {"damping": 1e-1},
-    "calibration on dev (oracle)": {"calibration": "dev"},
-    "calibration: + 1 masked copy": {"masked_copies": 1},
-    "+ logit KD (2 epochs)": {"kd_epochs": 2.0},
-    "+ logit KD (2 epochs; 2 masked copies)": {"kd_epochs": 2.0, "masked_copies": 2},
+    "fisher: empirical (the default before)": EMPIRICAL,
+    "fisher: temperature 2": {**EMPIRICAL, "fisher_loss": "temperature"},
+    "fisher: logit probe": {**EMPIRICAL, "fisher_loss": "logit-probe"},
+    "units chosen by the refit": {"unit_choice": "refit"},
+    "units chosen by the refit (empirical Fisher)": {**EMPIRICAL, "unit_choice": "refit"},
+    "neuron Fisher x 2": {"neuron_weight": 2.0},
+    "GN Fisher: 4 probes per example": {"probes": 4},
+    "calibration: 6144 examples (128 per class)": {"calibration_examples": 6144},
+    "refit ridge x0.1": {**EMPIRICAL, "damping": 1e-3},
+    "refit ridge x10": {**EMPIRICAL, "damping": 1e-1},
+    "calibration on dev (oracle)": {**EMPIRICAL, "calibration": "dev"},
+    "calibration: + 1 masked copy": {**EMPIRICAL, "masked_copies": 1},
+    "+ logit KD (2 epochs)": {**EMPIRICAL, "kd_epochs": 2.0},
+    "+ logit KD (2 epochs; 2 masked copies)": {**EMPIRICAL, "kd_epochs": 2.0, "masked_copies": 2},
 }
 MAX_LENGTH = 64
 
@@ -75,7 +92,8 @@ def probe_loss(logits: torch.Tensor, probe: torch.Tensor, reduction: str) -> tor
 
 
 def fisher_loss(kind: str | None):
-    """The Fisher's loss replaced for the run (slimformer.gradients.task_loss is what gate_gradients calls)."""
+    """The empirical Fisher's loss replaced for the run (slimformer.gradients.task_loss is what gate_gradients
+    calls)."""
     if kind is None:
         return nullcontext()
     generator = torch.Generator().manual_seed(0)
@@ -85,10 +103,6 @@ def fisher_loss(kind: str | None):
         if kind == "temperature":  # x 2 keeps the gradients' scale comparable; the ranking does not depend on it
             return 2.0 * F.cross_entropy(logits / 2.0, labels.to(logits.device).long(), reduction=reduction)
         probe = torch.randn(logits.shape, generator=generator).to(logits)
-        if kind == "gauss-newton":  # H^(1/2) r with H = diag(p) - p p^T: E[(J^T H^(1/2) r)(...)^T] = J^T H J
-            p = torch.softmax(logits.detach(), dim=-1)
-            root = p.sqrt() * probe
-            probe = root - p * root.sum(-1, keepdim=True)
         return probe_loss(logits, probe, reduction)
 
     return mock.patch.object(gradients_module, "task_loss", loss)
@@ -110,9 +124,30 @@ def calibration_copies(copies: int | None):
     return mock.patch.object(budget_fisher, "importance_sample", patched)
 
 
+def repeated_sample(times: int | None):
+    """The calibration sample's batches repeated: each repeat draws its own probes, so the model Fisher averages
+    ``times`` probes per example; the refit's solution is unchanged (its sums and ridge scale alike)."""
+    if not times:
+        return nullcontext()
+
+    def patched(*args, **kwargs):
+        sample = importance_sample(*args, **kwargs)
+        sample.batches = list(sample.batches) * times
+        return sample
+
+    return mock.patch.object(budget_fisher, "importance_sample", patched)
+
+
 def run(diagnosis: str, fraction: float, seed: int, data, dev_data) -> dict:
     settings = DIAGNOSES[diagnosis]
-    config = slimformer.FlopsBudget(fraction, seed=seed)
+    config = slimformer.FlopsBudget(
+        fraction,
+        seed=seed,
+        unit_choice=settings.get("unit_choice", "fisher"),
+        fisher=settings.get("fisher"),
+        neuron_weight=settings.get("neuron_weight"),
+        calibration_examples=settings.get("calibration_examples", 2048),
+    )
     calibration = dev_data if settings.get("calibration") == "dev" else data
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,6 +155,7 @@ def run(diagnosis: str, fraction: float, seed: int, data, dev_data) -> dict:
             fisher_loss(settings.get("fisher_loss")),
             refit_damping(settings.get("damping")),
             calibration_copies(settings.get("masked_copies") if "kd_epochs" not in settings else None),
+            repeated_sample(settings.get("probes")),
         ):
             result = slimformer.prune(
                 str(teacher_dir(TASK)), config, calibration, max_length=MAX_LENGTH, progress=False, out=f"{tmp}/pruned"
@@ -172,7 +208,7 @@ def agreement(data, fraction: float = 0.5) -> dict:
         str(teacher_dir(TASK)), slimformer.FlopsBudget(fraction), data, max_length=MAX_LENGTH, progress=False
     )
     tokenized = tokenize_task(data, teacher.tokenizer, max_length=MAX_LENGTH)
-    found = {"fraction": fraction}
+    found = {"fraction": fraction, "fisher": pruned.report["details"]["fisher"]}
     for split in ("train", "dev"):
         rows = tokenized[split].select(range(min(2000, len(tokenized[split]))))
         dense = predict(teacher.model.eval(), teacher.tokenizer, rows, progress=False)
@@ -257,7 +293,8 @@ def write(rows: list[dict], teacher: dict, results_dir: Path, agreed: dict | Non
     if agreed:
         train, dev = agreed["train"], agreed["dev"]
         markdown += (
-            f"\nWhere the points go (the default plan at {agreed['fraction']:.0%}, calibration seed 0): on "
+            f"\nWhere the points go (the plan at {agreed['fraction']:.0%}, calibration seed 0, "
+            f"{agreed.get('fisher', 'empirical')} Fisher): on "
             f"{train['examples']} training questions the teacher is {train['teacher_accuracy']:.1%} accurate with a "
             f"mean top probability of {train['teacher_mean_top_probability']:.3f}, and the pruned model agrees with "
             f"it on {train['agreement']:.1%} of them; on {dev['examples']} dev questions (teacher "

@@ -24,6 +24,7 @@ from slimformer.budget.stream import _LayerCalls, _run_layer, head_io, output_la
 from slimformer.budget.tune import (
     _normal_equations,
     fold_scales,
+    least_error_units,
     reconstruct_weights,
     ridge_solution,
     row_scales,
@@ -924,3 +925,150 @@ def test_bfloat16_fisher_stays_close_and_records_float32_targets(family):
         # bfloat16 keeps 8 bits of mantissa: per-example gradients within a few per cent of the float32 ones
         error = (got - expected).norm() / expected.norm()
         assert 0 < error < 0.05
+
+
+def refit_problem(width: int, units: int = 8, tokens: int = 200, rows: int = 5, seed: int = 0):
+    """A ridge refit problem of ``units`` groups of ``width`` columns plus a column of ones (the bias), in which
+    unit 3 repeats unit 2's columns: one of the pair costs nothing to remove."""
+    generator = torch.Generator().manual_seed(seed)
+    n = units * width + 1
+    x = torch.randn(tokens, n, generator=generator, dtype=torch.float64)
+    x[:, 3 * width : 4 * width] = x[:, 2 * width : 3 * width]
+    x[:, -1] = 1.0
+    r = x[:, :4] @ torch.randn(4, rows, generator=generator, dtype=torch.float64)
+    r = r + torch.randn(tokens, rows, generator=generator, dtype=torch.float64)
+    w0 = 0.3 * torch.randn(n, rows, generator=generator, dtype=torch.float64)
+    w0[-1] = 0.0
+    penalty = torch.full((n,), 5.0, dtype=torch.float64)
+    penalty[-1] = 1e-2
+    weights = 0.5 + torch.rand(rows, generator=generator, dtype=torch.float64)
+    groups = [torch.arange(u * width, (u + 1) * width) for u in range(units)]
+    return x, r, w0, penalty, weights, groups
+
+
+def refit_error(x, r, w0, penalty, weights, columns) -> float:
+    """The weighted ridge objective of the refit on these columns, solved directly."""
+    xk, pk, wk = x[:, columns], penalty[columns], w0[columns]
+    solution = torch.linalg.solve(xk.T @ xk + torch.diag(pk), xk.T @ r + pk[:, None] * wk)
+    per_row = (xk @ solution - r).pow(2).sum(0) + (pk[:, None] * (solution - wk).pow(2)).sum(0)
+    return float((per_row * weights).sum())
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_least_error_units_tracks_the_refit_error_of_what_it_keeps(width):
+    x, r, w0, penalty, weights, groups = refit_problem(width)
+    bias = torch.tensor([x.shape[1] - 1])
+    kept, rises = least_error_units(x.T @ x, x.T @ r, w0, penalty, groups, 3, weights)
+    assert len(kept) == 3 and len(rises) == 5
+    full = refit_error(x, r, w0, penalty, weights, torch.arange(x.shape[1]))
+    columns = torch.cat([groups[u] for u in kept] + [bias])
+    # the closed-form updates give exactly the error of refitting the kept units from scratch
+    assert refit_error(x, r, w0, penalty, weights, columns) == pytest.approx(full + sum(rises), rel=1e-9)
+    # the duplicated unit goes first, at no cost beyond the ridge it no longer pays
+    assert rises[0] == min(rises) and not {2, 3} <= set(kept)
+    # no other choice of 3 units refits better on this small case
+    best = min(
+        refit_error(x, r, w0, penalty, weights, torch.cat([groups[u] for u in choice] + [bias]))
+        for choice in itertools.combinations(range(len(groups)), 3)
+    )
+    assert refit_error(x, r, w0, penalty, weights, columns) == pytest.approx(best, rel=1e-9)
+    # with more units to remove, several go per step (jointly accounted): still exactly the refit's error
+    x, r, w0, penalty, weights, groups = refit_problem(width, units=40, tokens=400)
+    bias = torch.tensor([x.shape[1] - 1])
+    kept, rises = least_error_units(x.T @ x, x.T @ r, w0, penalty, groups, 5, weights)
+    assert len(kept) == 5 and len(rises) < 35
+    full = refit_error(x, r, w0, penalty, weights, torch.arange(x.shape[1]))
+    columns = torch.cat([groups[u] for u in kept] + [bias])
+    assert refit_error(x, r, w0, penalty, weights, columns) == pytest.approx(full + sum(rises), rel=1e-9)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_units_chosen_by_the_refit_keep_the_counts_and_refit_as_that_plan_would(family):
+    dense = tiny_model(family).double()
+    data = batches(4)
+    plan = uneven_plan(dense)
+    choosing, again = copy.deepcopy(dense), copy.deepcopy(dense)
+    report = reconstruct_weights(choosing, plan, data, choose_units=True, progress=False)
+    chosen = report.plan
+    assert [len(k) for k in chosen.kept_heads] == [len(k) for k in plan.kept_heads]
+    assert [len(k) for k in chosen.kept_neurons] == [len(k) for k in plan.kept_neurons]
+    assert chosen.kept_neurons != plan.kept_neurons  # a choice was made (the plan's neurons are arbitrary)
+    # refitting the chosen plan from the dense model gives the same weights: the choice and the refit saw the
+    # same pruned stream, contexts of the heads not chosen included
+    reconstruct_weights(again, chosen, data, progress=False)
+    for got, expected in zip(projection_weights(choosing), projection_weights(again), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-8, rtol=0)
+    # and the chosen units refit closer to the dense model than the plan's own
+    fisher_choice = copy.deepcopy(dense)
+    reconstruct_weights(fisher_choice, plan, data, progress=False)
+    error = final_hidden_error(choosing, dense, data, plan_gates(choosing, chosen))
+    assert error < final_hidden_error(fisher_choice, dense, data, plan_gates(fisher_choice, plan))
+
+
+def test_units_chosen_by_the_refit_stay_among_the_candidates():
+    dense = tiny_model("bert").double()
+    plan = uneven_plan(dense)
+    candidates = PruningPlan(
+        layout=plan.layout,
+        kept_heads=[[0, 1, 2], [1, 2, 3]],
+        kept_neurons=[list(range(0, 64, 2)), list(range(50))],
+        model_type="bert",
+    )
+    plan.kept_heads[0] = [0, 2]
+    report = reconstruct_weights(
+        copy.deepcopy(dense), plan, batches(3), choose_units=True, candidates=candidates, progress=False
+    )
+    chosen = report.plan.kept_neurons + report.plan.kept_heads
+    for kept, pool in zip(chosen, candidates.kept_neurons + candidates.kept_heads, strict=True):
+        assert set(kept) <= set(pool)
+    assert report.plan.kept_heads[1] == [1, 2, 3]  # as many as the candidates: nothing to choose
+
+
+def test_the_model_fisher_is_the_default_for_many_classes_only():
+    from slimformer.budget.method import MANY_CLASSES, default_fisher
+
+    assert default_fisher(tiny_model("bert", num_labels=MANY_CLASSES)) == "model"
+    assert default_fisher(tiny_model("bert", num_labels=MANY_CLASSES - 1)) == "empirical"
+    assert default_fisher(tiny_model("bert", num_labels=1)) == "empirical"  # regression
+    with pytest.raises(ConfigError, match="Unknown fisher"):
+        slimformer.FlopsBudget(0.5, fisher="true")
+    with pytest.raises(ConfigError, match="unit_choice"):
+        slimformer.FlopsBudget(0.5, unit_choice="magnitude")
+    with pytest.raises(ConfigError, match="needs tune='weights'"):
+        slimformer.FlopsBudget(0.5, unit_choice="refit", tune="scales")
+
+
+def test_budget_prune_with_the_model_fisher_and_units_chosen_by_the_refit(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    glue = write_sst2(tmp_path / "glue")
+    out = tmp_path / "pruned"
+    # a classifier saved with its head, so that both runs below start from the same model
+    torch.manual_seed(0)
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    classifier.save_pretrained(tmp_path / "classifier")
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "classifier")
+    settings = {"calibration_examples": 32, "seq_len": 16, "fisher_precision": "float32"}
+    common = {"data_dir": glue, "max_length": 16, "seq_len": 16, "progress": False}
+    result = slimformer.prune(
+        str(tmp_path / "classifier"),
+        slimformer.FlopsBudget(0.5, fisher="model", unit_choice="refit", **settings),
+        "sst2",
+        out=out,
+        **common,
+    )
+    fisher_only = slimformer.prune(
+        str(tmp_path / "classifier"), slimformer.FlopsBudget(0.5, fisher="model", **settings), "sst2", **common
+    )
+    details = json.loads((out / "metrics.json").read_text())["details"]
+    assert details["fisher"] == "model" and details["unit_choice"] == "refit"
+    assert "structured OBS" in details["description"] and "rearrangement" not in details["description"]
+    # the search's counts per layer, the refit's choice of units
+    assert [len(k) for k in result.plan.kept_heads] == [len(k) for k in fisher_only.plan.kept_heads]
+    assert [len(k) for k in result.plan.kept_neurons] == [len(k) for k in fisher_only.plan.kept_neurons]
+    assert result.plan.kept_neurons != fisher_only.plan.kept_neurons
+    assert result.plan == PruningPlan.load(out / "plan.json")
+    reloaded = load_model(out)
+    inputs = tiny_inputs(seed=2)
+    inputs["input_ids"] = inputs["input_ids"] + 1000
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(**inputs).logits, result.model(**inputs).logits, atol=1e-5, rtol=0)

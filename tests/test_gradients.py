@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_inputs, tiny_model
 from slimformer.errors import SlimformerError
-from slimformer.gradients import gate_gradients
+from slimformer.gradients import gate_gradients, model_fisher_probe_loss
 from slimformer.prune import PruningPlan, plan_gates
 
 
@@ -87,3 +87,38 @@ def test_labels_are_needed_unless_label_free():
     with pytest.raises(SlimformerError, match="classification"):
         gate_gradients(regression, unlabelled, label_free=True, progress=False)
     assert all(p.requires_grad for p in model.parameters())  # restored after the error too
+
+
+def probe_covariance(logits_row: torch.Tensor, regression: bool, draws: int = 200_000) -> torch.Tensor:
+    """The covariance of the probe loss's gradient in the logits, over ``draws`` copies of one example."""
+    logits = logits_row.repeat(draws, 1).requires_grad_(True)
+    loss = model_fisher_probe_loss(logits, regression, torch.Generator().manual_seed(0), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, logits)
+    return grad.T @ grad / draws
+
+
+def test_model_fisher_probe_has_the_softmax_curvature_as_its_covariance():
+    # the gradient in the logits is A r with A A^T = diag(p) - p p^T, so masks' gradients (J^T A r) have
+    # covariance J^T (diag(p) - p p^T) J: the Fisher of the model's own distribution
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]], dtype=torch.float64)
+    p = logits.softmax(-1)[0]
+    torch.testing.assert_close(probe_covariance(logits, False), torch.diag(p) - torch.outer(p, p), atol=5e-3, rtol=0)
+    # a sure prediction gives (nearly) no curvature, as the model's own distribution says
+    sure = torch.tensor([[30.0, 0.0, 0.0]], dtype=torch.float64)
+    assert probe_covariance(sure, False).abs().max() < 1e-9
+    # a regression head's unit Gaussian: identity curvature
+    torch.testing.assert_close(probe_covariance(torch.tensor([[0.3]]), True), torch.ones(1, 1), atol=1e-2, rtol=0)
+
+
+def test_model_fisher_needs_no_labels_and_unknown_kinds_are_refused():
+    model = tiny_model("bert")
+    unlabelled = [{k: v for k, v in batch.items() if k != "labels"} for batch in batches(n=2, size=3)]
+    with pytest.raises(SlimformerError, match="no labels"):
+        gate_gradients(model, unlabelled, per_example=True, progress=False)
+    result = gate_gradients(model, unlabelled, per_example=True, fisher="model", progress=False)
+    assert result.n_examples == 6 and all(bool(h.abs().sum() > 0) for h in result.heads)
+    # not the labels' gradients: the probe replaces the loss
+    labelled = gate_gradients(model, batches(n=2, size=3), per_example=True, progress=False)
+    assert not torch.allclose(result.heads[0], labelled.heads[0])
+    with pytest.raises(SlimformerError, match="Unknown fisher"):
+        gate_gradients(model, unlabelled, fisher="exact", progress=False)

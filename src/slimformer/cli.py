@@ -367,6 +367,8 @@ def _prune_config(options: dict):
         "fisher_scale": options["fisher_scale"],
         "neuron_weight": options["neuron_weight"],
         "fisher_precision": options["fisher_precision"],
+        "fisher": options["fisher"],
+        "unit_choice": options["unit_choice"],
         "steps": options["budget_steps"],
     }
     if options["sparse"] is not None:
@@ -569,6 +571,22 @@ def prune(
             "hardware has it natively; float32 gives the same plan on every machine)."
         ),
     ] = "auto",
+    fisher: Annotated[
+        str | None,
+        typer.Option(
+            help="Budget pruning: the Fisher units are ranked by: 'empirical' (of the labels' loss, Kwon et al.) or "
+            "'model' (of the model's own predicted distribution; no labels needed). Default: model for "
+            "classifiers with 9 or more classes, empirical otherwise."
+        ),
+    ] = None,
+    unit_choice: Annotated[
+        str,
+        typer.Option(
+            help="Budget pruning: which heads and neurons each layer keeps (how many comes from the search): "
+            "'fisher' (the Fisher's rearranged choice) or 'refit' (those the least-squares refit does best "
+            "without, chosen layer by layer; ZipLM)."
+        ),
+    ] = "fisher",
     budget_steps: Annotated[
         int,
         typer.Option(

@@ -301,6 +301,8 @@ class PlanFile(PruneConfig):
 
 FISHER_SCALES = ("global", "layer")
 FISHER_PRECISIONS = ("float32", "bfloat16", "auto")
+UNIT_CHOICES = ("fisher", "refit")
+FISHER_KINDS = ("empirical", "model")  # as slimformer.gradients.FISHER_KINDS (configs import nothing heavy)
 
 
 @dataclass(frozen=True)
@@ -340,9 +342,24 @@ class _Budget(PruneConfig):
     # slimformer.budget.fisher.fisher_autocast; the default: within the seeds' noise in score on SST-2 and STS-B at
     # 50 / 40 / 30%, bench/results/fisher_precision.md); "float32" gives the same plan on every machine
     fisher_precision: str = "auto"
+    # which heads and neurons each layer keeps (how many comes from the Fisher search): "fisher", Kwon's ranking
+    # after rearrangement; "refit", the ones whose removal the least-squares refit makes up for best, chosen layer
+    # by layer on the pruned model's inputs (structured OBS as in ZipLM, Kurtic et al. 2023; tune="weights" only)
+    unit_choice: str = "fisher"
+    # the Fisher the search ranks units by: "empirical", of the labels' loss (Kwon et al.; the model's predicted
+    # labels with label_free); "model", of the model's own predictive distribution (needs no labels;
+    # slimformer.gradients.model_fisher_probe_loss); None: chosen from the task
+    # (slimformer.budget.method.default_fisher: "model" for classifiers with many classes)
+    fisher: str | None = None
 
     def check(self) -> None:
         parse_memory(self.max_memory)
+        if self.fisher not in (None, *FISHER_KINDS):
+            raise ConfigError(f"Unknown fisher {self.fisher!r}: choose one of {', '.join(FISHER_KINDS)}.")
+        if self.unit_choice not in UNIT_CHOICES:
+            raise ConfigError(f"Unknown unit_choice {self.unit_choice!r}: choose one of {', '.join(UNIT_CHOICES)}.")
+        if self.unit_choice == "refit" and self.tune != "weights":
+            raise ConfigError("unit_choice='refit' chooses units by the weight refit: it needs tune='weights'.")
         _positive("steps", self.steps)
         if self.fisher_precision not in FISHER_PRECISIONS:
             raise ConfigError(

@@ -74,6 +74,34 @@ def embedding_probe_loss(embeddings: torch.Tensor, generator: torch.Generator, r
     return total if reduction == "sum" else total / embeddings.shape[0]
 
 
+def model_fisher_probe_loss(
+    logits: torch.Tensor, regression: bool, generator: torch.Generator, reduction: str = "mean"
+) -> torch.Tensor:
+    """A loss whose per-example gradients estimate, without bias, the Fisher of the model's own predictive
+    distribution (the "true" Fisher, a Gauss-Newton matrix) instead of the empirical Fisher of the labels.
+
+    For a softmax classifier the curvature of the log-likelihood in the logits is H = diag(p) - p p^T, so the
+    Fisher of parameters (here: masks) is J^T H J with J the logits' Jacobian. With A = diag(sqrt p) - p sqrt(p)^T,
+    A A^T = H, and for r ~ N(0, I) the gradient of <logits, A r> (A held fixed) is g = J^T A r with E[g g^T] =
+    J^T H J. Unlike the empirical Fisher, it does not vanish on examples the model is sure of: a converged
+    many-class teacher predicts its training examples with probability near 1, and their cross-entropy gradients
+    then say little about which units matter (bench/results/many_class_diagnosis.md). A regression head's
+    unit-variance Gaussian gives H = I: the probe is r itself. Kwon et al. 2022 estimate the empirical Fisher; the
+    distinction is Martens 2020, "New insights and perspectives on the natural gradient method", §9-11.
+    """
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    probe = torch.randn(logits.shape, generator=generator, dtype=torch.float32).to(logits)
+    if not regression:
+        p = torch.softmax(logits.detach(), dim=-1)
+        root = p.sqrt() * probe
+        probe = root - p * root.sum(-1, keepdim=True)
+    total = (logits * probe).sum()
+    return total if reduction == "sum" else total / logits.shape[0]
+
+
+FISHER_KINDS = ("empirical", "model")
+
+
 @dataclass
 class GateGradients:
     """Gate gradients per layer: ``heads[l]``, ``neurons[l]`` and ``mlps`` (one entry per layer).
@@ -119,6 +147,7 @@ def gate_gradients(
     progress: bool = True,
     description: str = "gate gradients",
     autocast: torch.dtype | None = None,
+    fisher: str = "empirical",
 ) -> GateGradients:
     """Gradients of the task loss with respect to head, neuron and MLP gates (all at 1), over ``batches``.
 
@@ -126,8 +155,12 @@ def gate_gradients(
     ``per_example=True``: every example's own gradient of its loss (``square`` does not apply). ``label_free``
     uses the model's predicted class as the label (classification only). ``base``: fixed gates kept in place.
     A sentence-embedding model needs no labels: its loss is :func:`embedding_probe_loss`. ``autocast``: run the
-    passes under ``torch.autocast`` in this dtype (the gates and the loss stay in float32).
+    passes under ``torch.autocast`` in this dtype (the gates and the loss stay in float32). ``fisher="model"``:
+    the loss is :func:`model_fisher_probe_loss` (no labels needed), whose squared per-example gradients estimate the
+    Fisher of the model's own predictive distribution.
     """
+    if fisher not in FISHER_KINDS:
+        raise SlimformerError(f"Unknown fisher {fisher!r}: choose one of {', '.join(FISHER_KINDS)}.")
     embedder = is_sentence_embedder(model)
     if label_free and is_regression(model) and not embedder:
         raise SlimformerError(
@@ -155,7 +188,7 @@ def gate_gradients(
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in tqdm(batches, total=total, desc=description, disable=not progress, leave=False):
             inputs = model_inputs(batch, device)
-            if not (label_free or embedder) and "labels" not in batch:
+            if not (label_free or embedder or fisher == "model") and "labels" not in batch:
                 raise SlimformerError("A batch has no labels; pass labelled data or use label_free=True.")
             size = int(inputs["input_ids"].shape[0])
             # one gate per unit, or one per unit and example (a leading batch dimension)
@@ -178,6 +211,9 @@ def gate_gradients(
                 logits = model(**inputs).logits.to(dtype)
                 if embedder:
                     loss = embedding_probe_loss(logits, probes, reduction="sum" if per_example else "mean")
+                elif fisher == "model":
+                    reduction = "sum" if per_example else "mean"
+                    loss = model_fisher_probe_loss(logits, regression, probes, reduction=reduction)
                 else:
                     labels = logits.detach().argmax(dim=-1) if label_free else batch["labels"]
                     loss = task_loss(logits, labels, regression, reduction="sum" if per_example else "mean")
@@ -204,4 +240,12 @@ def gate_gradients(
     )
 
 
-__all__ = ["GateGradients", "gate_gradients", "is_regression", "model_inputs", "task_loss"]
+__all__ = [
+    "FISHER_KINDS",
+    "GateGradients",
+    "gate_gradients",
+    "is_regression",
+    "model_fisher_probe_loss",
+    "model_inputs",
+    "task_loss",
+]

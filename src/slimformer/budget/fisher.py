@@ -110,6 +110,7 @@ def collect_mask_gradients(
     record: DenseTargets | None = None,
     progress: bool = True,
     autocast: torch.dtype | None = None,
+    fisher: str = "empirical",
 ) -> MaskGradients:
     """Per-example gradients of the task loss with respect to every head and FFN-neuron mask (all masks at 1).
 
@@ -120,7 +121,8 @@ def collect_mask_gradients(
 
     ``record``: the forward passes (the dense model's, every mask at 1) also record the refit's dense targets.
     ``autocast``: the passes' arithmetic (:func:`fisher_autocast`); what ``record`` keeps is stored in the model's
-    dtype.
+    dtype. ``fisher``: ``"empirical"`` (the labels' loss, Kwon et al.) or ``"model"`` (the model's own predictive
+    distribution: :func:`slimformer.gradients.model_fisher_probe_loss`).
     """
     if label_free and is_regression(model) and not is_sentence_embedder(model):
         raise SlimformerError("Label-free Fisher needs a classification task; give labels for regression tasks.")
@@ -133,6 +135,7 @@ def collect_mask_gradients(
             progress=progress,
             description="Fisher (per-example mask gradients)",
             autocast=autocast,
+            fisher=fisher,
         )
     return MaskGradients(heads=gradients.heads, neurons=gradients.neurons)
 
@@ -155,6 +158,7 @@ def calibration_mask_gradients(
     record: DenseTargets | None = None,
     progress: bool = True,
     autocast: torch.dtype | None = None,
+    fisher: str = "empirical",
 ) -> tuple[MaskGradients, ImportanceSample]:
     """Kwon et al.'s mask gradients on a seeded calibration sample of ``n_examples`` rows of ``data``, and the
     sample itself (its length-grouped batches; the refit reuses them).
@@ -172,7 +176,13 @@ def calibration_mask_gradients(
         length_grouped=True,
     )
     gradients = collect_mask_gradients(
-        model, sample.batches, label_free=label_free, record=record, progress=progress, autocast=autocast
+        model,
+        sample.batches,
+        label_free=label_free,
+        record=record,
+        progress=progress,
+        autocast=autocast,
+        fisher=fisher,
     )
     return gradients, sample
 

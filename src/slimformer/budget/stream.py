@@ -93,6 +93,7 @@ class ActivationStore:
         self._items: dict[int, torch.Tensor] = {}
         self._devices: dict[int, torch.device] = {}  # where a spilled tensor came from (and goes back to)
         self._in_ram: dict[int, int] = {}  # index -> bytes counted against the budget
+        self.columns: torch.Tensor | None = None  # for stores of units: which input columns they hold
 
     def __setitem__(self, index: int, tensor: torch.Tensor) -> None:
         self._drop(index)
@@ -752,15 +753,22 @@ def _pruned_source(
         columns = None if twin is None else _unit_columns(view, part, gates)
         keep_contexts = part == "attention" and twin is not None and contexts is not None
         replay = part == "ffn" and twin is not None and contexts is not None and len(contexts) == n_batches
+        context_positions = None
         if replay:
             spec = get_spec(model)
             attn_norm, act = resolve(layer, spec.attn_norm), resolve(layer, spec.ffn_act)
+            kept_columns = _unit_columns(view, "attention", gates)
+            if not torch.equal(contexts.columns, kept_columns):
+                context_positions = torch.searchsorted(contexts.columns, kept_columns)
         for index in range(n_batches):
             seen: dict = {}
             if replay:  # post-LN: FFN input = LayerNorm(x + o(contexts)); units = act(up(FFN input))
                 valid = calls.valid(index)
+                context = contexts[index]
+                if context_positions is not None:  # the attention step chose among more heads than it kept
+                    context = context.index_select(-1, context_positions.to(context.device))
                 with torch.no_grad():
-                    seen["x"] = attn_norm(pruned[index] + runs.attn_out(contexts[index]))
+                    seen["x"] = attn_norm(pruned[index] + runs.attn_out(context))
                     seen["units"] = act(runs.ffn_up(seen["x"]))
                 contexts.discard(index)
             else:
@@ -780,6 +788,7 @@ def _pruned_source(
                 ffn_seen.add(index, x, seen["units"], gates.neurons[view.index], kept_only=twin is not None)
             elif keep_contexts:
                 contexts[index] = seen["units"]
+                contexts.columns = columns
             trim()
             yield SublayerBatch(
                 x=_rows(x, valid, first_token),

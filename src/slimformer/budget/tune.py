@@ -21,7 +21,7 @@ Either way the result is an ordinary physically pruned model in slimformer's for
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +49,7 @@ class TuningReport:
 
     layers: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
+    plan: PruningPlan | None = None  # the plan applied: the input plan, or the units ``choose_units`` chose
 
 
 def _setup(model: PreTrainedModel, plan: PruningPlan) -> tuple[torch.device, Gates]:
@@ -200,6 +201,8 @@ def reconstruct_weights(
     max_memory: int | None = None,
     dense: DenseTargets | None = None,
     row_scaled_ridge: bool = True,
+    choose_units: bool = False,
+    candidates: PruningPlan | None = None,
     progress: bool = True,
 ) -> TuningReport:
     """Refit, in place, the kept columns (and the bias) of every output and down projection by least squares, so
@@ -224,6 +227,11 @@ def reconstruct_weights(
     ``dense``: the dense targets recorded during an earlier pass over ``batches`` (the Fisher's); without them the
     refit runs the dense model beside the pruned one.
 
+    ``choose_units``: keep the plan's number of heads and neurons per sub-layer, but choose which ones by the refit
+    itself (:func:`least_error_units`: the units whose removal the least-squares refit makes up for best, measured
+    on the pruned model's own inputs, as ZipLM does) instead of the plan's Fisher ranking, among the units
+    ``candidates`` keeps (default: all). ``report.plan`` gives the plan that was applied.
+
     ``row_scaled_ridge``: each output row's ridge grows with its share of the target's energy (:func:`row_scales`),
     so that the few residual-stream dimensions with massive activations (Kovaleva et al. 2021, "BERT Busters";
     Sun et al. 2024, "Massive Activations") are fitted on their relative error like every other row. With one ridge
@@ -234,6 +242,9 @@ def reconstruct_weights(
     """
     device, gates = _setup(model, plan)
     report = TuningReport()
+    chosen = {"attention": [list(k) for k in plan.kept_heads], "ffn": [list(k) for k in plan.kept_neurons]}
+    pool_plan = candidates if candidates is not None else PruningPlan.keep_all(model)
+    alive = {"attention": pool_plan.kept_heads, "ffn": pool_plan.kept_neurons}
     was_training = model.training
     model.eval()
     steps = walk_sublayers(
@@ -252,14 +263,21 @@ def reconstruct_weights(
         bar = tqdm(total=total, desc="weight reconstruction (least squares)", disable=not progress, leave=False)
         for view, part, source in steps:
             bar.update()
+            choose = None
             if part == "classifier":
                 proj = output_layer(model)
                 kept = columns = torch.arange(proj.in_features)
             else:
-                kept = plan.kept_heads[view.index] if part == "attention" else plan.kept_neurons[view.index]
+                kept = chosen[part][view.index]
                 if not kept:
                     continue
                 proj = projection(view, part)
+                pool = alive[part][view.index]
+                if choose_units and len(kept) < len(pool):
+                    # every candidate's columns enter the statistics; the choice then keeps len(kept) of them
+                    choose, kept = len(kept), pool
+                    gate = gates.heads[view.index] if part == "attention" else gates.neurons[view.index]
+                    gate[torch.tensor(pool, dtype=torch.long, device=gate.device)] = 1.0
             if part == "attention":
                 columns = head_columns(kept, view.head_size)
             elif part == "ffn":
@@ -269,11 +287,21 @@ def reconstruct_weights(
             residual_sq = float(residual_rows.sum())
             w0 = proj.weight.detach().double().cpu()[:, columns]  # [hidden, n]
             start = torch.cat([w0.T, torch.zeros(1, w0.shape[0], dtype=w0.dtype)]) if with_bias else w0.T
+            if choose is not None:
+                width = view.head_size if part == "attention" else 1
+                groups = [torch.arange(i * width, (i + 1) * width) for i in range(len(kept))]
+                weights = 1.0 / row_scales(residual_rows) if row_scaled_ridge else None
+                penalty = _ridge_penalty(gram, damping, with_bias)
+                positions, _ = least_error_units(gram, cross, start, penalty, groups, choose, weights)
+                kept = [kept[i] for i in positions]
+                chosen_columns = torch.cat([groups[i] for i in positions])
+                rows = torch.cat([chosen_columns, torch.tensor([gram.shape[0] - 1])]) if with_bias else chosen_columns
+                gram, cross, start, columns = gram[rows][:, rows], cross[rows], start[rows], columns[chosen_columns]
+                gate.zero_()
+                gate[torch.tensor(kept, dtype=torch.long, device=gate.device)] = 1.0
+                chosen[part][view.index] = kept
+            penalty = _ridge_penalty(gram, damping, with_bias)
             error_start = float((start * (gram @ start)).sum() - 2 * (start * cross).sum() + residual_sq)
-            ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
-            penalty = torch.full((gram.shape[0],), ridge, dtype=gram.dtype)
-            if with_bias:
-                penalty[-1] = ridge * 1e-3  # the bias is nearly free
             solution = ridge_solution(
                 gram, cross, start, penalty, row_scales(residual_rows) if row_scaled_ridge else None
             )
@@ -299,7 +327,17 @@ def reconstruct_weights(
     finally:
         steps.close()
         model.train(was_training)
+    report.plan = replace(plan, kept_heads=chosen["attention"], kept_neurons=chosen["ffn"]) if choose_units else plan
     return report
+
+
+def _ridge_penalty(gram: torch.Tensor, damping: float, with_bias: bool) -> torch.Tensor:
+    """The refit's ridge per input column: ``damping`` times the Gram's mean diagonal, the bias nearly free."""
+    ridge = damping * float(gram.diagonal().mean().clamp_min(1e-12))
+    penalty = torch.full((gram.shape[0],), ridge, dtype=gram.dtype)
+    if with_bias:
+        penalty[-1] = ridge * 1e-3
+    return penalty
 
 
 def row_scales(residual_rows: torch.Tensor) -> torch.Tensor:
@@ -366,3 +404,75 @@ def _regression_statistics(
         residual_rows += residual.pow(2).sum(dim=0, dtype=torch.float64)
         signal_sq += float(batch.target.pow(2).sum(dtype=torch.float64))
     return gram, cross, residual_rows, signal_sq
+
+
+# least_error_units removes this share of the units still to go at each step (at least one): a step is one
+# pass over H^-1, so removing one unit at a time would cost one pass per unit (MiniLM-L6's FFN: 19 s a layer)
+REMOVAL_SHARE = 0.125
+
+
+def least_error_units(
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    start: torch.Tensor,
+    penalty: torch.Tensor,
+    groups: Sequence[torch.Tensor],
+    keep: int,
+    row_weights: torch.Tensor | None = None,
+) -> tuple[list[int], list[float]]:
+    """The ``keep`` units whose least-squares refit leaves the least error, found by greedy backward elimination
+    with Optimal Brain Surgeon updates (Hassibi & Stork 1993), structured as in ZipLM (Kurtic et al. 2023).
+
+    The refit problem is :func:`ridge_solution`'s with one ridge for every output row: minimise
+    sum_j w_j (||X W_j - R_j||^2 + sum_c penalty_c (W_cj - W0_cj)^2) over the kept columns, with
+    H = X^T X + diag(penalty) and the optimum W* = H^-1 (X^T R + diag(penalty) W0). Each unit is a group of the
+    projection's input columns (``groups[u]``: one head's context columns, or one neuron's). Zeroing a set S of
+    columns of the current optimum and refitting the rest raises the error by sum_j w_j W*_Sj^T [(H^-1)_SS]^-1
+    W*_Sj, less the ridge the removed columns no longer pay. Each step ranks the units by their own rise, removes
+    the ``REMOVAL_SHARE`` of those still to go that rise least (at least one), updates W* and H^-1 in closed form
+    (block elimination) and drops their rows, until ``keep`` remain. Columns in no group (the bias's column of ones)
+    always stay.
+
+    Returns the kept units (sorted) and the rise of the error at each step, in order: the refit's error on the
+    units left is the full refit's plus their sum.
+    """
+    penalty = penalty.double()
+    weights = torch.ones(cross.shape[1], dtype=torch.float64) if row_weights is None else row_weights.double()
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram.double() + torch.diag(penalty)))
+    optimum = inverse @ (cross.double() + penalty[:, None] * start.double())
+    # what the ridge charges a group for leaving its start: paid while the group is kept, not once it is gone
+    ridge_cost = torch.stack([((penalty[g, None] * start[g].double().pow(2)) * weights).sum() for g in groups])
+    width = len(groups[0]) if groups else 0
+    if any(len(g) != width for g in groups):
+        raise ValueError("every unit must have as many columns")
+    # where each alive unit's columns are now (rows of the shrinking H^-1 and W*): [units, width]
+    alive = torch.arange(len(groups))
+    where = torch.stack(list(groups)) if groups else torch.zeros(0, 0, dtype=torch.long)
+    rises: list[float] = []
+    while len(alive) > keep:
+        if width == 1:  # every unit's rise at once
+            rows = where[:, 0]
+            rise = (optimum[rows].pow(2) @ weights) / inverse[rows, rows]
+        else:
+            rise = torch.stack(
+                [(optimum[r] * torch.linalg.solve(inverse[r][:, r], optimum[r])).sum(0) @ weights for r in where]
+            )
+        rise = rise - ridge_cost[alive]
+        count = max(1, int((len(alive) - keep) * REMOVAL_SHARE))
+        going = torch.topk(rise, count, largest=False).indices
+        drop = where[going].flatten()
+        column = inverse[:, drop]
+        block = torch.linalg.inv(inverse[drop][:, drop])
+        weight_rows = optimum[drop]
+        rises.append(float((weight_rows * (block @ weight_rows)).sum(0) @ weights - ridge_cost[alive[going]].sum()))
+        optimum = optimum - column @ (block @ weight_rows)
+        inverse = inverse - column @ (block @ inverse[drop, :])
+        # drop the removed rows and columns; the others' positions shift down
+        stays = torch.ones(inverse.shape[0], dtype=torch.bool)
+        stays[drop] = False
+        inverse, optimum = inverse[stays][:, stays], optimum[stays]
+        shift = torch.cumsum(stays.long(), 0) - 1
+        remaining = torch.ones(len(alive), dtype=torch.bool)
+        remaining[going] = False
+        alive, where = alive[remaining], shift[where[remaining]]
+    return sorted(alive.tolist()), rises
