@@ -366,8 +366,14 @@ def render(data: dict) -> str:
         )
     summary = []
     for model in data["dense"]:
-        for label, prefix in (("neuron weight 1", "neuron weight 1"), ("neuron weight 0.5", "neuron Fisher x 0.5")):
-            same = [r for r in data["rows"] if r["model"] == model and r["row"].startswith(prefix)]
+        for label, prefix in (
+            ("neuron weight 1", "neuron weight 1"),
+            ("neuron weight 0.5", "neuron Fisher x 0.5"),
+            ("neuron weight 0.5, units chosen by the refit", CHOSEN_HALF),
+        ):
+            same = [
+                r for r in data["rows"] if r["model"] == model and r["row"].startswith(prefix) and r["budget"] == 0.5
+            ]
             if len(same) > 1:
                 sts = statistics.mean(100 * r["sts_spearman"] for r in same)
                 ndcg = statistics.mean(100 * r["ndcg@10"] for r in same)

@@ -264,6 +264,8 @@ def test_budget_prune_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     reloaded = load_model(out)
     assert flops(reloaded.model, seq_len=16).encoder == models["after"]["encoder_flops"]
     assert "ZipLM" in details["description"] and len(details["tuning"]) == 4  # refit weights by default
+    # a binary task model: the labels' Fisher and its rearranged choice of units
+    assert details["fisher"] == "empirical" and details["unit_choice"] == "fisher"
     # the default Fisher precision follows the processor: bfloat16 only where it multiplies it natively
     assert details["fisher_precision"] == ("bfloat16" if native_bfloat16(torch.device("cpu")) else "float32")
     inputs = tiny_inputs(seed=2)

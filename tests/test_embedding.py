@@ -321,8 +321,11 @@ def test_label_free_budget_pruning_of_an_embedding_model(tiny_model_dir, tmp_pat
     report = json.loads((out / "metrics.json").read_text())
     assert report["models"]["after"]["encoder_flops"] <= 0.5 * report["models"]["before"]["encoder_flops"]
     assert report["primary_metric"] == "spearman_cosine" and report["details"]["calibration"]["n_examples"] == 32
-    # embedding models' defaults: each layer's Fisher scaled to sum 1, neurons weighed at half the heads
-    assert report["details"]["fisher_scale"] == "layer" and report["details"]["neuron_weight"] == 0.5
+    # embedding models' defaults: each layer's Fisher scaled to sum 1, neurons weighed at half the heads, the units
+    # of each layer chosen by the least-squares refit
+    details = report["details"]
+    assert details["fisher_scale"] == "layer" and details["neuron_weight"] == 0.5
+    assert details["unit_choice"] == "refit" and "structured OBS" in details["description"]
     reloaded = load_model(out)  # the folder remembers it is an embedding model
     assert isinstance(reloaded.model, SentenceEmbedder)
     inputs = tiny_inputs(seed=2)

@@ -580,13 +580,13 @@ def prune(
         ),
     ] = None,
     unit_choice: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Budget pruning: which heads and neurons each layer keeps (how many comes from the search): "
             "'fisher' (the Fisher's rearranged choice) or 'refit' (those the least-squares refit does best "
-            "without, chosen layer by layer; ZipLM)."
+            "without, chosen layer by layer; ZipLM). Default: refit for sentence-embedding models, fisher otherwise."
         ),
-    ] = "fisher",
+    ] = None,
     budget_steps: Annotated[
         int,
         typer.Option(

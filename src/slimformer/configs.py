@@ -344,8 +344,11 @@ class _Budget(PruneConfig):
     fisher_precision: str = "auto"
     # which heads and neurons each layer keeps (how many comes from the Fisher search): "fisher", Kwon's ranking
     # after rearrangement; "refit", the ones whose removal the least-squares refit makes up for best, chosen layer
-    # by layer on the pruned model's inputs (structured OBS as in ZipLM, Kurtic et al. 2023; tune="weights" only)
-    unit_choice: str = "fisher"
+    # by layer on the pruned model's inputs (structured OBS as in ZipLM, Kurtic et al. 2023; tune="weights" only).
+    # None: "refit" for sentence-embedding models refit by least squares (all-MiniLM-L6-v2 at 50%, 3 calibration
+    # seeds: retrieval nDCG@10 +1.2, STS-B -0.07; bench/results/embedding_diagnosis.md), "fisher" otherwise (the
+    # 48-class task: within the seeds' spread; bench/results/many_class_diagnosis.md)
+    unit_choice: str | None = None
     # the Fisher the search ranks units by: "empirical", of the labels' loss (Kwon et al.; the model's predicted
     # labels with label_free); "model", of the model's own predictive distribution (needs no labels;
     # slimformer.gradients.model_fisher_probe_loss); None: chosen from the task
@@ -356,7 +359,7 @@ class _Budget(PruneConfig):
         parse_memory(self.max_memory)
         if self.fisher not in (None, *FISHER_KINDS):
             raise ConfigError(f"Unknown fisher {self.fisher!r}: choose one of {', '.join(FISHER_KINDS)}.")
-        if self.unit_choice not in UNIT_CHOICES:
+        if self.unit_choice not in (None, *UNIT_CHOICES):
             raise ConfigError(f"Unknown unit_choice {self.unit_choice!r}: choose one of {', '.join(UNIT_CHOICES)}.")
         if self.unit_choice == "refit" and self.tune != "weights":
             raise ConfigError("unit_choice='refit' chooses units by the weight refit: it needs tune='weights'.")

@@ -123,6 +123,15 @@ def default_neuron_weight(model, config: FlopsBudget | LatencyBudget) -> float:
 MANY_CLASSES = 9
 
 
+def default_unit_choice(model, config: FlopsBudget | LatencyBudget) -> str:
+    """``"refit"`` for a sentence-embedding model refit by least squares, whose objective is the refit's own
+    (keep the dense model's outputs): on all-MiniLM-L6-v2 at 50% of the FLOPs, over 3 calibration seeds, retrieval
+    nDCG@10 76.06 instead of 74.88 and STS-B 85.87 instead of 85.94; at 40% (one seed) 74.90 / 85.80 instead of
+    73.39 / 85.39 (bench/results/embedding_diagnosis.md). ``"fisher"`` for task models: on the 48-class task it
+    moved the score within the seeds' spread (bench/results/many_class_diagnosis.md) at twice the refit time."""
+    return "refit" if is_sentence_embedder(model) and config.tune == "weights" else "fisher"
+
+
 def default_fisher(model) -> str:
     """``"model"`` for a classifier with many classes (``MANY_CLASSES`` or more), ``"empirical"`` otherwise.
 
@@ -176,6 +185,7 @@ def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, 
 
     autocast = fisher_autocast(model, config.fisher_precision)
     fisher = config.fisher or default_fisher(model)
+    unit_choice = config.unit_choice or default_unit_choice(model, config)
     # least squares, like the Fisher, does not depend on batching: the refit reuses the length-grouped sample
     gradients, sample = calibration_mask_gradients(
         model,
@@ -230,7 +240,7 @@ def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, 
         )
         lap("search")
         searched = plan
-        if config.rearrange and config.unit_choice == "fisher":  # a refit choice overrides what it would move
+        if config.rearrange and unit_choice == "fisher":  # a refit choice overrides what it would move
             plan = rearrange(plan, gradients.heads, gradients.neurons, alive=alive)
         lap("rearrange")
         loss_estimate = {"searched": fisher_loss(gradients, searched), "rearranged": fisher_loss(gradients, plan)}
@@ -244,7 +254,7 @@ def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, 
                 last_layer_rows=rows,
                 max_memory=max_memory,
                 dense=recorded,
-                choose_units=config.unit_choice == "refit",
+                choose_units=unit_choice == "refit",
                 candidates=alive,
                 progress=ctx.progress,
             )
@@ -256,13 +266,13 @@ def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, 
         rounds.append({"fraction": fraction, "fisher_loss_estimate": loss_estimate})
     details = {
         "description": "Kwon et al. 2022: Fisher mask search"
-        + (" + rearrangement" if config.rearrange and config.unit_choice == "fisher" else "")
-        + (" + units chosen by the refit (structured OBS, ZipLM)" if config.unit_choice == "refit" else "")
+        + (" + rearrangement" if config.rearrange and unit_choice == "fisher" else "")
+        + (" + units chosen by the refit (structured OBS, ZipLM)" if unit_choice == "refit" else "")
         + TUNING[config.tune]
         + (f", in {config.steps} steps (Fisher measured again on the pruned model)" if config.steps > 1 else ""),
         "budget": {config.method: config.fraction, "seq_len": config.seq_len, **latency_info},
         "fisher": fisher,
-        "unit_choice": config.unit_choice,
+        "unit_choice": unit_choice,
         "fisher_scale": fisher_scale,
         "neuron_weight": neuron_weight,
         "fisher_precision": "float32" if autocast is None else str(autocast).removeprefix("torch."),
