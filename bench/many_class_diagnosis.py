@@ -143,7 +143,7 @@ def run(diagnosis: str, fraction: float, seed: int, data, dev_data) -> dict:
     config = slimformer.FlopsBudget(
         fraction,
         seed=seed,
-        unit_choice=settings.get("unit_choice", "fisher"),
+        unit_choice=settings.get("unit_choice"),
         fisher=settings.get("fisher"),
         neuron_weight=settings.get("neuron_weight"),
         calibration_examples=settings.get("calibration_examples", 2048),

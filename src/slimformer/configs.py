@@ -302,7 +302,7 @@ class PlanFile(PruneConfig):
 FISHER_SCALES = ("global", "layer")
 FISHER_PRECISIONS = ("float32", "bfloat16", "auto")
 UNIT_CHOICES = ("fisher", "refit")
-FISHER_KINDS = ("empirical", "model")  # as slimformer.gradients.FISHER_KINDS (configs import nothing heavy)
+FISHER_KINDS = ("empirical", "model")  # the Fishers slimformer.gradients.gate_gradients estimates
 
 
 @dataclass(frozen=True)

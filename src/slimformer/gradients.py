@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from slimformer.arch import layer_views
+from slimformer.configs import FISHER_KINDS
 from slimformer.embedding import is_sentence_embedder
 from slimformer.errors import SlimformerError
 from slimformer.gates import Gates, gated
@@ -90,16 +91,13 @@ def model_fisher_probe_loss(
     distinction is Martens 2020, "New insights and perspectives on the natural gradient method", §9-11.
     """
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if regression:  # H = I: the embedding probe's Gaussian
+        return embedding_probe_loss(logits, generator, reduction)
     probe = torch.randn(logits.shape, generator=generator, dtype=torch.float32).to(logits)
-    if not regression:
-        p = torch.softmax(logits.detach(), dim=-1)
-        root = p.sqrt() * probe
-        probe = root - p * root.sum(-1, keepdim=True)
-    total = (logits * probe).sum()
+    p = torch.softmax(logits.detach(), dim=-1)
+    root = p.sqrt() * probe
+    total = (logits * (root - p * root.sum(-1, keepdim=True))).sum()
     return total if reduction == "sum" else total / logits.shape[0]
-
-
-FISHER_KINDS = ("empirical", "model")
 
 
 @dataclass
