@@ -8,6 +8,9 @@ Each run is a fresh process (its peak resident memory is its own). Models:
 - ``minilm-l6``: the converged STS-B teacher of bench/teachers.py (scored on STS-B dev before and after);
 - ``mpnet``: all-mpnet-base-v2 (``../shared/models/all-mpnet-base-v2.sh``) with a new classification head;
   ``mpnet-sst2``: the same on SST-2 sentences with the label-free Fisher (the issue's first measurement);
+- ``minilm-l6-embed`` / ``mpnet-embed``: the sentence-embedding models as bench/embeddings.py prunes them (label-free,
+  its calibration texts: STS-B train sentences, SQuAD questions and paragraphs of the held-out articles, read up to
+  256 tokens; by default each layer's units chosen by the refit);
 - ``bert-base`` / ``bert-large`` / ``bert-base-L<n>``: BERT shapes from a config, random weights (the score means
   nothing, the cost is real), the MiniLM word-piece tokenizer.
 
@@ -34,6 +37,22 @@ SHAPES = {  # hidden, layers, heads, FFN
     "bert-large": (1024, 24, 16, 4096),
 }
 RESULT_MARK = "BUDGET_SCALING_RESULT "
+EMBEDDING_MODELS = {"minilm-l6-embed": "minilm-l6", "mpnet-embed": "mpnet"}
+EMBEDDING_TASK = "embedding-bench"  # bench/embeddings.py's calibration texts
+
+
+def load_data(task: str, glue: str, examples: int):
+    """(task data, max length): a GLUE task at 128 tokens, or the embeddings bench's calibration texts at its
+    passage length."""
+    import slimformer
+
+    if task != EMBEDDING_TASK:
+        return slimformer.load_task(task, data_dir=glue), 128
+    from embeddings import PASSAGE_TOKENS, calibration_texts, split_articles, text_task
+
+    sts = slimformer.load_task("stsb-embed", data_dir=glue)
+    _, texts = split_articles(slimformer.load_task("squad-retrieval"))
+    return text_task(sts, calibration_texts(sts, texts, examples), "calibration texts"), PASSAGE_TOKENS
 
 
 def shape_of(name: str) -> tuple[int, int, int, int] | None:
@@ -84,6 +103,10 @@ def model_and_task(name: str) -> tuple[str, str, bool, bool]:
         return str(mpnet_folder()), "mrpc", False, False
     if name == "mpnet-sst2":  # the issue's first measurement: a new SST-2 head, label-free Fisher, short sentences
         return str(mpnet_folder()), "sst2", False, True
+    if name in EMBEDDING_MODELS:
+        from embeddings import model_source
+
+        return model_source(EMBEDDING_MODELS[name]), EMBEDDING_TASK, False, True
     if shape_of(name) is not None:
         return str(random_model_folder(name)), "mrpc", False, False
     raise SystemExit(f"Unknown model {name!r}: minilm-l6, mpnet, mpnet-sst2, bert-base, bert-large, bert-base-L<n>.")
@@ -98,12 +121,16 @@ def worker(spec: dict) -> dict:
     import slimformer
 
     torch.set_num_threads(spec["threads"])
-    data = slimformer.load_task(spec["task"], data_dir=spec["glue_dir"])
+    data, max_length = load_data(spec["task"], spec["glue_dir"], spec["examples"])
     options = {"fisher_precision": spec["fisher_precision"]} if spec.get("fisher_precision") else {}
+    if spec.get("unit_choice"):
+        options["unit_choice"] = spec["unit_choice"]
     config = slimformer.FlopsBudget(
         spec["fraction"], calibration_examples=spec["examples"], label_free=spec.get("label_free", False), **options
     )
-    result = slimformer.prune(spec["model"], config, data, max_length=128, evaluate=spec["evaluate"], progress=False)
+    result = slimformer.prune(
+        spec["model"], config, data, max_length=max_length, evaluate=spec["evaluate"], progress=False
+    )
     seconds = result.report["seconds"]
     details = result.report.get("details") or {}
     try:  # how many tokens one backward pass of the Fisher takes (older checkouts: whole batches)
@@ -124,6 +151,7 @@ def worker(spec: dict) -> dict:
         "layers": len(result.plan.kept_heads),
         "kept_heads": sum(len(h) for h in result.plan.kept_heads),
         "kept_neurons": sum(len(n) for n in result.plan.kept_neurons),
+        "unit_choice": details.get("unit_choice"),
     }
 
 
@@ -202,6 +230,12 @@ def main() -> None:
         help="run each implementation this many times, interleaved (one of each per round), and keep the run of "
         "median time: on a shared machine one run's time can be 10-20%% off",
     )
+    parser.add_argument(
+        "--unit-choice",
+        default="",
+        help="the pruner's unit_choice (fisher / refit), or several: one implementation each, named after it "
+        "(empty: the pruner's default for the model)",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--redo", action="store_true", help="re-run rows the results file already has")
     args = parser.parse_args()
@@ -210,11 +244,14 @@ def main() -> None:
         return
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     names += [f"bert-base-L{d.strip()}" for d in args.depths.split(",") if d.strip()]
-    implementations = []  # (name, src, fisher_precision)
+    implementations = []  # (name, src, fisher_precision, unit_choice)
+    choices = [c.strip() for c in args.unit_choice.split(",") if c.strip()] or [None]
     for precision in [p.strip() for p in args.fisher_precision.split(",") if p.strip()]:
-        name = "streamed" if precision == "float32" else f"streamed, {precision} Fisher"
-        implementations.append((name, ROOT / "src", precision))
-    implementations += [(args.before_name, args.before.resolve(), None)] if args.before else []
+        for choice in choices:
+            name = "streamed" if precision == "float32" else f"streamed, {precision} Fisher"
+            name += f", units chosen by {'the refit' if choice == 'refit' else 'the Fisher'}" if choice else ""
+            implementations.append((name, ROOT / "src", precision, choice))
+    implementations += [(args.before_name, args.before.resolve(), None, None)] if args.before else []
     results_file = args.results_dir / "budget_scaling.json"
     rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
     log = RUNS / "scaling" / "runs.log"
@@ -222,15 +259,15 @@ def main() -> None:
     for name in names:
         model, task, scored, label_free = model_and_task(name)
         todo = []
-        for implementation, src, precision in implementations:
+        for implementation, src, precision, choice in implementations:
             key = (name, implementation, args.examples)
             done = [r for r in rows if (r["model"], r["implementation"], r["examples"]) == key]
             if done and not args.redo and "error" not in done[0]:
                 continue
-            todo.append((implementation, src, precision))
-        runs: dict[str, list[dict]] = {implementation: [] for implementation, _, _ in todo}
+            todo.append((implementation, src, precision, choice))
+        runs: dict[str, list[dict]] = {implementation: [] for implementation, *_ in todo}
         for round_ in range(args.repeats):
-            for implementation, src, precision in todo:
+            for implementation, src, precision, choice in todo:
                 spec = {
                     "model": model,
                     "task": task,
@@ -241,6 +278,7 @@ def main() -> None:
                     "label_free": label_free,
                     "glue_dir": str(glue_dir()),
                     "fisher_precision": precision,
+                    "unit_choice": choice,
                 }
                 print(f"{name} / {implementation} / {args.examples} examples / run {round_ + 1} ...", flush=True)
                 runs[implementation].append(run_fresh(spec, src, log))
@@ -248,7 +286,13 @@ def main() -> None:
         for implementation, results in runs.items():
             key = (name, implementation, args.examples)
             rows = [r for r in rows if (r["model"], r["implementation"], r["examples"]) != key]
-            row = {"model": name, "implementation": implementation, "examples": args.examples, "task": task}
+            row = {
+                "model": name,
+                "implementation": implementation,
+                "examples": args.examples,
+                "task": task,
+                "cpu_features": machine()["cpu_features"],  # rows of one file may come from different machines
+            }
             good = sorted((r for r in results if "error" not in r), key=lambda r: r["pruning_seconds"])
             if not good:
                 rows.append({**row, **results[-1]})
@@ -334,7 +378,12 @@ def write(rows: list[dict], args) -> None:
         "autocast (`FlopsBudget(fisher_precision='bfloat16')`; eager attention since this stop: the CPU "
         "flash-attention backward is slow in bfloat16; what it costs in score: fisher_precision.md). Where "
         "a row gives several runs, the implementations ran interleaved (one run of each per round) and the row is "
-        "the run of median time.\n\n"
+        "the run of median time. `minilm-l6-embed` / `mpnet-embed`: the sentence-embedding models pruned as "
+        "bench/embeddings.py prunes them (label-free; its calibration texts, up to 256 tokens: half STS-B sentences, "
+        "3/8 SQuAD questions, 1/8 SQuAD paragraphs, which carry most of the tokens); `units chosen by the refit` "
+        "(their default) / `by the Fisher`: `FlopsBudget(unit_choice=...)`. Each JSON row's `cpu_features` gives the "
+        "processor it ran on: the `mpnet-embed` rows ran on a 2-core AMD EPYC with AVX2 only (no AVX-512, so the "
+        "default float32 Fisher), the rows before them on 2 cores with AVX-512 VNNI and BF16.\n\n"
         + markdown_table(
             [
                 "model",

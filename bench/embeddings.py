@@ -8,9 +8,10 @@ models here: nothing is fine-tuned). SQuAD dev is split by article (seeded): the
 those articles' paragraphs are the retrieval test; the other 24 articles give unlabelled texts. Calibration (no
 labels): ``--calibration`` texts, half STS-B train sentences, 3/8 held-out questions, 1/8 held-out paragraphs, read
 up to 256 tokens. Distillation (``--kd-budgets``, ``--layer-students``): the student imitates the dense model's
-embeddings of every STS-B train sentence and every held-out question and paragraph. No text scored is ever seen
-before. Models are cached under runs/bench/embeddings/ (rerunning resumes); latency is measured for all variants of
-a model, PyTorch and int8 runtimes alike, in one interleaved run.
+embeddings of every STS-B train sentence and every held-out question and paragraph (``--kd-extra``: and more
+unlabelled text from our other data, CoNLL-2003 news, MRPC, CoLA, SST-2). No text scored is ever seen before.
+Models are cached under runs/bench/embeddings/ (rerunning resumes); latency is measured for all variants of a
+model, PyTorch and int8 runtimes alike, in one interleaved run.
 
     PYTHONPATH=src:bench python bench/embeddings.py --models minilm-l6 --budgets 0.6,0.5,0.4,0.3
 """
@@ -18,7 +19,9 @@ a model, PyTorch and int8 runtimes alike, in one interleaved run.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import slimformer
-from common import RESULTS, RUNS, machine, markdown_table, write_results
+from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
 from slimformer.evaluation import PASSAGE_TOKENS, evaluate_model
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
@@ -72,6 +75,69 @@ def split_articles(data: TaskData, seed: int = 0) -> tuple[TaskData, dict[str, l
         "questions": [q["question"] for a in calibration for p in a["paragraphs"] for q in p["qas"]],
     }
     return test, texts
+
+
+EXTRA_SOURCES = ("conll", "mrpc", "cola", "sst2")
+PASSAGE_WORDS = 160  # CoNLL documents cut into passages of about a SQuAD paragraph's length
+
+
+def _detokenize(tokens: list[str]) -> str:
+    """Whitespace-tokenized text (CoNLL, MRPC) closer to running text: no space before punctuation and clitics."""
+    text = " ".join(tokens)
+    text = re.sub(r" ([.,;:!?%)\]}]|'s|n't|'re|'ve|'ll|'d|'m)(?=\s|$)", r"\1", text)
+    return re.sub(r"([(\[{$]) ", r"\1", text)
+
+
+def conll_texts(folder: Path) -> list[str]:
+    """CoNLL-2003's English training news (Reuters, 1996): every sentence, and every document cut into passages
+    of whole sentences up to about ``PASSAGE_WORDS`` words."""
+    documents: list[list[list[str]]] = []
+    sentence: list[str] = []
+    for line in [*(folder / "eng.train").read_text(encoding="utf-8").splitlines(), ""]:
+        if line.startswith("-DOCSTART-"):
+            documents.append([])
+        elif not line.strip():
+            if sentence and documents:
+                documents[-1].append(sentence)
+            sentence = []
+        else:
+            sentence.append(line.split(" ")[0])
+    texts = [_detokenize(s) for doc in documents for s in doc if len(s) >= 4]
+    for doc in documents:
+        passage: list[str] = []
+        for s in doc:
+            if passage and len(passage) + len(s) > PASSAGE_WORDS:
+                texts.append(_detokenize(passage))
+                passage = []
+            passage += s
+        if len(passage) >= 20:
+            texts.append(_detokenize(passage))
+    return texts
+
+
+def extra_texts(names: list[str]) -> list[str]:
+    """Unlabelled texts from our other data, none of it from SQuAD or STS-B: ``conll`` (news sentences and
+    passages), ``mrpc`` (news sentences), ``cola`` (linguistics examples), ``sst2`` (movie-review sentences and
+    phrases of 6 words or more)."""
+    texts: list[str] = []
+    for name in names:
+        if name == "conll":
+            texts += conll_texts(glue_dir().parent / "conll2003")
+            continue
+        folder, columns = {"mrpc": ("MRPC", (3, 4)), "cola": ("CoLA", (3,)), "sst2": ("SST-2", (0,))}[name]
+        with (glue_dir() / folder / "train.tsv").open(encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+        if name != "cola":
+            rows = rows[1:]  # a header row
+        found = [row[c] for row in rows for c in columns if len(row) > c]
+        if name == "sst2":
+            found = [t for t in found if len(t.split()) >= 6]
+        texts += [_detokenize(t.split()) if name == "mrpc" else t for t in found]
+    return list(dict.fromkeys(texts))  # unique, in order
+
+
+def extra_note(names: list[str]) -> str:
+    return f"; '(+ {', '.join(names)})': plus {len(extra_texts(names)):,} texts of those (`--kd-extra`)"
 
 
 def text_task(sts: TaskData, texts: list[str], name: str) -> TaskData:
@@ -132,15 +198,30 @@ def pruned_folder(name: str, budget: float, args, fisher_scale: str = "layer") -
 
 
 def distilled_variant(
-    teacher: str, student: str, label: str, sts: TaskData, args, epochs: float
+    teacher: str,
+    student: str,
+    label: str,
+    sts: TaskData,
+    args,
+    epochs: float,
+    hidden_weight: float = 0.0,
+    extra: tuple[str, ...] = (),
 ) -> tuple[object, dict]:
     """``student`` (a pruned folder, or a layer spec such as ``every:2``) trained for ``epochs`` to imitate
-    ``teacher``'s embeddings of the distillation texts (cached)."""
-    from slimformer.distill import distill
+    ``teacher``'s embeddings of the distillation texts (``sts``'s training split, plus the ``extra`` sources;
+    cached); ``hidden_weight`` > 0 adds TinyBERT's hidden-state loss over every token of every layer (the student
+    keeps the teacher's depth and width)."""
+    from slimformer.distill import DistillConfig, distill
     from slimformer.train import TrainConfig
 
-    folder = OUT / f"{label}-kd{epochs:g}ep"
+    folder = OUT / (
+        f"{label}-kd{epochs:g}ep"
+        + (f"-hidden{hidden_weight:g}" if hidden_weight else "")
+        + ("-" + "-".join(extra) if extra else "")
+    )
     if not folder.is_dir():
+        if extra:
+            sts = text_task(sts, [*split_texts(sts.train), *extra_texts(list(extra))], "distillation texts")
         config = TrainConfig(
             epochs=epochs,
             learning_rate=args.kd_lr,
@@ -149,7 +230,10 @@ def distilled_variant(
             group_by_length=True,  # long paragraphs batched together: far less padding
             save_steps=500,
         )
-        distill(teacher, student, sts, folder, config=config, evaluate_before=False, progress=True)
+        settings = DistillConfig(hidden_weight=hidden_weight)
+        distill(
+            teacher, student, sts, folder, config=config, distill_config=settings, evaluate_before=False, progress=True
+        )
     report = json.loads((folder / "metrics.json").read_text())
     return load_model(folder).model, report
 
@@ -194,7 +278,11 @@ def run_model(
     dense = load_model(source, "stsb-embed")
     calibration = text_task(sts, calibration_texts(sts, texts, args.calibration), "calibration texts")
     sentences = split_texts(sts.train)
-    training = text_task(sts, [*sentences, *texts["questions"], *texts["paragraphs"]], "distillation texts")
+    training = text_task(
+        sts,
+        [*sentences, *texts["questions"], *texts["paragraphs"]],
+        "distillation texts",
+    )
     variants = {"dense": (dense.model, None)}
     for budget in args.budgets:
         variants[f"flops {budget:g}"] = pruned_variant(name, source, budget, calibration, args)
@@ -211,10 +299,14 @@ def run_model(
     students += [(f"layers {spec}", spec, f"{name}-{spec.replace(':', '')}") for spec in args.layer_students]
     for row_label, student, cache_label in students:
         for epochs in args.kd_epochs:
-            suffix = f" {epochs:g} ep" if len(args.kd_epochs) > 1 else ""  # epochs named only when several ran
-            variants[f"{row_label} + KD{suffix}"] = distilled_variant(
-                source, student, cache_label, training, args, epochs
-            )
+            for hidden_weight in args.kd_hidden_weights:
+                for extra in args.kd_extra:
+                    suffix = f" {epochs:g} ep" if len(args.kd_epochs) > 1 else ""  # named only when several ran
+                    suffix += f" (hidden x {hidden_weight:g})" if hidden_weight else ""
+                    suffix += f" (+ {', '.join(extra)})" if extra else ""
+                    variants[f"{row_label} + KD{suffix}"] = distilled_variant(
+                        source, student, cache_label, training, args, epochs, hidden_weight, extra
+                    )
     for kind in args.int8:
         for label in [label for label in variants if " + int8" not in label]:
             model = variants[label][0]
@@ -332,6 +424,18 @@ def main() -> None:
     parser.add_argument("--kd-epochs", default="1", help="distillation epochs, comma-separated: a row for each")
     parser.add_argument("--kd-lr", type=float, default=1e-4)
     parser.add_argument(
+        "--kd-extra",
+        default="none",
+        help="sets of more unlabelled distillation texts from our other data, comma-separated, a row for each; a "
+        f"set joins sources with '+' ({', '.join(EXTRA_SOURCES)}), 'none' is the base texts alone",
+    )
+    parser.add_argument(
+        "--kd-hidden-weights",
+        default="0",
+        help="weights of TinyBERT's hidden-state loss added to the embedding distillation, comma-separated: a row "
+        "for each (0: embeddings only)",
+    )
+    parser.add_argument(
         "--int8",
         nargs="?",
         const="onnxruntime",
@@ -358,6 +462,10 @@ def main() -> None:
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
     args.kd_budgets = [float(b) for b in args.kd_budgets.split(",") if b]
     args.kd_epochs = [float(e) for e in args.kd_epochs.split(",") if e]
+    args.kd_extra = [tuple(n for n in names.split("+") if n and n != "none") for names in args.kd_extra.split(",")]
+    if unknown := {n for names in args.kd_extra for n in names} - set(EXTRA_SOURCES):
+        parser.error(f"--kd-extra: unknown source(s) {', '.join(sorted(unknown))}; choose from {EXTRA_SOURCES}")
+    args.kd_hidden_weights = [float(w) for w in args.kd_hidden_weights.split(",") if w]
     args.global_budgets = [float(b) for b in args.global_budgets.split(",") if b]
     args.layer_students = [spec for spec in args.layer_students.split(",") if spec]
     args.int8 = [runtime for runtime in args.int8.split(",") if runtime]
@@ -396,6 +504,8 @@ def main() -> None:
         "outputs; no labels, no training. '+ KD': then embedding distillation from the dense model "
         "(`slimformer distill --task stsb-embed`, squared embedding distance, "
         f"{epochs_note(args, rows)} epochs, lr {args.kd_lr:g}); "
+        "'(hidden x W)': plus W x TinyBERT's hidden-state loss (MSE of every token's hidden state at every layer, "
+        "the student keeping the dense model's depth and width); "
         "'layers every:K + KD': the sentence-transformers baseline, every K-th layer kept, then the same "
         "distillation. '+ int8': dynamic int8 on ONNX Runtime; '(fp32 outliers)': the same with the linear layers "
         f"whose input's largest value exceeds {args.fp32_outliers:g}x its RMS on 256 calibration texts kept in "
@@ -408,7 +518,9 @@ def main() -> None:
         "those articles' paragraphs (passages read up to 256 tokens). Calibration: "
         f"{calibration_note(rows)} unlabelled texts (half STS-B train sentences, 3/8 questions and 1/8 paragraphs "
         "of the other 24 articles); distillation: all STS-B train sentences and all questions and paragraphs of "
-        "those 24 articles. No scored text is seen before scoring. STS-B: Spearman of the cosine similarity on the "
+        "those 24 articles"
+        + "".join(extra_note(list(names)) for names in args.kd_extra if names)
+        + ". No scored text is seen before scoring. STS-B: Spearman of the cosine similarity on the "
         "full dev set (1,500 pairs). Latency: every variant of a model in one interleaved run "
         f"({args.rounds} rounds x {args.repeats} timed runs, medians), {args.threads} threads, a runtime's "
         "session open only for its turn (idle ONNX Runtime sessions spin-wait and slowed the model being timed); "
