@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import re
 import subprocess
@@ -115,7 +116,8 @@ def conll_texts(folder: Path) -> list[str]:
     return texts
 
 
-def extra_texts(names: list[str]) -> list[str]:
+@functools.cache  # read once per set: the distillation rows and the results' note both ask
+def extra_texts(names: tuple[str, ...]) -> list[str]:
     """Unlabelled texts from our other data, none of it from SQuAD or STS-B: ``conll`` (news sentences and
     passages), ``mrpc`` (news sentences), ``cola`` (linguistics examples), ``sst2`` (movie-review sentences and
     phrases of 6 words or more)."""
@@ -136,7 +138,7 @@ def extra_texts(names: list[str]) -> list[str]:
     return list(dict.fromkeys(texts))  # unique, in order
 
 
-def extra_note(names: list[str]) -> str:
+def extra_note(names: tuple[str, ...]) -> str:
     return f"; '(+ {', '.join(names)})': plus {len(extra_texts(names)):,} texts of those (`--kd-extra`)"
 
 
@@ -208,9 +210,9 @@ def distilled_variant(
     extra: tuple[str, ...] = (),
 ) -> tuple[object, dict]:
     """``student`` (a pruned folder, or a layer spec such as ``every:2``) trained for ``epochs`` to imitate
-    ``teacher``'s embeddings of the distillation texts (``sts``'s training split, plus the ``extra`` sources;
-    cached); ``hidden_weight`` > 0 adds TinyBERT's hidden-state loss over every token of every layer (the student
-    keeps the teacher's depth and width)."""
+    ``teacher``'s embeddings of the distillation texts (``sts``'s training split, which holds the ``extra``
+    sources named in the cache folder; cached); ``hidden_weight`` > 0 adds TinyBERT's hidden-state loss over every
+    token of the mapped layers (every layer for a pruned student)."""
     from slimformer.distill import DistillConfig, distill
     from slimformer.train import TrainConfig
 
@@ -220,8 +222,6 @@ def distilled_variant(
         + ("-" + "-".join(extra) if extra else "")
     )
     if not folder.is_dir():
-        if extra:
-            sts = text_task(sts, [*split_texts(sts.train), *extra_texts(list(extra))], "distillation texts")
         config = TrainConfig(
             epochs=epochs,
             learning_rate=args.kd_lr,
@@ -278,11 +278,8 @@ def run_model(
     dense = load_model(source, "stsb-embed")
     calibration = text_task(sts, calibration_texts(sts, texts, args.calibration), "calibration texts")
     sentences = split_texts(sts.train)
-    training = text_task(
-        sts,
-        [*sentences, *texts["questions"], *texts["paragraphs"]],
-        "distillation texts",
-    )
+    base = [*sentences, *texts["questions"], *texts["paragraphs"]]
+    training = {extra: text_task(sts, [*base, *extra_texts(extra)], "distillation texts") for extra in args.kd_extra}
     variants = {"dense": (dense.model, None)}
     for budget in args.budgets:
         variants[f"flops {budget:g}"] = pruned_variant(name, source, budget, calibration, args)
@@ -305,7 +302,7 @@ def run_model(
                     suffix += f" (hidden x {hidden_weight:g})" if hidden_weight else ""
                     suffix += f" (+ {', '.join(extra)})" if extra else ""
                     variants[f"{row_label} + KD{suffix}"] = distilled_variant(
-                        source, student, cache_label, training, args, epochs, hidden_weight, extra
+                        source, student, cache_label, training[extra], args, epochs, hidden_weight, extra
                     )
     for kind in args.int8:
         for label in [label for label in variants if " + int8" not in label]:
@@ -504,8 +501,8 @@ def main() -> None:
         "outputs; no labels, no training. '+ KD': then embedding distillation from the dense model "
         "(`slimformer distill --task stsb-embed`, squared embedding distance, "
         f"{epochs_note(args, rows)} epochs, lr {args.kd_lr:g}); "
-        "'(hidden x W)': plus W x TinyBERT's hidden-state loss (MSE of every token's hidden state at every layer, "
-        "the student keeping the dense model's depth and width); "
+        "'(hidden x W)': plus W x TinyBERT's hidden-state loss (MSE of every token's hidden state at the mapped "
+        "layers, every layer for a pruned student); "
         "'layers every:K + KD': the sentence-transformers baseline, every K-th layer kept, then the same "
         "distillation. '+ int8': dynamic int8 on ONNX Runtime; '(fp32 outliers)': the same with the linear layers "
         f"whose input's largest value exceeds {args.fp32_outliers:g}x its RMS on 256 calibration texts kept in "
@@ -519,7 +516,7 @@ def main() -> None:
         f"{calibration_note(rows)} unlabelled texts (half STS-B train sentences, 3/8 questions and 1/8 paragraphs "
         "of the other 24 articles); distillation: all STS-B train sentences and all questions and paragraphs of "
         "those 24 articles"
-        + "".join(extra_note(list(names)) for names in args.kd_extra if names)
+        + "".join(extra_note(names) for names in args.kd_extra if names)
         + ". No scored text is seen before scoring. STS-B: Spearman of the cosine similarity on the "
         "full dev set (1,500 pairs). Latency: every variant of a model in one interleaved run "
         f"({args.rounds} rounds x {args.repeats} timed runs, medians), {args.threads} threads, a runtime's "
