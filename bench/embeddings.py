@@ -31,6 +31,7 @@ import numpy as np
 
 import slimformer
 from common import RESULTS, RUNS, glue_dir, machine, markdown_table, write_results
+from slimformer.budget.method import EMBEDDING_TOKEN_WEIGHTING
 from slimformer.evaluation import PASSAGE_TOKENS, evaluate_model
 from slimformer.measure import count_parameters, flops
 from slimformer.models import load_model
@@ -196,7 +197,9 @@ def pruned_variant(
 
 
 def pruned_folder(name: str, budget: float, args, fisher_scale: str = "layer") -> Path:
-    return OUT / f"{name}-flops{budget:g}-cal{args.calibration}-{fisher_scale}"
+    # named by the refit's default token weighting too: a model cached before it changed is not taken for today's
+    weighting = f"-tw{EMBEDDING_TOKEN_WEIGHTING:g}" if EMBEDDING_TOKEN_WEIGHTING else ""
+    return OUT / f"{name}-flops{budget:g}-cal{args.calibration}-{fisher_scale}{weighting}"
 
 
 def distilled_variant(

@@ -28,6 +28,9 @@ mean accuracy change against the teacher and the spread over seeds:
   teacher is less sure of;
 - ``calibration on dev (oracle)``: the Fisher and the refit computed on the dev questions themselves, the ones
   scored: what better calibration data could at most buy (not a method: it sees the test set);
+- ``refit tokens weighted by sensitivity``: the least-squares refit weighs each calibration token by the squared
+  gradient of the Fisher's loss at its sub-layer output (``FlopsBudget(token_weighting=1)``; 0.5: half that,
+  half uniform), so that the tokens the prediction depends on are reconstructed first;
 - ``+ logit KD``: the default pruned model then distilled from the teacher for 2 epochs on the training questions
   (slimformer.distill, KL at temperature 2; what ``slimformer compress --recover kd`` runs); ``masked copies``:
   each training question also seen twice with 15% of its tokens masked (``--masked-copies 2``), the teacher's
@@ -80,10 +83,13 @@ DIAGNOSES = {
     "refit ridge x10": {**EMPIRICAL, "damping": 1e-1},
     "calibration on dev (oracle)": {**EMPIRICAL, "calibration": "dev"},
     "calibration: + 1 masked copy": {**EMPIRICAL, "masked_copies": 1},
+    "refit tokens weighted by sensitivity (x1)": {"token_weighting": 1.0},
+    "refit tokens weighted by sensitivity (x0.5)": {"token_weighting": 0.5},
     "+ logit KD (2 epochs)": {**EMPIRICAL, "kd_epochs": 2.0},
     "+ logit KD (2 epochs; 2 masked copies)": {**EMPIRICAL, "kd_epochs": 2.0, "masked_copies": 2},
 }
 MAX_LENGTH = 64
+NAME = "many_class_diagnosis"
 
 
 def probe_loss(logits: torch.Tensor, probe: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -147,6 +153,7 @@ def run(diagnosis: str, fraction: float, seed: int, data, dev_data) -> dict:
         fisher=settings.get("fisher"),
         neuron_weight=settings.get("neuron_weight"),
         calibration_examples=settings.get("calibration_examples", 2048),
+        token_weighting=settings.get("token_weighting", 0.0),
     )
     calibration = dev_data if settings.get("calibration") == "dev" else data
     started = time.perf_counter()
@@ -233,6 +240,9 @@ def main() -> None:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--redo", action="store_true", help="run the chosen diagnoses again (their old rows dropped)")
     parser.add_argument(
+        "--name", default=NAME, help="results file stem: another name keeps a run (e.g. on another machine) apart"
+    )
+    parser.add_argument(
         "--agreement", action="store_true", help="also measure the default plan's agreement with the teacher"
     )
     args = parser.parse_args()
@@ -245,7 +255,7 @@ def main() -> None:
     teacher = teacher_summary(TASK, teacher_dir(TASK))
     _, dev = task_files()
     dev_data = slimformer.load_custom_task(dev, dev, text_columns=["text"], name=TASK)
-    results_file = args.results_dir / "many_class_diagnosis.json"
+    results_file = args.results_dir / f"{args.name}.json"
     saved = json.loads(results_file.read_text()) if results_file.is_file() else {}
     rows, agreed = saved.get("rows", []), saved.get("agreement")
     if args.agreement:
@@ -260,8 +270,8 @@ def main() -> None:
                     continue
                 rows.append(run(diagnosis, fraction, seed, data, dev_data))
                 print(rows[-1], flush=True)
-                write(rows, teacher, args.results_dir, agreed)
-    write(rows, teacher, args.results_dir, agreed)
+                write(rows, teacher, args.results_dir, agreed, args.name)
+    write(rows, teacher, args.results_dir, agreed, args.name)
 
 
 def cell(scores: list[float], teacher_score: float) -> str:
@@ -272,7 +282,7 @@ def cell(scores: list[float], teacher_score: float) -> str:
     return f"{statistics.mean(changes):+.2f}{spread} (n={len(changes)})"
 
 
-def write(rows: list[dict], teacher: dict, results_dir: Path, agreed: dict | None = None) -> None:
+def write(rows: list[dict], teacher: dict, results_dir: Path, agreed: dict | None = None, name: str = NAME) -> None:
     fractions = sorted({r["fraction"] for r in rows}, reverse=True)
     table = []
     for diagnosis in [d for d in DIAGNOSES if any(r["diagnosis"] == d for r in rows)]:
@@ -287,7 +297,8 @@ def write(rows: list[dict], teacher: dict, results_dir: Path, agreed: dict | Non
         f"{teacher['score'] * 100:.2f} (converged, best epoch {teacher['best_epoch']}; 100% on its training "
         "questions). Accuracy change against the teacher, mean ± standard deviation over calibration seeds "
         "(n runs); budget pruning with one thing changed per row, retraining-free except the KD rows "
-        "(bench/many_class_diagnosis.py says what each row does). 2 threads.\n\n"
+        "(bench/many_class_diagnosis.py says what each row does). 2 threads; processor features: "
+        f"{', '.join(machine().get('cpu_features', [])) or 'not recorded'}.\n\n"
         + markdown_table(["diagnosis", *[f"{f:.0%} FLOPs" for f in fractions]], table)
     )
     if agreed:
@@ -302,7 +313,7 @@ def write(rows: list[dict], teacher: dict, results_dir: Path, agreed: dict | Non
             f"{dev['agreement']:.1%}.\n"
         )
     results = {"machine": machine(), "teacher": teacher, "rows": rows, "agreement": agreed}
-    write_results("many_class_diagnosis", results, markdown, results_dir)
+    write_results(name, results, markdown, results_dir)
     print(markdown)
 
 

@@ -693,7 +693,7 @@ def test_layer_scaled_fisher_spreads_the_budget_more_evenly_across_layers():
 
 def test_neuron_weight_trades_neurons_for_heads_within_the_same_flops():
     from slimformer.budget.fisher import MaskGradients
-    from slimformer.budget.method import default_neuron_weight
+    from slimformer.budget.method import EMBEDDING_TOKEN_WEIGHTING, default_neuron_weight, default_token_weighting
     from slimformer.embedding import SentenceEmbedder
 
     model = tiny_model("bert")
@@ -714,6 +714,10 @@ def test_neuron_weight_trades_neurons_for_heads_within_the_same_flops():
     assert default_neuron_weight(embedder, slimformer.FlopsBudget(0.5)) == 0.5
     assert default_neuron_weight(embedder, slimformer.FlopsBudget(0.5, tune="scales")) == 1.0
     assert default_neuron_weight(model, slimformer.FlopsBudget(0.5)) == 1.0
+    # tokens weighted by sensitivity in the refit of a sentence-embedding model only
+    assert default_token_weighting(embedder, slimformer.FlopsBudget(0.5)) == EMBEDDING_TOKEN_WEIGHTING > 0
+    assert default_token_weighting(embedder, slimformer.FlopsBudget(0.5, tune="scales")) == 0.0
+    assert default_token_weighting(model, slimformer.FlopsBudget(0.5)) == 0.0
     for bad in (0.0, -1.0):
         with pytest.raises(ConfigError, match="neuron_weight"):
             slimformer.FlopsBudget(0.5, neuron_weight=bad)
@@ -1074,3 +1078,79 @@ def test_budget_prune_with_the_model_fisher_and_units_chosen_by_the_refit(tiny_m
     inputs["input_ids"] = inputs["input_ids"] + 1000
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model(**inputs).logits, result.model(**inputs).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_token_sensitivities_are_the_squared_gradients_at_each_sublayer_norm(family):
+    # recorded from the Fisher's backward (batches cut into pieces of rows), they must be each real token's squared
+    # gradient norm at the sub-layer's LayerNorm input under the Fisher's loss, computed here directly
+    from slimformer.arch import resolve
+    from slimformer.budget.stream import DenseTargets
+    from slimformer.gradients import task_loss
+
+    model = tiny_model(family).double()
+    data = batches(2, size=5)
+    spec = get_spec(model)
+    with DenseTargets(model, token_weighting=1.0) as recorded:
+        collect_mask_gradients(model, data, max_tokens_per_pass=20, record=recorded, progress=False)
+        recorded.match(data)
+        for index, batch in enumerate(data):
+            seen: dict = {}
+            handles = [
+                resolve(view.layer, path).register_forward_pre_hook(
+                    lambda mod, args, key=(view.index, part), seen=seen: seen.__setitem__(key, args[0])
+                )
+                for view in layer_views(model)
+                for part, path in (("attention", spec.attn_norm), ("ffn", spec.ffn_norm))
+            ]
+            with torch.enable_grad():
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                loss = task_loss(model(**inputs).logits, batch["labels"], False, reduction="sum")
+                grads = torch.autograd.grad(loss, list(seen.values()))
+            for handle in handles:
+                handle.remove()
+            valid = batch["attention_mask"].bool()
+            mean = {key: total / count for key, (total, count) in recorded._sensitivity_sums.items()}
+            for key, grad in zip(seen, grads, strict=True):
+                expected = grad.pow(2).sum(-1)[valid]
+                got = recorded.weights(*key, index) * mean[key]  # weights are sensitivities over their mean
+                torch.testing.assert_close(got.double(), expected, atol=1e-12, rtol=1e-6)
+
+
+def test_weighted_regression_statistics_equal_repeating_the_rows():
+    # a row of weight 2 counts as that row twice: the weighting is the least squares of repeated rows
+    from slimformer.budget.stream import SublayerBatch
+    from slimformer.budget.tune import _regression_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    proj = torch.nn.Linear(6, 4).double()
+    x, units, target = (torch.randn(5, n, generator=generator, dtype=torch.float64) for n in (4, 6, 4))
+    weights = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0], dtype=torch.float64)
+    repeat = torch.repeat_interleave(torch.arange(5), weights.long())
+    columns = torch.tensor([0, 2, 5])
+    weighted = _regression_statistics(proj, columns, [SublayerBatch(x, units, target, weights=weights)], True)
+    repeated = _regression_statistics(proj, columns, [SublayerBatch(x[repeat], units[repeat], target[repeat])], True)
+    for got, expected in zip(weighted, repeated, strict=True):
+        torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(expected), atol=1e-12, rtol=1e-12)
+
+
+def test_token_weighting_changes_the_refit_and_is_reported(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    glue = write_sst2(tmp_path / "glue")
+    torch.manual_seed(0)
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    classifier.save_pretrained(tmp_path / "classifier")
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "classifier")
+    settings = {"calibration_examples": 32, "seq_len": 16, "fisher_precision": "float32"}
+    common = {"data_dir": glue, "max_length": 16, "seq_len": 16, "progress": False, "evaluate": False}
+    results = {}
+    for weighting in (0.0, 1.0):
+        config = slimformer.FlopsBudget(0.5, token_weighting=weighting, **settings)
+        results[weighting] = slimformer.prune(str(tmp_path / "classifier"), config, "sst2", **common)
+        assert results[weighting].report["details"]["token_weighting"] == weighting
+    # the same plan (the Fisher is not weighted), other refit weights
+    assert results[0.0].plan == results[1.0].plan
+    pairs = zip(projection_weights(results[0.0].model), projection_weights(results[1.0].model), strict=True)
+    assert any(not torch.allclose(a, b) for a, b in pairs)
+    with pytest.raises(ConfigError, match="token_weighting"):
+        slimformer.FlopsBudget(0.5, token_weighting=1.5)

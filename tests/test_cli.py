@@ -209,10 +209,12 @@ def test_budget_pruning_fisher_precision_reaches_the_pruner_and_its_report(tiny_
     out = tmp_path / "bf16"
     common = ["--task", "sst2", "--data-dir", glue, "--max-length", "16", "--calibration-examples", "16"]
     budget = ["--budget-flops", "0.5", "--fisher-precision"]
-    invoke("prune", "--model", tiny_model_dir, *common, "--out", out, *budget, "bfloat16", "--neuron-weight", "0.5")
+    others = ["--neuron-weight", "0.5", "--token-weighting", "0.5"]
+    invoke("prune", "--model", tiny_model_dir, *common, "--out", out, *budget, "bfloat16", *others)
     report = json.loads((out / "metrics.json").read_text())
     assert report["config"]["fisher_precision"] == "bfloat16" and report["details"]["fisher_precision"] == "bfloat16"
     assert report["config"]["neuron_weight"] == 0.5 and report["details"]["neuron_weight"] == 0.5
+    assert report["config"]["token_weighting"] == 0.5 and report["details"]["token_weighting"] == 0.5
     bad = ["prune", "--model", tiny_model_dir, *common, "--out", tmp_path / "bad", *budget, "float16"]
     failed = runner.invoke(app, [str(a) for a in bad])
     assert failed.exit_code != 0 and "fisher_precision" in str(failed.exception) + failed.output

@@ -370,6 +370,7 @@ def _prune_config(options: dict):
         "fisher": options["fisher"],
         "unit_choice": options["unit_choice"],
         "steps": options["budget_steps"],
+        "token_weighting": options["token_weighting"],
     }
     if options["sparse"] is not None:
         if options["sparsity"] is None:
@@ -594,6 +595,14 @@ def prune(
             "the pruned and refit model before each."
         ),
     ] = 1,
+    token_weighting: Annotated[
+        float | None,
+        typer.Option(
+            help="Budget pruning: how much the least-squares refit weighs each calibration token by the loss's "
+            "sensitivity to it (0: all alike; 1: by sensitivity alone; between: a mix). Default: 0.5 for "
+            "sentence-embedding models, 0 otherwise."
+        ),
+    ] = None,
     max_memory: Annotated[
         str | None,
         typer.Option(

@@ -354,9 +354,17 @@ class _Budget(PruneConfig):
     # slimformer.gradients.model_fisher_probe_loss); None: chosen from the task
     # (slimformer.budget.method.default_fisher: "model" for classifiers with many classes)
     fisher: str | None = None
+    # how much the weight refit weighs each calibration token by the loss's sensitivity to its sub-layer output
+    # (the squared gradient norm the Fisher's backward sees there; slimformer.budget.stream.DenseTargets): 0, every
+    # token alike (a plain reconstruction); 1, each token by its sensitivity; between, a mix. tune="weights" only.
+    # None: chosen from the model (slimformer.budget.method.default_token_weighting)
+    token_weighting: float | None = None
 
     def check(self) -> None:
         parse_memory(self.max_memory)
+        weighting = self.token_weighting
+        if weighting is not None and not (isinstance(weighting, int | float) and 0.0 <= weighting <= 1.0):
+            raise ConfigError(f"token_weighting must be in [0, 1], got {self.token_weighting!r}.")
         if self.fisher not in (None, *FISHER_KINDS):
             raise ConfigError(f"Unknown fisher {self.fisher!r}: choose one of {', '.join(FISHER_KINDS)}.")
         if self.unit_choice not in (None, *UNIT_CHOICES):

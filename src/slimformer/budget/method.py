@@ -119,6 +119,20 @@ def default_neuron_weight(model, config: FlopsBudget | LatencyBudget) -> float:
     return 0.5 if is_sentence_embedder(model) and config.tune == "weights" else 1.0
 
 
+# the refit's token weighting for sentence-embedding models (see default_token_weighting)
+EMBEDDING_TOKEN_WEIGHTING = 0.5
+
+
+def default_token_weighting(model, config: FlopsBudget | LatencyBudget) -> float:
+    """``EMBEDDING_TOKEN_WEIGHTING`` (half uniform, half by each token's sensitivity) for a sentence-embedding model
+    refit by least squares: all-MiniLM-L6-v2 at 50% of the FLOPs, 3 calibration seeds, STS-B 85.90 -> 86.39 and
+    retrieval nDCG@10 75.97 -> 76.26 (by sensitivity alone: 86.70 / 76.07); at 40% the same direction
+    (bench/results/embedding_token_weighting.md). 0 for task models: on the 48-class task weighting by sensitivity
+    alone cost 0.3 points at 50% and 40%, half of it moved the score within the seeds' spread
+    (bench/results/many_class_token_weighting.md)."""
+    return EMBEDDING_TOKEN_WEIGHTING if is_sentence_embedder(model) and config.tune == "weights" else 0.0
+
+
 # from this many classes on, the budget pruner's Fisher is the model's own (see default_fisher)
 MANY_CLASSES = 9
 
@@ -159,10 +173,17 @@ def fisher_loss(gradients: MaskGradients, plan: PruningPlan) -> float:
 def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: PruneContext) -> PruneOutcome:
     max_memory = parse_memory(config.max_memory)
     rows = last_layer_rows(model) if config.tune == "weights" else None
+    weighting = default_token_weighting(model, config) if config.token_weighting is None else config.token_weighting
     # the Fisher's forward passes are the dense model's: they record the refit's targets, so the refit runs no
     # dense model of its own (MiniLM-L6 on 2,048 STS-B pairs: 12 s of 59 saved; bench/results/budget_scaling.md)
     recorder = (
-        DenseTargets(model, last_layer_rows=rows, head=config.refit_head, max_memory=max_memory)
+        DenseTargets(
+            model,
+            last_layer_rows=rows,
+            head=config.refit_head,
+            max_memory=max_memory,
+            token_weighting=weighting if config.tune == "weights" else 0.0,
+        )
         if config.tune == "weights"
         else nullcontext()
     )
@@ -277,6 +298,7 @@ def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, 
         "neuron_weight": neuron_weight,
         "fisher_precision": "float32" if autocast is None else str(autocast).removeprefix("torch."),
         "last_layer_rows": rows,
+        "token_weighting": recorded.token_weighting if config.tune == "weights" else None,
         # an embedding model's calibration reads texts only, whatever the option says
         "calibration": {**sample.description, "label_free": config.label_free or is_sentence_embedder(model)},
         "fisher_loss_estimate": loss_estimate,

@@ -27,6 +27,7 @@ pass, so the refit makes no dense pass of its own.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -112,6 +113,9 @@ class ActivationStore:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, index: int) -> bool:
+        return index in self._items
+
     def __getitem__(self, index: int) -> torch.Tensor:
         tensor = self._items[index]
         return tensor.to(self._devices[index]) if index in self._devices else tensor
@@ -144,6 +148,8 @@ class SublayerBatch:
     # the columns of the projection's input that ``units`` holds, in order (None: all of them); a pruned layer
     # run with its pruned units removed gives only the kept ones
     columns: torch.Tensor | None = None
+    # how much each row counts in the least-squares fit ([rows]; None: every row alike): see DenseTargets
+    weights: torch.Tensor | None = None
 
     def kept_units(self, columns: torch.Tensor) -> torch.Tensor:
         """``units`` at these columns of the projection's input."""
@@ -288,6 +294,13 @@ class DenseTargets:
     What is recorded takes RAM up to ``RECORDED_MEMORY_SHARE`` of ``max_memory`` (default: half the memory
     available) and is memory-mapped from files in ``spill_dir`` beyond it. Use as a context manager (or call
     :meth:`close`): the files go when it ends.
+
+    ``token_weighting`` > 0 also records, from the recorded pass's backward (the Fisher's), how sensitive the loss is
+    to each token's sub-layer output: the squared norm of its gradient at the sub-layer's LayerNorm input, the
+    quantity the refit reconstructs. :meth:`weights` gives each token ``1 - b + b * s / mean(s)`` for b =
+    ``token_weighting``: with b = 1 the refit minimises sum_t ||g_t||^2 ||e_t||^2, a diagonal (per token, isotropic)
+    stand-in for the second-order loss increase E[(sum_t g_t . e_t)^2] of leaving errors e_t; with b = 0 every token
+    counts alike (the plain reconstruction).
     """
 
     def __init__(
@@ -298,7 +311,11 @@ class DenseTargets:
         head: bool = False,
         max_memory: int | None = None,
         spill_dir: str | os.PathLike | None = None,
+        token_weighting: float = 0.0,
     ):
+        if not 0.0 <= token_weighting <= 1.0:
+            raise ValueError(f"token_weighting must be in [0, 1], got {token_weighting!r}")
+        self.token_weighting = float(token_weighting)
         limit = default_max_memory() if max_memory is None else int(max_memory)
         self.budget = MemoryBudget(int(RECORDED_MEMORY_SHARE * limit))
         self.max_memory = limit
@@ -322,6 +339,11 @@ class DenseTargets:
             for part in PARTS
         }
         self.logits = ActivationStore(self.budget, spill, "dense-logits")
+        # the squared gradient norms per token (token_weighting), and their sums and counts per sub-layer
+        self.sensitivity = {
+            key: ActivationStore(self.budget, spill, f"sensitivity-{key[0]}-{key[1]}") for key in self.stores
+        }
+        self._sensitivity_sums = {key: [0.0, 0] for key in self.stores}
         self.piece_rows: list[int] = []  # rows of every recorded forward pass, in order
         self._pieces: list[list[int]] | None = None  # the pieces of each calibration batch, once matched
 
@@ -337,8 +359,9 @@ class DenseTargets:
         self._folder = None
 
     def _clear(self) -> None:
-        for store in (*self.stores.values(), self.logits):
+        for store in (*self.stores.values(), *self.sensitivity.values(), self.logits):
             store.clear()
+        self._sensitivity_sums = {key: [0.0, 0] for key in self.stores}
         self.piece_rows.clear()
         self._pieces = None
 
@@ -364,6 +387,28 @@ class DenseTargets:
         def keep(layer: int, part: str, value: torch.Tensor) -> None:
             first = self.first_token_last and layer == self.n_layers - 1
             self.stores[layer, part][piece["index"]] = _rows(value.detach(), piece["valid"], first).to(self.dtype)
+
+        def watch(layer: int, part: str):
+            """A pre-hook on the sub-layer's LayerNorm: its input's gradient, when the backward reaches it, gives
+            each token's sensitivity."""
+            first = self.first_token_last and layer == self.n_layers - 1
+
+            def on_norm_input(mod, args):
+                value = args[0]
+                if not value.requires_grad:
+                    return
+                index, valid = piece["index"], piece["valid"]
+
+                def on_gradient(grad):
+                    squares = _rows(grad.detach().float().pow(2).sum(-1, keepdim=True), valid, first).squeeze(-1)
+                    self.sensitivity[layer, part][index] = squares
+                    sums = self._sensitivity_sums[layer, part]
+                    sums[0] += float(squares.sum(dtype=torch.float64))
+                    sums[1] += int(squares.numel())
+
+                value.register_hook(on_gradient)
+
+            return on_norm_input
 
         def layer_hooks(view: LayerView) -> list:
             i = view.index
@@ -396,6 +441,11 @@ class DenseTargets:
         handles = [model.register_forward_pre_hook(on_model, with_kwargs=True)]
         for view in views:
             handles.extend(layer_hooks(view))
+        if self.token_weighting > 0:
+            spec = get_spec(model)
+            for view in views:
+                for part, path in (("attention", spec.attn_norm), ("ffn", spec.ffn_norm)):
+                    handles.append(resolve(view.layer, path).register_forward_pre_hook(watch(view.index, part)))
         if self.head:
             handles.append(output_layer(model).register_forward_hook(on_logits))
         try:
@@ -435,6 +485,20 @@ class DenseTargets:
 
     def head_logits(self, index: int) -> torch.Tensor:
         return self._joined(self.logits, index)
+
+    def weights(self, layer: int, part: str, index: int) -> torch.Tensor | None:
+        """The refit's row weights of one sub-layer for calibration batch ``index`` (see the class docstring);
+        None without ``token_weighting`` or when the recorded pass ran no backward."""
+        total, count = self._sensitivity_sums[layer, part]
+        if self.token_weighting == 0 or count == 0 or total <= 0:
+            return None
+        store = self.sensitivity[layer, part]
+        if any(piece not in store for piece in self._pieces[index]):
+            raise ValueError(
+                f"no token sensitivities were recorded for layer {layer}'s {part} (calibration batch {index})"
+            )
+        relative = self._joined(store, index) / (total / count)
+        return (1.0 - self.token_weighting) + self.token_weighting * relative
 
 
 class _RecordedTargets:
@@ -520,6 +584,8 @@ def walk_sublayers(
                 targets = recorded.targets(view.index)
             common = (gates, calls, pruned, targets, with_targets)
             steps = {"first_token": first_token, "trim": trim, "contexts": contexts}
+            if recorded is not None and recorded.token_weighting > 0:
+                steps["weights"] = functools.partial(recorded.weights, view.index)
             yield view, "attention", _pruned_source(model, view, "attention", *common, **steps)
             targets["attention"].clear()  # the attention step is done: room for what the FFN step sees
             yield view, "ffn", _pruned_source(model, view, "ffn", *common, ffn_seen, **steps)
@@ -738,6 +804,7 @@ def _pruned_source(
     first_token: bool = False,
     trim: Callable[[], None] = lambda: None,
     contexts: ActivationStore | None = None,
+    weights: Callable[[str, int], torch.Tensor | None] | None = None,
 ) -> Callable[[], Iterator[SublayerBatch]]:
     """The calibration batches of one sub-layer step. The attention step keeps the kept heads' contexts in
     ``contexts``; the FFN step, where it has them all, computes the layer's FFN from them instead of running the
@@ -795,6 +862,7 @@ def _pruned_source(
                 units=_rows(seen["units"], valid, first_token),
                 target=targets[part][index] if with_targets else None,
                 columns=columns,
+                weights=weights(part, index) if weights is not None else None,
             )
 
     return source

@@ -398,11 +398,15 @@ def _regression_statistics(
         residual = batch.target.to("cpu", dtype) - bias
         if batch.x is not None:  # a sub-layer with a residual connection (not the task head)
             residual = residual - batch.x.to("cpu", dtype)
+        target = batch.target
+        if batch.weights is not None:  # a weighted fit: each row scaled by the root of its weight
+            root = batch.weights.to("cpu", dtype).sqrt()[:, None]
+            features, residual, target = features * root, residual * root, target.to("cpu", dtype) * root
         gram += (features.T @ features).double()
         cross += (features.T @ residual).double()
         # squares summed in float64 without a float64 copy of the batch
         residual_rows += residual.pow(2).sum(dim=0, dtype=torch.float64)
-        signal_sq += float(batch.target.pow(2).sum(dtype=torch.float64))
+        signal_sq += float(target.pow(2).sum(dtype=torch.float64))
     return gram, cross, residual_rows, signal_sq
 
 
