@@ -183,7 +183,7 @@ def _budget_prune(model, tokenizer, config: FlopsBudget | LatencyBudget, ctx: Pr
             last_layer_rows=rows,
             head=config.refit_head,
             max_memory=max_memory,
-            token_weighting=weighting if config.tune == "weights" else 0.0,
+            token_weighting=weighting,
         )
         if config.tune == "weights"
         else nullcontext()
@@ -299,7 +299,7 @@ def _budget_rounds(model, tokenizer, config, ctx: PruneContext, recorded, rows, 
         "neuron_weight": neuron_weight,
         "fisher_precision": "float32" if autocast is None else str(autocast).removeprefix("torch."),
         "last_layer_rows": rows,
-        "token_weighting": recorded.token_weighting if config.tune == "weights" else None,
+        "token_weighting": recorded.token_weighting if recorded is not None else None,
         # an embedding model's calibration reads texts only, whatever the option says
         "calibration": {**sample.description, "label_free": config.label_free or is_sentence_embedder(model)},
         "fisher_loss_estimate": loss_estimate,
